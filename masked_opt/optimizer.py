@@ -1,0 +1,488 @@
+"""`MaskedOptimizer`: exact element-wise freezing around any Keras optimizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import keras
+from keras.src.utils import tracking
+
+from masked_opt import _backend
+from masked_opt.registry import (
+    Key,
+    MaskRegistry,
+    MaskValue,
+    Where,
+    apply_op,
+    check_key,
+    describe_key,
+    fit_to_storage,
+    match_key,
+)
+
+_META_KEY = "masked_opt_meta"
+_BASE_ARGS = (
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+
+
+@dataclass
+class _Slot:
+    """One masked model variable and the bool variable holding its mask."""
+
+    variable: keras.Variable
+    mask: keras.Variable
+    shape: tuple[int, ...]  # storage shape, fixed at build
+
+
+@dataclass
+class _Placeholder:
+    """A mask known from a config only; its values come from saved weights."""
+
+    shape: tuple[int, ...] | None
+    index: int | None = None  # position among the trainable variables
+
+
+def _paths_compatible(a: str, b: str) -> bool:
+    """Same variable path, up to a scope prefix (a reloaded Sequential drops its own)."""
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
+
+
+def _resolve_inner(inner_optimizer: Any) -> keras.optimizers.Optimizer:
+    if isinstance(inner_optimizer, (str, dict)):
+        try:
+            inner_optimizer = keras.optimizers.get(inner_optimizer)
+        except ValueError as e:
+            raise ValueError(
+                f"`inner_optimizer`={inner_optimizer!r} is not a known Keras "
+                f"optimizer identifier ({e}). Pass an optimizer instance such as "
+                "`keras.optimizers.Adam(1e-3)`, a name such as 'adam', or a config dict."
+            ) from None
+    if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "`inner_optimizer` must not be a LossScaleOptimizer. Wrap the plain "
+            "optimizer instead: under a 'mixed_float16' policy, `model.compile` "
+            "wraps the optimizer it is given in a LossScaleOptimizer itself, "
+            "giving LossScaleOptimizer(MaskedOptimizer(inner)), and for a custom "
+            "loop wrap it yourself in that order. "
+            f"Received: {inner_optimizer.__class__.__name__}."
+        )
+    if isinstance(inner_optimizer, MaskedOptimizer):
+        raise ValueError(
+            "`inner_optimizer` is already a MaskedOptimizer. Put all masks on one "
+            "MaskedOptimizer (combine them with `&`, `|`) instead of nesting."
+        )
+    if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "`inner_optimizer` must be a Keras 3 optimizer instance (e.g. "
+            "`keras.optimizers.AdamW(1e-3)`), a name such as 'adam', or a config "
+            f"dict. Received: {inner_optimizer!r} of type "
+            f"{type(inner_optimizer).__name__}."
+        )
+    return inner_optimizer
+
+
+@keras.saving.register_keras_serializable(package="masked_opt")
+class MaskedOptimizer(keras.optimizers.Optimizer):
+    """Wraps any Keras optimizer and keeps masked-out elements bit-identical.
+
+    Each step, gradients of masked variables are zeroed where the mask is
+    False (NaN/inf there included), the inner optimizer applies them as usual
+    (weight decay, momentum, EMA, constraints and all), and the elements that
+    are frozen are then restored to their exact values from before the step.
+    Trainable elements receive exactly the inner optimizer's update.
+
+    Args:
+        inner_optimizer: a `keras.optimizers.Optimizer` instance, or anything
+            `keras.optimizers.get` accepts ("adam", a config dict).
+        masks: dict from keys to masks. A key is a `keras.Variable` or a string
+            matched against `variable.path`: the exact path, else a suffix at a
+            "/" boundary ("dense_1/kernel" matches "sequential/dense_1/kernel"),
+            else a regex (`re.fullmatch`). A mask is a bool scalar, a bool
+            array-like broadcastable to the variable (0/1 integers accepted), or
+            a callable `variable -> array`; True means trainable. Keys are
+            resolved when the optimizer is built. Variables no key matches are
+            trained as by the inner optimizer alone, at no cost.
+        name: the optimizer's name.
+
+    Example:
+
+    ```python
+    opt = MaskedOptimizer(keras.optimizers.AdamW(1e-4), masks={
+        "dense_1/kernel": kernel_mask,   # bool array, True = trainable
+        "dense_1/bias": False,           # freeze the whole variable
+    })
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    ```
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: keras.optimizers.Optimizer | str | dict,
+        masks: Mapping[Key, MaskValue] | None = None,
+        *,
+        name: str | None = None,
+        **kwargs: Any,
+    ):
+        config_masks = kwargs.pop("mask_entries", None)
+        for arg in _BASE_ARGS:
+            if arg in kwargs:
+                raise ValueError(
+                    f"MaskedOptimizer does not take `{arg}`: set it on the inner "
+                    f"optimizer instead, e.g. `keras.optimizers.AdamW(..., {arg}=...)`."
+                )
+        if kwargs:
+            raise TypeError(
+                f"MaskedOptimizer got unexpected argument(s): {sorted(kwargs)}."
+            )
+        inner_optimizer = _resolve_inner(inner_optimizer)
+        registry = MaskRegistry(masks)
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self._set_host_state(registry, config_masks)
+
+    @tracking.no_automatic_dependency_tracking
+    def _set_host_state(self, registry: MaskRegistry, config_masks: list | None) -> None:
+        # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
+        self._registry = registry
+        self._slots: dict[Any, _Slot] = {}
+        self._unset_paths: list[str] = []
+        for entry in config_masks or []:
+            if "value" in entry:
+                registry.specs.append((entry["key"], np.asarray(bool(entry["value"]))))
+            else:
+                shape = entry.get("shape")
+                shape = None if shape is None else tuple(shape)
+                registry.specs.append((entry["key"], _Placeholder(shape, entry.get("index"))))
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, var_list: Sequence[keras.Variable]) -> None:
+        if self.built:
+            return
+        var_list = list(var_list)
+        # Float8 scale variables are overwritten with their gradient; never mask them.
+        maskable = [v for v in var_list if not self._overwrite_variable_with_gradient(v)]
+        resolved, unset = self._resolve_masks(maskable)
+        slots = {}
+        for i, mask in sorted(resolved.items()):
+            variable = maskable[i]
+            slots[self._var_key(variable)] = _Slot(
+                variable=variable,
+                mask=self._add_mask_variable(variable, mask),
+                shape=tuple(mask.shape),
+            )
+        self._store_slots(slots, unset)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    def _resolve_masks(self, variables):
+        registry = self._registry
+        specs = list(registry.specs)
+        unset = []
+        for j, (key, value) in enumerate(specs):
+            if not isinstance(value, _Placeholder):
+                continue
+            # A mask rebuilt from a config: its values come from the saved
+            # weights. Bind it to the variable at the saved position (paths can
+            # lose a Sequential prefix across save/load), and hold it frozen
+            # until the values are loaded (fail-safe).
+            i = value.index
+            if i is not None and i < len(variables) and _paths_compatible(key, variables[i].path):
+                key = variables[i]
+            shape = value.shape
+            specs[j] = (key, lambda v, s=shape: np.zeros(v.shape if s is None else s, bool))
+            unset.extend(variables[i].path for i in match_key(key, variables, argument="masks"))
+        registry.specs = specs
+        return registry.resolve(variables), unset
+
+    def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
+        # Values go in through the initializer: an `assign` inside a build that
+        # runs while the train function is traced could be lost.
+        value = np.array(mask, dtype=bool)
+        return self.add_variable(
+            shape=value.shape,
+            initializer=lambda shape, dtype=None: value,
+            dtype="bool",
+            aggregation="only_first_replica",
+            name=variable.path.replace("/", "_") + "_mask",
+        )
+
+    @tracking.no_automatic_dependency_tracking
+    def _store_slots(self, slots: dict, unset: list[str]) -> None:
+        self._slots = slots
+        self._unset_paths = list(unset)
+
+    # ------------------------------------------------------------------ apply
+
+    def apply_gradients(self, grads_and_vars):
+        grads, trainable_variables = zip(*grads_and_vars)
+        self.apply(list(grads), list(trainable_variables))
+        return self.inner_optimizer._iterations
+
+    def apply(self, grads, trainable_variables=None):
+        if len(grads) == 0:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must "
+                    "already be built: call `optimizer.build(trainable_variables)` first."
+                )
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+        if self._unset_paths:
+            raise ValueError(
+                "The masks of variables "
+                f"{self._unset_paths[:5]}{' ...' if len(self._unset_paths) > 5 else ''} "
+                "were rebuilt from a config without their values, which live in the "
+                "saved weights. Load them (`keras.models.load_model` or "
+                "`model.load_weights`), or give them with `set_mask`, before training."
+            )
+        grads = list(grads)
+        restore = []
+        for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
+            slot = self._slots.get(self._var_key(variable))
+            if slot is None or grad is None:
+                continue
+            mask = slot.mask.value
+            grads[i] = _backend.mask_gradient(grad, mask, tuple(variable.shape))
+            restore.append((variable, mask, _backend.snapshot(variable)))
+        self.inner_optimizer.apply(grads, trainable_variables)
+        _backend.restore_frozen(restore)
+
+    def finalize_variable_values(self, var_list):
+        var_list = list(var_list)
+        restore = []
+        for variable in var_list:
+            slot = self._slots.get(self._var_key(variable))
+            if slot is not None:
+                restore.append((variable, slot.mask.value, _backend.snapshot(variable)))
+        self.inner_optimizer.finalize_variable_values(var_list)
+        _backend.restore_frozen(restore)
+
+    # ------------------------------------------------------------------ masks
+
+    def set_mask(self, key: Key, mask: MaskValue) -> None:
+        """Sets the mask of the variable(s) `key` selects (True = trainable).
+
+        Before build the call is recorded and replayed at build. After build
+        the stored mask is updated in place: it takes effect at the next step,
+        also from a callback between batches, without retracing.
+        """
+        self._update("set", key, mask)
+
+    def freeze(self, key: Key, where: Where = None) -> None:
+        """Freezes the whole variable(s) `key` selects, or the positions `where`.
+
+        `where` is None, a NumPy index expression such as `np.s_[:, :10]`, an
+        integer index array (first axis), or a bool array of positions.
+        """
+        self._update("freeze", key, where)
+
+    def unfreeze(self, key: Key, where: Where = None) -> None:
+        """Makes the variable(s) `key` selects trainable, wholly or at `where`."""
+        self._update("unfreeze", key, where)
+
+    def _update(self, kind: str, key: Key, payload: Any) -> None:
+        if not self.built:
+            self._registry.record(kind, key, payload)
+            return
+        check_key(key, argument=kind)
+        variables = self._trainable_variables
+        for i in match_key(key, variables, argument=kind):
+            variable = variables[i]
+            slot = self._slots.get(self._var_key(variable))
+            path = variable.path
+            if slot is None:
+                raise ValueError(
+                    f"`{kind}({describe_key(key)})`: variable '{path}' has no mask, "
+                    "and masks are allocated when the optimizer is built. Register "
+                    f"it before build, e.g. `masks={{'{path}': True}}` (or an array "
+                    f"of its shape {tuple(variable.shape)} to change single elements later)."
+                )
+            current = slot.mask.numpy()
+            new = apply_op(kind, payload, variable, current if kind != "set" else None)
+            what = f"{kind}('{path}')"
+            if np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
+                stored = np.broadcast_to(new, slot.shape)
+            else:
+                full = np.broadcast_to(new, tuple(variable.shape))
+                stored = fit_to_storage(full, slot.shape, path=path, what=what)
+            slot.mask.assign(np.ascontiguousarray(stored))
+            if path in self._unset_paths:
+                self._unset_paths.remove(path)
+
+    def get_mask(self, variable: Key) -> np.ndarray:
+        """The variable's mask as a bool array of its full shape (True = trainable)."""
+        if isinstance(variable, str):
+            if not self.built:
+                raise ValueError(
+                    f"`get_mask({variable!r})`: string keys are resolved when the "
+                    "optimizer is built; pass the `keras.Variable` itself, or build "
+                    "first with `optimizer.build(model.trainable_variables)`."
+                )
+            hits = match_key(variable, self._trainable_variables, argument="get_mask")
+            if len(hits) > 1:
+                paths = [self._trainable_variables[i].path for i in hits]
+                raise ValueError(
+                    f"`get_mask({variable!r})` selects {len(hits)} variables "
+                    f"({paths[:5]}); pass one variable or its exact path."
+                )
+            variable = self._trainable_variables[hits[0]]
+        check_key(variable, argument="get_mask")
+        shape = tuple(variable.shape)
+        if self.built:
+            slot = self._slots.get(self._var_key(variable))
+            mask = np.ones((), bool) if slot is None else slot.mask.numpy()
+        else:
+            resolved = self._registry.resolve([variable], strict=False)
+            mask = resolved.get(0, np.ones((), bool))
+        return np.array(np.broadcast_to(mask, shape))
+
+    @property
+    def masked_variables(self) -> list[keras.Variable]:
+        """The model variables that have a mask, in build order."""
+        return [slot.variable for slot in self._slots.values()]
+
+    # ------------------------------------------------------ forwarded to inner
+
+    @property
+    def variables(self):
+        return self._variables[:] + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError(
+            "MaskedOptimizer runs on the TensorFlow backend for now; "
+            "`stateless_apply` (the JAX trainer's path) is not supported yet."
+        )
+
+    # ------------------------------------------------------------- saving
+
+    def get_config(self) -> dict:
+        if self.built:
+            index = {self._var_key(v): i for i, v in enumerate(self._trainable_variables)}
+            entries = [
+                {
+                    "key": slot.variable.path,
+                    "shape": list(slot.shape),
+                    "index": index[self._var_key(slot.variable)],
+                }
+                for slot in self._slots.values()
+            ]
+        else:
+            entries = []
+            for key, value in self._registry.specs:
+                key = key if isinstance(key, str) else key.path
+                if isinstance(value, _Placeholder):
+                    entries.append({"key": key, "shape": value.shape and list(value.shape)})
+                elif isinstance(value, np.ndarray) and value.ndim == 0:
+                    entries.append({"key": key, "value": bool(value)})
+                else:
+                    shape = None if callable(value) else list(value.shape)
+                    entries.append({"key": key, "shape": shape})
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "mask_entries": entries,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+    def _mask_meta(self) -> dict:
+        return {
+            "masks": [[slot.variable.path, list(slot.shape)] for slot in self._slots.values()],
+            "num_variables": len(self.variables),
+        }
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = variable.numpy()
+        meta = json.dumps(self._mask_meta()).encode()
+        store[_META_KEY] = np.frombuffer(meta, dtype=np.uint8)
+
+    def load_own_variables(self, store):
+        keys = set(store.keys())
+        if _META_KEY not in keys:
+            raise ValueError(
+                f"Optimizer '{self.name}' is a MaskedOptimizer, but the saved "
+                "optimizer state has no mask metadata (it was saved by another "
+                "optimizer). Loading it would mix state; compile the model with "
+                "the optimizer it was saved with."
+            )
+        saved = json.loads(bytes(np.asarray(store[_META_KEY], dtype=np.uint8)).decode())
+        own = self._mask_meta()
+        same = len(saved["masks"]) == len(own["masks"]) and all(
+            _paths_compatible(p1, p2) and s1 == s2
+            for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
+        )
+        if not same or saved["num_variables"] != own["num_variables"]:
+            saved_m = {p: tuple(s) for p, s in saved["masks"]}
+            own_m = {p: tuple(s) for p, s in own["masks"]}
+            lines = []
+            for p in sorted(set(saved_m) | set(own_m)):
+                if saved_m.get(p) != own_m.get(p):
+                    lines.append(
+                        f"'{p}': saved {saved_m.get(p, 'no mask')}, "
+                        f"this optimizer {own_m.get(p, 'no mask')}"
+                    )
+            if not lines and [p for p, _ in saved["masks"]] != [p for p, _ in own["masks"]]:
+                lines.append("same masks in a different order")
+            if saved["num_variables"] != own["num_variables"]:
+                lines.append(
+                    f"{saved['num_variables']} optimizer variables saved, "
+                    f"{own['num_variables']} here (different inner optimizer?)"
+                )
+            raise ValueError(
+                f"Cannot load the state of MaskedOptimizer '{self.name}': the saved "
+                "masks do not match this optimizer's, and Keras loads optimizer "
+                "variables by position, so loading would silently mix state. "
+                "Differences: " + "; ".join(lines) + ". Build the optimizer with "
+                "the same masks (keys and shapes) as the saved one."
+            )
+        for i, variable in enumerate(self.variables):
+            variable.assign(store[str(i)])
+        self._store_slots(self._slots, [])

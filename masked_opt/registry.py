@@ -1,0 +1,327 @@
+"""The mask registry: which trainable variable gets which mask.
+
+Everything here is plain NumPy and runs on the host, never inside a traced
+train step: keys are resolved, masks validated and fitted to their storage
+shape here, and the optimizer only copies the result into bool variables.
+
+Vocabulary used throughout:
+
+* a *key* is a `keras.Variable` or a string matched against `variable.path`:
+  the exact path, else a suffix at a "/" boundary, else a regex (`re.fullmatch`);
+* a *mask* is a bool array (True = trainable) broadcastable to the variable;
+* the *storage shape* of a variable's mask is fixed when the optimizer is
+  built: the shape the user gave (a `(1, units)` column mask stays
+  `(1, units)`, a scalar stays a scalar).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+import keras
+
+__all__ = ["Key", "MaskValue", "Where"]
+
+Key = Union[str, keras.Variable]
+"""A `keras.Variable`, or a string matched against `variable.path`."""
+
+MaskValue = Union[bool, int, np.ndarray, Sequence, Any, Callable[[keras.Variable], Any]]
+"""A bool scalar, an array-like of bools (or 0/1 integers) broadcastable to the
+variable, or a callable `variable -> array-like` resolved at build."""
+
+Where = Union[None, int, slice, tuple, np.ndarray, Sequence]
+"""`None` (whole variable), a NumPy index expression such as `np.s_[:, :10]`,
+an integer index array (first axis), or a bool array of positions."""
+
+
+def describe_key(key: Key) -> str:
+    """`'dense_1/kernel'` for a string key, the path for a variable key."""
+    if isinstance(key, str):
+        return repr(key)
+    return f"<Variable path={getattr(key, 'path', key)!r}>"
+
+
+def check_key(key: Any, *, argument: str) -> None:
+    if isinstance(key, str):
+        return
+    if isinstance(key, keras.Variable):
+        return
+    raise TypeError(
+        f"`{argument}` keys must be a `keras.Variable` or a string matched "
+        "against `variable.path` (exact path, '/'-suffix, or regex). "
+        f"Received: {key!r} of type {type(key).__name__}."
+    )
+
+
+def to_bool_mask(value: Any, *, what: str) -> np.ndarray:
+    """Validates a mask value and returns it as a bool ndarray (shape kept).
+
+    Accepts bools, bool arrays, and 0/1 integers or floats; rejects anything
+    else with an error naming `what` (e.g. "masks['dense_1/kernel']").
+    """
+    if value is None or isinstance(value, (str, bytes, dict, set)):
+        raise TypeError(
+            f"`{what}` must be a bool, a bool array-like broadcastable to the "
+            "variable (True = trainable), or a callable `variable -> array`. "
+            f"Received: {value!r} of type {type(value).__name__}."
+        )
+    if isinstance(value, keras.Variable):
+        value = value.numpy()
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # e.g. ragged nested lists
+        raise TypeError(
+            f"`{what}` could not be converted to a NumPy array ({e}). "
+            f"Received: {type(value).__name__}."
+        ) from None
+    if arr.dtype == np.bool_:
+        return arr
+    if arr.dtype.kind in "iuf":
+        bad = ~((arr == 0) | (arr == 1))
+        if np.any(bad):
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            bad_value = arr[pos] if arr.ndim else arr.item()
+            at = f" at index {pos}" if arr.ndim else ""
+            raise ValueError(
+                f"`{what}` must hold booleans (True = trainable) or 0/1 values; "
+                f"found {bad_value!r}{at}. Threshold it first, e.g. "
+                "`mask = scores > threshold`."
+            )
+        return arr.astype(np.bool_)
+    raise TypeError(
+        f"`{what}` must have a boolean (or 0/1 integer) dtype. "
+        f"Received: array of dtype {arr.dtype}."
+    )
+
+
+def check_broadcast(mask: np.ndarray, variable: keras.Variable, *, what: str) -> None:
+    shape = tuple(variable.shape)
+    try:
+        ok = np.broadcast_shapes(mask.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        examples = []
+        if len(shape) >= 2:
+            examples = [
+                f"{(1,) * (len(shape) - 1) + shape[-1:]} for columns",
+                f"{shape[:1] + (1,) * (len(shape) - 1)} for rows",
+            ]
+        hint = " or one that broadcasts to it" + (
+            f", such as {' or '.join(examples)}" if examples else ""
+        )
+        raise ValueError(
+            f"`{what}` has shape {mask.shape}, which does not broadcast to the "
+            f"shape {shape} of variable '{variable.path}'. Pass a mask of shape "
+            f"{shape}{hint}."
+        )
+
+
+def _near_paths(key: str, paths: list[str]) -> str:
+    close = difflib.get_close_matches(key, paths, n=3, cutoff=0.5)
+    shown = close + [p for p in paths if p not in close]
+    shown = shown[:6]
+    more = f", ... ({len(paths)} in all)" if len(paths) > len(shown) else ""
+    return ", ".join(repr(p) for p in shown) + more
+
+
+def match_key(
+    key: Key, variables: Sequence[keras.Variable], *, argument: str
+) -> list[int]:
+    """Indices of `variables` that `key` selects; raises if it selects none."""
+    if isinstance(key, keras.Variable):
+        hits = [i for i, v in enumerate(variables) if v is key]
+        if not hits:
+            raise ValueError(
+                f"`{argument}`: variable '{key.path}' is not one of the "
+                "trainable variables this optimizer is built on. Pass a "
+                "trainable variable of the model (or its path)."
+            )
+        return hits
+    paths = [v.path for v in variables]
+    hits = [i for i, p in enumerate(paths) if p == key]
+    if hits:
+        return hits
+    hits = [i for i, p in enumerate(paths) if p.endswith("/" + key)]
+    if hits:
+        return hits
+    try:
+        pattern = re.compile(key)
+    except re.error as e:
+        raise ValueError(
+            f"`{argument}` key {key!r} matches no variable path exactly or as a "
+            f"'/'-suffix, and is not a valid regex either ({e})."
+        ) from None
+    hits = [i for i, p in enumerate(paths) if pattern.fullmatch(p)]
+    if hits:
+        return hits
+    raise ValueError(
+        f"`{argument}` key {key!r} matches no trainable variable. Keys match "
+        "`variable.path` exactly, as a suffix at a '/' boundary, or as a regex "
+        f"(re.fullmatch). Trainable variable paths: {_near_paths(key, paths)}."
+    )
+
+
+def apply_where(
+    full: np.ndarray, where: Where, value: bool, *, path: str, what: str
+) -> None:
+    """`full[where] = value` in place, with errors that name the variable."""
+    if isinstance(where, (str, bytes, dict, set)):
+        raise TypeError(
+            f"`{what}`: `where` must be None, a NumPy index expression such as "
+            "`np.s_[:, :10]`, an integer index array or a bool array. "
+            f"Received: {where!r}."
+        )
+    index = where
+    if isinstance(where, list) or (
+        not isinstance(where, (tuple, slice, int, np.ndarray)) and hasattr(where, "__array__")
+    ):
+        index = np.asarray(where)
+    try:
+        full[index] = value
+    except (IndexError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"`{what}`: `where`={where!r} is not a valid index into variable "
+            f"'{path}' of shape {full.shape} ({e})."
+        ) from None
+
+
+def fit_to_storage(
+    full: np.ndarray, storage_shape: tuple[int, ...], *, path: str, what: str
+) -> np.ndarray:
+    """Reduces a mask of the variable's full shape to `storage_shape`.
+
+    Possible when the mask is constant along every axis the storage
+    broadcasts over (e.g. a column-aligned change to a `(1, units)` mask).
+    """
+    storage_shape = tuple(storage_shape)
+    if full.shape == storage_shape:
+        return np.ascontiguousarray(full)
+    padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
+    reduced = full
+    for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
+        if n_store == n_full:
+            continue
+        first = np.take(reduced, [0], axis=axis)
+        if not np.array_equal(np.broadcast_to(first, reduced.shape), reduced):
+            raise ValueError(
+                f"`{what}`: the mask of variable '{path}' is stored with shape "
+                f"{storage_shape} (fixed when the optimizer was built), and the "
+                f"new mask varies along axis {axis} of the variable's shape "
+                f"{full.shape}, so it cannot be stored. Give the variable a mask "
+                f"of its full shape {full.shape} before the optimizer is built "
+                f"(e.g. `masks={{'{path}': np.ones({full.shape}, bool)}}`) to "
+                "change single elements later."
+            )
+        reduced = first
+    return np.ascontiguousarray(reduced.reshape(storage_shape))
+
+
+@dataclass
+class _Op:
+    kind: str  # "set", "freeze" or "unfreeze"
+    key: Key
+    payload: Any  # the mask value for "set", `where` otherwise
+
+
+class MaskRegistry:
+    """Mask specifications given before build, resolved against variables at build."""
+
+    def __init__(self, masks: Mapping[Key, MaskValue] | None):
+        if masks is None:
+            masks = {}
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                "`masks` must be a dict mapping keys (a `keras.Variable` or a "
+                "path string / regex) to masks. "
+                f"Received: {masks!r} of type {type(masks).__name__}."
+            )
+        self.specs: list[tuple[Key, MaskValue]] = []
+        for key, value in masks.items():
+            check_key(key, argument="masks")
+            if not callable(value):
+                value = to_bool_mask(value, what=f"masks[{describe_key(key)}]")
+            self.specs.append((key, value))
+        self.ops: list[_Op] = []
+
+    def record(self, kind: str, key: Key, payload: Any) -> None:
+        """Records a `set_mask`/`freeze`/`unfreeze` call made before build."""
+        check_key(key, argument=f"{kind}")
+        if kind == "set" and not callable(payload):
+            payload = to_bool_mask(payload, what=f"set_mask({describe_key(key)}, mask)")
+        self.ops.append(_Op(kind, key, payload))
+
+    def resolve(
+        self, variables: Sequence[keras.Variable], *, strict: bool = True
+    ) -> dict[int, np.ndarray]:
+        """Maps variable index -> mask (bool, at its storage shape).
+
+        With `strict=False`, keys that select none of `variables` are skipped
+        instead of raising (used to look up one variable before build).
+        """
+        masks: dict[int, np.ndarray] = {}
+        owner: dict[int, Key] = {}
+
+        def select(key, argument):
+            try:
+                return match_key(key, variables, argument=argument)
+            except ValueError:
+                if strict:
+                    raise
+                return []
+
+        for key, value in self.specs:
+            what = f"masks[{describe_key(key)}]"
+            for i in select(key, "masks"):
+                if i in owner:
+                    raise ValueError(
+                        f"Variable '{variables[i].path}' is matched by two `masks` "
+                        f"keys: {describe_key(owner[i])} and {describe_key(key)}. "
+                        "Make the keys disjoint (e.g. a more specific regex), or "
+                        "combine the two masks into one."
+                    )
+                owner[i] = key
+                masks[i] = resolve_value(value, variables[i], what=what)
+        for op in self.ops:
+            for i in select(op.key, op.kind):
+                masks[i] = apply_op(op.kind, op.payload, variables[i], masks.get(i))
+        return masks
+
+
+def resolve_value(value: MaskValue, variable: keras.Variable, *, what: str) -> np.ndarray:
+    if callable(value) and not isinstance(value, np.ndarray):
+        try:
+            value = value(variable)
+        except Exception as e:
+            raise ValueError(
+                f"`{what}`: the mask callable raised {type(e).__name__}: {e} "
+                f"when called on variable '{variable.path}' of shape "
+                f"{tuple(variable.shape)}."
+            ) from e
+    arr = to_bool_mask(value, what=what)
+    check_broadcast(arr, variable, what=what)
+    return arr
+
+
+def apply_op(
+    kind: str, payload: Any, variable: keras.Variable, current: np.ndarray | None
+) -> np.ndarray:
+    """The mask after a set/freeze/unfreeze, before any storage shape is fixed."""
+    path = variable.path
+    if kind == "set":
+        return resolve_value(payload, variable, what=f"set_mask('{path}', mask)")
+    value = kind == "unfreeze"
+    if payload is None:
+        shape = () if current is None else current.shape
+        return np.full(shape, value)
+    shape = tuple(variable.shape)
+    base = np.ones(shape, bool) if current is None else current
+    full = np.array(np.broadcast_to(base, shape))
+    apply_where(full, payload, value, path=path, what=f"{kind}('{path}', where)")
+    return full
