@@ -44,6 +44,14 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     return ops.where(mask, grad, _zero(grad.dtype))
 
 
+def check_strategy_support(inner_optimizer: Any) -> None:
+    """Raises a clear error for inner-optimizer options that fail under the
+    current `tf.distribute` strategy (stock Keras fails there too)."""
+    # TODO(issue 4): detect ema_overwrite_frequency / gradient_accumulation_steps
+    # under a non-default strategy (keras #20582) and raise ValueError naming the option.
+    return None
+
+
 def snapshot(variable: keras.Variable) -> Any:
     """The variable's current value, as a tensor that later writes cannot alias."""
     return ops.copy(variable.value)

@@ -177,6 +177,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         var_list = list(var_list)
         # Float8 scale variables are overwritten with their gradient; never mask them.
         maskable = [v for v in var_list if not self._overwrite_variable_with_gradient(v)]
+        _backend.check_strategy_support(self.inner_optimizer)
         resolved, unset = self._resolve_masks(maskable)
         slots = {}
         for i, mask in sorted(resolved.items()):

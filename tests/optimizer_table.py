@@ -1,0 +1,43 @@
+"""The one table of inner optimizers that every matrix test reuses (optax `alias_test` style).
+
+Each entry is `id -> factory(**extra_kwargs) -> keras.optimizers.Optimizer`; factories
+accept the base-optimizer keyword arguments (weight_decay, use_ema, clipnorm, ...).
+Learning rates are large enough that a few steps move every trainable element.
+"""
+
+import keras
+
+O = keras.optimizers
+
+
+def _multi(**kw):
+    # MultiOptimizer: kernels by Adam, everything else by SGD with momentum.
+    return O.MultiOptimizer(
+        O.OptimizerMap(
+            default_optimizer=O.SGD(0.05, momentum=0.9, **kw),
+            optimizer_map={".*kernel": O.Adam(0.05, **kw)},
+        )
+    )
+
+
+OPTIMIZERS = {
+    "sgd": lambda **kw: O.SGD(0.1, **kw),
+    "sgd_momentum": lambda **kw: O.SGD(0.1, momentum=0.9, **kw),
+    "sgd_nesterov": lambda **kw: O.SGD(0.1, momentum=0.9, nesterov=True, **kw),
+    "rmsprop_momentum": lambda **kw: O.RMSprop(0.01, momentum=0.9, **kw),
+    "rmsprop_centered": lambda **kw: O.RMSprop(0.01, centered=True, **kw),
+    "adam": lambda **kw: O.Adam(0.05, **kw),
+    "adam_amsgrad": lambda **kw: O.Adam(0.05, amsgrad=True, **kw),
+    "adamw": lambda **kw: O.AdamW(0.05, **kw),
+    "adamax": lambda **kw: O.Adamax(0.05, **kw),
+    "nadam": lambda **kw: O.Nadam(0.05, **kw),
+    "adagrad": lambda **kw: O.Adagrad(0.1, **kw),
+    "adadelta": lambda **kw: O.Adadelta(1.0, **kw),
+    "ftrl": lambda **kw: O.Ftrl(0.1, l1_regularization_strength=0.01, **kw),
+    "lion": lambda **kw: O.Lion(0.01, **kw),
+    "lamb": lambda **kw: O.Lamb(0.05, **kw),
+    "adafactor": lambda **kw: O.Adafactor(0.1, **kw),
+    "muon": lambda **kw: O.Muon(0.05, **kw),
+    "schedule_free_adamw": lambda **kw: O.ScheduleFreeAdamW(0.05, **kw),
+    "multi_optimizer": _multi,
+}
