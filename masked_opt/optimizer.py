@@ -109,8 +109,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     Args:
         inner_optimizer: a `keras.optimizers.Optimizer` instance, or anything
             `keras.optimizers.get` accepts ("adam", a config dict).
-        masks: dict from keys to masks. A key is a `keras.Variable` or a string
-            matched against `variable.path`: the exact path, else a suffix at a
+        masks: dict from keys to masks, or a list of `(key, mask)` pairs (use
+            pairs for `keras.Variable` keys: TF variables are unhashable). A key
+            is a `keras.Variable` or a string matched against `variable.path`: the exact path, else a suffix at a
             "/" boundary ("dense_1/kernel" matches "sequential/dense_1/kernel"),
             else a regex (`re.fullmatch`). A mask is a bool scalar, a bool
             array-like broadcastable to the variable (0/1 integers accepted), or
@@ -133,7 +134,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def __init__(
         self,
         inner_optimizer: keras.optimizers.Optimizer | str | dict,
-        masks: Mapping[Key, MaskValue] | None = None,
+        masks: Mapping[str, MaskValue] | Sequence[tuple[Key, MaskValue]] | None = None,
         *,
         name: str | None = None,
         **kwargs: Any,

@@ -236,14 +236,23 @@ class MaskRegistry:
     def __init__(self, masks: Mapping[Key, MaskValue] | None):
         if masks is None:
             masks = {}
-        if not isinstance(masks, Mapping):
+        if isinstance(masks, Mapping):
+            items = list(masks.items())
+        elif isinstance(masks, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in masks
+        ):
+            # Pairs: TF-backed `keras.Variable`s are unhashable, so variable
+            # keys come as `[(variable, mask), ...]`.
+            items = [tuple(p) for p in masks]
+        else:
             raise TypeError(
-                "`masks` must be a dict mapping keys (a `keras.Variable` or a "
-                "path string / regex) to masks. "
+                "`masks` must be a dict mapping keys (a path string / regex) to "
+                "masks, or a list of `(key, mask)` pairs (use pairs for "
+                "`keras.Variable` keys, which are unhashable). "
                 f"Received: {masks!r} of type {type(masks).__name__}."
             )
         self.specs: list[tuple[Key, MaskValue]] = []
-        for key, value in masks.items():
+        for key, value in items:
             check_key(key, argument="masks")
             if not callable(value):
                 value = to_bool_mask(value, what=f"masks[{describe_key(key)}]")
