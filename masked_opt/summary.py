@@ -1,0 +1,416 @@
+"""Inspecting masks: counts, plots, and checks that frozen weights stay put.
+
+* `mask_summary(optimizer)` -> `MaskSummary` (per-variable `MaskRow`s and
+  totals); `print_mask_summary` formats it PEFT-style.
+* `plot_masks(optimizer, path)` writes one heatmap per masked variable to a
+  PNG (needs the `plot` extra: `pip install "masked_opt[plot]"`).
+* `snapshot_frozen` / `verify_frozen` and the `VerifyFrozen` callback check
+  that frozen elements are bit-identical to their values at the snapshot.
+
+Every function takes a built `MaskedOptimizer`, or a `LossScaleOptimizer`
+wrapping one (as `model.compile` makes under a "mixed_float16" policy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import keras
+
+from masked_opt.optimizer import MaskedOptimizer
+
+__all__ = [
+    "FrozenSnapshot",
+    "FrozenWeightsChangedError",
+    "MaskRow",
+    "MaskSummary",
+    "VerifyFrozen",
+    "format_mask_summary",
+    "mask_summary",
+    "plot_masks",
+    "print_mask_summary",
+    "snapshot_frozen",
+    "verify_frozen",
+]
+
+PLOT_EXTRA_HINT = 'pip install "masked_opt[plot]"'
+
+
+def _unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> MaskedOptimizer:
+    inner = optimizer
+    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        inner = inner.inner_optimizer
+    if not isinstance(inner, MaskedOptimizer):
+        raise TypeError(
+            f"`{caller}` needs a MaskedOptimizer (or a LossScaleOptimizer "
+            f"wrapping one). Received: {type(optimizer).__name__}."
+        )
+    if require_built and not inner.built:
+        raise ValueError(
+            f"`{caller}`: optimizer '{inner.name}' is not built yet, so its "
+            "masks are not resolved against variables. Build it first with "
+            "`optimizer.build(model.trainable_variables)`, or call `model.fit` "
+            "(which builds it)."
+        )
+    return inner
+
+
+def _built_variables(optimizer: MaskedOptimizer) -> list[keras.Variable]:
+    # The variables the optimizer was built on (set by Keras' base `build`).
+    return list(optimizer._trainable_variables)
+
+
+def _masked(optimizer: MaskedOptimizer) -> list[keras.Variable]:
+    return list(optimizer.masked_variables)
+
+
+def _is_in(variable: keras.Variable, variables: list[keras.Variable]) -> bool:
+    return any(variable is v for v in variables)
+
+
+# -------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    """One variable: element counts under its mask (unmasked: all trainable)."""
+
+    path: str
+    shape: tuple[int, ...]
+    trainable: int
+    frozen: int
+    trainable_pct: float
+    masked: bool
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+@dataclass(frozen=True)
+class MaskSummary:
+    """Per-variable rows over every variable the optimizer was built on, and totals."""
+
+    rows: tuple[MaskRow, ...]
+    trainable: int
+    frozen: int
+    total: int
+    trainable_pct: float
+
+
+def _pct(part: int, total: int) -> float:
+    return 100.0 * part / total if total else 0.0
+
+
+def mask_summary(optimizer: keras.optimizers.Optimizer) -> MaskSummary:
+    """Counts trainable and frozen elements per variable and in total."""
+    opt = _unwrap(optimizer, caller="mask_summary")
+    masked = _masked(opt)
+    rows = []
+    for variable in _built_variables(opt):
+        shape = tuple(int(d) for d in variable.shape)
+        size = math.prod(shape)
+        is_masked = _is_in(variable, masked)
+        trainable = int(np.count_nonzero(opt.get_mask(variable))) if is_masked else size
+        rows.append(
+            MaskRow(
+                path=variable.path,
+                shape=shape,
+                trainable=trainable,
+                frozen=size - trainable,
+                trainable_pct=_pct(trainable, size),
+                masked=is_masked,
+            )
+        )
+    trainable = sum(r.trainable for r in rows)
+    total = sum(r.total for r in rows)
+    return MaskSummary(
+        rows=tuple(rows),
+        trainable=trainable,
+        frozen=total - trainable,
+        total=total,
+        trainable_pct=_pct(trainable, total),
+    )
+
+
+def format_mask_summary(summary: MaskSummary) -> str:
+    """A table of rows (unmasked variables marked '-') and the PEFT-style total line."""
+    header = ("variable", "shape", "mask", "trainable", "frozen", "trainable%")
+    lines = [
+        (r.path, str(r.shape), "yes" if r.masked else "-", f"{r.trainable:,}",
+         f"{r.frozen:,}", f"{r.trainable_pct:.2f}")
+        for r in summary.rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    left = (True, True, True, False, False, False)
+
+    def fmt(cells):
+        return "  ".join(
+            c.ljust(w) if lft else c.rjust(w) for c, w, lft in zip(cells, widths, left)
+        ).rstrip()
+
+    rule = "-" * len(fmt(header))
+    total = (
+        f"trainable: {summary.trainable:,} || frozen: {summary.frozen:,} || "
+        f"total: {summary.total:,} || trainable%: {summary.trainable_pct:.2f}"
+    )
+    return "\n".join([fmt(header), rule, *map(fmt, lines), rule, total])
+
+
+def print_mask_summary(
+    optimizer_or_summary: keras.optimizers.Optimizer | MaskSummary,
+    print_fn: Callable[[str], Any] = print,
+) -> None:
+    """Prints the table and `trainable: ... || frozen: ... || total: ... || trainable%: ...`."""
+    summary = optimizer_or_summary
+    if not isinstance(summary, MaskSummary):
+        summary = mask_summary(summary)
+    print_fn(format_mask_summary(summary))
+
+
+# ----------------------------------------------------------------------- plot
+
+
+def _require_matplotlib() -> tuple[Any, Any, Any]:
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise ImportError(
+            f"`plot_masks` needs matplotlib, an optional extra: {PLOT_EXTRA_HINT}."
+        ) from e
+    return Figure, FigureCanvasAgg, MaxNLocator
+
+
+def as_2d(mask: np.ndarray) -> np.ndarray:
+    """The 2-D view a heatmap shows: a scalar as (1, 1), a vector as one row,
+    rank > 2 as (product of all axes but the last, last axis), so columns are
+    always the last axis (the output units of a Dense or Conv kernel)."""
+    if mask.ndim == 0:
+        return mask.reshape(1, 1)
+    if mask.ndim == 1:
+        return mask.reshape(1, -1)
+    return mask.reshape(-1, mask.shape[-1])
+
+
+def _downsample(grid: np.ndarray, max_side: int) -> np.ndarray:
+    """Block means (the trainable share per block) so no side exceeds `max_side`."""
+    out = grid.astype(np.float32)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        if n <= max_side:
+            continue
+        f = math.ceil(n / max_side)
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (0, (-n) % f)
+        out = np.pad(out, pad, constant_values=np.nan)
+        shape = list(out.shape)
+        shape[axis : axis + 1] = [shape[axis] // f, f]
+        out = np.nanmean(out.reshape(shape), axis=axis + 1)
+    return out
+
+
+def plot_masks(
+    optimizer: keras.optimizers.Optimizer,
+    path: str,
+    *,
+    max_side: int = 512,
+    dpi: int = 100,
+) -> str:
+    """Writes a PNG with one heatmap per masked variable to `path`; returns it.
+
+    Dark = trainable, light = frozen. Variables of rank > 2 are shown as
+    (product of leading axes, last axis) (see `as_2d`); a side longer than
+    `max_side` is averaged in blocks, so a cell shows the trainable share.
+    Renders with the Agg backend without touching pyplot's global state.
+    Needs matplotlib: `pip install "masked_opt[plot]"`.
+    """
+    Figure, FigureCanvasAgg, MaxNLocator = _require_matplotlib()
+    opt = _unwrap(optimizer, caller="plot_masks")
+    masked = _masked(opt)
+    if not masked:
+        raise ValueError(
+            f"`plot_masks`: optimizer '{opt.name}' has no masked variables; "
+            "nothing to plot."
+        )
+    ncols = min(3, len(masked))
+    nrows = math.ceil(len(masked) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.6 * nrows), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, variable in enumerate(masked):
+        mask = opt.get_mask(variable)
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        grid = as_2d(mask)
+        n_rows, n_cols = grid.shape
+        image = ax.imshow(
+            _downsample(grid, max_side), cmap="Blues", vmin=0.0, vmax=1.0,
+            aspect="auto", interpolation="nearest",
+            extent=(-0.5, n_cols - 0.5, n_rows - 0.5, -0.5),  # element indices
+        )
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        if mask.ndim < 2:
+            ax.set_yticks([])
+        pct = _pct(int(np.count_nonzero(mask)), mask.size)
+        ax.set_title(f"{variable.path}\n{tuple(mask.shape)}  trainable {pct:.2f}%", fontsize=9)
+        ax.set_xlabel("last axis")
+        if mask.ndim >= 2:
+            ax.set_ylabel("leading axes (flattened)" if mask.ndim > 2 else "first axis")
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="trainable share")
+    fig.savefig(path, format="png")
+    return path
+
+
+# --------------------------------------------------------------- verification
+
+
+class FrozenWeightsChangedError(AssertionError):
+    """Frozen elements differ from their values at the snapshot."""
+
+
+@dataclass(frozen=True)
+class FrozenSnapshot:
+    """Per masked variable path: where it was frozen, and its values, at snapshot time."""
+
+    frozen: Mapping[str, np.ndarray]  # bool, full shape, True = frozen
+    values: Mapping[str, np.ndarray]
+
+
+def _by_path(optimizer: MaskedOptimizer, *, caller: str) -> dict[str, keras.Variable]:
+    out: dict[str, keras.Variable] = {}
+    for v in _masked(optimizer):
+        if v.path in out:
+            raise ValueError(
+                f"`{caller}`: two masked variables share the path '{v.path}', so a "
+                "snapshot keyed by path cannot tell them apart. Give the layers "
+                "distinct names."
+            )
+        out[v.path] = v
+    return out
+
+
+def snapshot_frozen(optimizer: keras.optimizers.Optimizer) -> FrozenSnapshot:
+    """Copies the values of every masked variable that has frozen elements,
+    with where it is frozen, for a later `verify_frozen`."""
+    opt = _unwrap(optimizer, caller="snapshot_frozen")
+    frozen, values = {}, {}
+    for path, variable in _by_path(opt, caller="snapshot_frozen").items():
+        f = ~opt.get_mask(variable)
+        if f.any():
+            frozen[path] = f
+            values[path] = np.array(variable.numpy(), copy=True)
+    return FrozenSnapshot(frozen=frozen, values=values)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    # Compare bit patterns, so a frozen NaN equals itself and -0.0 != 0.0.
+    if a.dtype.itemsize in (1, 2, 4, 8):
+        return np.ascontiguousarray(a).view(np.dtype(f"u{a.dtype.itemsize}"))
+    return a
+
+
+def verify_frozen(optimizer: keras.optimizers.Optimizer, reference: FrozenSnapshot) -> int:
+    """Checks that elements frozen at `reference` and frozen now still hold
+    their values from `reference`, bit for bit. Returns how many were checked.
+
+    Raises `FrozenWeightsChangedError` (an `AssertionError`) naming each
+    variable path with changed elements, their count, and the first change.
+    """
+    opt = _unwrap(optimizer, caller="verify_frozen")
+    if not isinstance(reference, FrozenSnapshot):
+        raise TypeError(
+            "`verify_frozen`: `reference` must be a FrozenSnapshot from "
+            f"`snapshot_frozen(optimizer)`. Received: {type(reference).__name__}."
+        )
+    variables = _by_path(opt, caller="verify_frozen")
+    problems, checked = [], 0
+    for path, was_frozen in reference.frozen.items():
+        variable = variables.get(path)
+        if variable is None:
+            raise ValueError(
+                f"`verify_frozen`: the snapshot has variable '{path}', which "
+                f"optimizer '{opt.name}' does not mask. Take the snapshot from "
+                "the same optimizer."
+            )
+        check = was_frozen & ~opt.get_mask(variable)
+        old, new = reference.values[path], np.asarray(variable.numpy())
+        if old.shape != new.shape or old.dtype != new.dtype:
+            raise ValueError(
+                f"`verify_frozen`: variable '{path}' is {new.dtype}{new.shape} now "
+                f"but was {old.dtype}{old.shape} in the snapshot."
+            )
+        changed = check & (_bits(old) != _bits(new))
+        checked += int(np.count_nonzero(check))
+        n = int(np.count_nonzero(changed))
+        if n:
+            first = tuple(int(i) for i in np.argwhere(changed)[0])
+            problems.append(
+                f"'{path}': {n:,} of {int(np.count_nonzero(check)):,} frozen "
+                f"elements changed (first at index {first}: {old[first]!r} -> {new[first]!r})"
+            )
+    if problems:
+        raise FrozenWeightsChangedError(
+            "Frozen weights changed since the snapshot: " + "; ".join(problems)
+            + ". Something outside the MaskedOptimizer step wrote to them "
+            "(a callback, a constraint applied by hand, another optimizer, or "
+            "`variable.assign`)."
+        )
+    return checked
+
+
+class VerifyFrozen(keras.callbacks.Callback):
+    """Checks during `fit` that frozen elements never move.
+
+    Snapshots at train begin and, at each epoch end (and at train end),
+    verifies then re-snapshots. An element is checked when it was frozen at
+    the last snapshot and is frozen at the check, so mask changes are allowed
+    between snapshots: a newly frozen element is checked from the next epoch
+    on, and an element unfrozen in between is not checked. (An element frozen,
+    unfrozen, trained and frozen again within one epoch would be reported.)
+
+    Args:
+        optimizer: the MaskedOptimizer to check (default: the model's
+            optimizer, unwrapping a LossScaleOptimizer). If it is not built at
+            train begin, it is built on `model.trainable_variables`.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer | None = None):
+        super().__init__()
+        if optimizer is not None:
+            _unwrap(optimizer, caller="VerifyFrozen", require_built=False)
+        self._optimizer = optimizer
+        self._snapshot: FrozenSnapshot | None = None
+        self.checked = 0  # elements checked over all verifications
+
+    def _target(self) -> MaskedOptimizer:
+        opt = self._optimizer if self._optimizer is not None else self.model.optimizer
+        masked = _unwrap(opt, caller="VerifyFrozen", require_built=False)
+        if not masked.built:
+            top = self.model.optimizer
+            if top is not opt and getattr(top, "inner_optimizer", None) is not masked:
+                top = opt
+            top.build(self.model.trainable_variables)
+        return masked
+
+    def _verify(self) -> None:
+        if self._snapshot is not None:
+            opt = self._target()
+            self.checked += verify_frozen(opt, self._snapshot)
+            self._snapshot = snapshot_frozen(opt)
+
+    def on_train_begin(self, logs=None):
+        self._snapshot = snapshot_frozen(self._target())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._verify()
+
+    def on_train_end(self, logs=None):
+        self._verify()
+        self._snapshot = None
