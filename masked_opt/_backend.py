@@ -44,6 +44,24 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     return ops.where(mask, grad, _zero(grad.dtype))
 
 
+def can_jit(grads: list) -> bool:
+    """Whether the XLA-compiled masked update can run here: TensorFlow, the
+    default strategy (merge_call cannot be compiled), no sparse gradients."""
+    if not IS_TF or tf.distribute.has_strategy():
+        return False
+    return not any(is_sparse(g) for g in grads)
+
+
+def jit_function(fn: Any, variables: list) -> Any:
+    """`grads -> fn(grads, variables)` compiled with XLA (TensorFlow); the
+    variables are captured, not traced as inputs."""
+
+    def call(grads):
+        return fn(grads, variables)
+
+    return tf.function(call, jit_compile=True, autograph=False)
+
+
 def check_strategy_support(inner_optimizer: Any) -> None:
     """Raises a clear error for inner-optimizer options that fail under the
     current `tf.distribute` strategy (stock Keras fails there too)."""

@@ -118,6 +118,16 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             a callable `variable -> array`; True means trainable. Keys are
             resolved when the optimizer is built. Variables no key matches are
             trained as by the inner optimizer alone, at no cost.
+        jit_compile: if True, each masked update (masking, the inner
+            optimizer's update, the restore) runs as one XLA-compiled function
+            on TensorFlow: several times faster on CPU, but the inner update is
+            then rounded as XLA rounds it, which can differ in the last bit
+            from graph mode (bit-identical to an XLA-compiled bare optimizer,
+            e.g. under `model.compile(jit_compile=True)`). Frozen elements stay
+            bit-identical either way. Falls back to the default path under a
+            `tf.distribute` strategy and for sparse (`IndexedSlices`)
+            gradients. Defaults to False: results bit-identical to the bare
+            inner optimizer in graph mode.
         name: the optimizer's name.
 
     Example:
@@ -136,10 +146,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: keras.optimizers.Optimizer | str | dict,
         masks: Mapping[str, MaskValue] | Sequence[tuple[Key, MaskValue]] | None = None,
         *,
+        jit_compile: bool = False,
         name: str | None = None,
         **kwargs: Any,
     ):
         config_masks = kwargs.pop("mask_entries", None)
+        if not isinstance(jit_compile, bool):
+            raise TypeError(
+                f"`jit_compile` must be True or False. Received: {jit_compile!r}."
+            )
         for arg in _BASE_ARGS:
             if arg in kwargs:
                 raise ValueError(
@@ -154,12 +169,14 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         registry = MaskRegistry(masks)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
+        self.jit_compile = jit_compile
         self._set_host_state(registry, config_masks)
 
     @tracking.no_automatic_dependency_tracking
     def _set_host_state(self, registry: MaskRegistry, config_masks: list | None) -> None:
         # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
         self._registry = registry
+        self._jit_functions: dict[tuple, Any] = {}
         self._slots: dict[Any, _Slot] = {}
         self._unset_paths: list[str] = []
         for entry in config_masks or []:
@@ -260,6 +277,18 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 "saved weights. Load them (`keras.models.load_model` or "
                 "`model.load_weights`), or give them with `set_mask`, before training."
             )
+        grads = list(grads)
+        if self.jit_compile and _backend.can_jit(grads):
+            key = tuple(self._var_key(v) for v in trainable_variables)
+            fn = self._jit_functions.get(key)
+            if fn is None:
+                fn = _backend.jit_function(self._masked_apply, list(trainable_variables))
+                self._jit_functions[key] = fn
+            fn(grads)
+        else:
+            self._masked_apply(grads, trainable_variables)
+
+    def _masked_apply(self, grads, trainable_variables):
         grads = list(grads)
         restore = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
@@ -424,6 +453,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "mask_entries": entries,
+            "jit_compile": self.jit_compile,
         }
 
     @classmethod
