@@ -52,6 +52,47 @@ def can_jit(grads: list) -> bool:
     return not any(is_sparse(g) for g in grads)
 
 
+def no_autograph(fn: Any) -> Any:
+    """Keeps AutoGraph from rewriting `fn` when a train step is traced: its
+    Python control flow is over Python values only."""
+    if IS_TF:
+        return tf.autograph.experimental.do_not_convert(fn)
+    return fn
+
+
+def local_copies(grads: list) -> list:
+    """The gradients as tensors of the graph being built (inside a `cond`
+    branch, the replica all-reduce rejects tensors captured from outside)."""
+    if not IS_TF:
+        return list(grads)
+    return [
+        None if g is None else tf.nest.map_structure(tf.identity, g, expand_composites=True)
+        for g in grads
+    ]
+
+
+def cond(pred: Any, true_fn: Any, false_fn: Any) -> None:
+    """Runs one of two stateful branches that return nothing."""
+    if IS_TF:
+
+        def run(fn):
+            def branch():
+                fn()
+                return tf.constant(True)
+
+            return branch
+
+        tf.cond(pred, run(true_fn), run(false_fn))
+    else:
+        ops.cond(pred, true_fn, false_fn)
+
+
+def can_branch() -> bool:
+    """Whether the update may sit inside a `cond`: not in a replica context of
+    a `tf.distribute` strategy, where the inner update calls `merge_call`."""
+    return not (IS_TF and tf.distribute.has_strategy())
+
+
 def jit_function(fn: Any, variables: list) -> Any:
     """`grads -> fn(grads, variables)` compiled with XLA (TensorFlow); the
     variables are captured, not traced as inputs."""

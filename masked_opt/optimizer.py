@@ -254,6 +254,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self.apply(list(grads), list(trainable_variables))
         return self.inner_optimizer._iterations
 
+    @_backend.no_autograph
     def apply(self, grads, trainable_variables=None):
         if len(grads) == 0:
             return
@@ -288,18 +289,40 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         else:
             self._masked_apply(grads, trainable_variables)
 
+    @_backend.no_autograph
     def _masked_apply(self, grads, trainable_variables):
-        grads = list(grads)
-        restore = []
+        masked = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
             slot = self._slots.get(self._var_key(variable))
-            if slot is None or grad is None:
-                continue
-            mask = slot.mask.value
-            grads[i] = _backend.mask_gradient(grad, mask, tuple(variable.shape))
-            restore.append((variable, mask, _backend.snapshot(variable)))
-        self.inner_optimizer.apply(grads, trainable_variables)
-        _backend.restore_frozen(restore)
+            if grad is not None and slot is not None:
+                masked.append((i, slot))
+        if not masked:
+            self.inner_optimizer.apply(grads, trainable_variables)
+            return
+
+        def with_masks():
+            masked_grads = _backend.local_copies(grads)
+            restore = []
+            for i, slot in masked:
+                variable, mask = trainable_variables[i], slot.mask.value
+                masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
+                restore.append((variable, mask, _backend.snapshot(variable)))
+            self.inner_optimizer.apply(masked_grads, trainable_variables)
+            _backend.restore_frozen(restore)
+
+        if not _backend.can_branch():
+            with_masks()
+            return
+        # Skipping work that cannot matter: while every mask is all-True (e.g.
+        # masks registered for later changes), run the bare inner update.
+        any_frozen = keras.ops.any(
+            keras.ops.stack([keras.ops.logical_not(keras.ops.all(s.mask.value)) for _, s in masked])
+        )
+        _backend.cond(
+            any_frozen,
+            with_masks,
+            lambda: self.inner_optimizer.apply(_backend.local_copies(grads), trainable_variables),
+        )
 
     def finalize_variable_values(self, var_list):
         var_list = list(var_list)
