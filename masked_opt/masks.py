@@ -637,13 +637,14 @@ def _check_fits(model: keras.Model, batch: tuple[Any, Any], loss_fn: Callable) -
     received = [_shape(a) for a in _leaves(x)]
     expected = _expected_shapes(model)
     hint = f"; the model expects inputs of shape {expected[0] if len(expected) == 1 else expected} (batch first)" if expected else ""
-    if expected is not None and len(expected) == len(received):
-        for exp, got in zip(expected, received):
-            if len(exp) != len(got) or any(e is not None and e != g for e, g in zip(exp[1:], got[1:])):
-                raise ValueError(
-                    f"`fisher_scores`: `data` does not fit model '{model.name}': x "
-                    f"has shape {got if len(received) == 1 else received}{hint}."
-                )
+    if expected is not None and len(expected) == len(received) == 1:
+        # Static check for single-input models; others are checked by the call below.
+        exp, got = expected[0], received[0]
+        if len(exp) != len(got) or any(e is not None and e != g for e, g in zip(exp[1:], got[1:])):
+            raise ValueError(
+                f"`fisher_scores`: `data` does not fit model '{model.name}': x "
+                f"has shape {got}{hint}."
+            )
     one = keras.tree.map_structure(lambda a: a[:1], x)
     try:
         y_pred = model(one, training=False)

@@ -1,0 +1,291 @@
+"""Inspection: mask_summary numbers, plot_masks PNG, verify_frozen and the VerifyFrozen callback."""
+
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from masked_opt import MaskedOptimizer
+from masked_opt import masks as M
+from masked_opt import summary as S
+from optimizer_table import OPTIMIZERS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _model():
+    # kernel (4, 3), bias (3,), kernel_1 (3, 2), bias_1 (2,): 23 elements
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+
+
+def _built(masks, inner=None, build=True):
+    model = _model()
+    opt = MaskedOptimizer(inner or keras.optimizers.SGD(0.1), masks=masks)
+    if build:
+        opt.build(model.trainable_variables)
+    return model, opt
+
+
+def _step(model, opt, x, y):
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean((model(x) - y) ** 2)
+    opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+
+def _data(n=16):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 4)).astype("float32"), rng.normal(size=(n, 2)).astype("float32")
+
+
+# -------------------------------------------------------------------- summary
+
+
+def test_mask_summary_counts_every_built_variable():
+    _, opt = _built({"dense/kernel": M.rows([0]), "dense/bias": False})
+    s = S.mask_summary(opt)
+    assert [(r.path, r.shape, r.trainable, r.frozen, r.masked) for r in s.rows] == [
+        ("sequential/dense/kernel", (4, 3), 3, 9, True),  # row 0 of 4 rows of 3
+        ("sequential/dense/bias", (3,), 0, 3, True),
+        ("sequential/dense_1/kernel", (3, 2), 6, 0, False),  # unmasked: all trainable
+        ("sequential/dense_1/bias", (2,), 2, 0, False),
+    ]
+    assert [r.trainable_pct for r in s.rows] == [25.0, 0.0, 100.0, 100.0]
+    assert (s.trainable, s.frozen, s.total) == (11, 12, 23)
+    assert s.trainable_pct == pytest.approx(100 * 11 / 23)
+    assert s.rows[0].total == 12
+
+
+def test_mask_summary_follows_freeze_after_build():
+    _, opt = _built({"dense/kernel": np.ones((4, 3), bool)})
+    opt.freeze("dense/kernel", np.s_[1:, 0])
+    assert S.mask_summary(opt).rows[0].frozen == 3
+
+
+def test_mask_summary_is_frozen_dataclass():
+    _, opt = _built({"dense/kernel": True})
+    s = S.mask_summary(opt)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.total = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.rows[0].frozen = 1
+
+
+def test_mask_summary_unwraps_loss_scale_optimizer():
+    model = _model()
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1), masks={"dense/bias": False})
+    lso = keras.optimizers.LossScaleOptimizer(opt)
+    lso.build(model.trainable_variables)
+    assert S.mask_summary(lso) == S.mask_summary(opt)
+    assert S.mask_summary(lso).frozen == 3
+
+
+def test_mask_summary_rejects_unbuilt_or_foreign_optimizer():
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1), masks={"dense/bias": False})
+    with pytest.raises(ValueError, match="not built yet.*optimizer.build.*model.fit"):
+        S.mask_summary(opt)
+    with pytest.raises(TypeError, match="needs a MaskedOptimizer.*Received: SGD"):
+        S.mask_summary(keras.optimizers.SGD(0.1))
+
+
+def test_print_mask_summary_total_line_is_peft_style():
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, use_bias=False)])
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1), masks={"dense/kernel": M.columns(range(48))})
+    opt.build(model.trainable_variables)
+    lines = []
+    S.print_mask_summary(opt, print_fn=lines.append)
+    text = lines[0].splitlines()
+    assert text[-1] == "trainable: 3,072 || frozen: 1,024 || total: 4,096 || trainable%: 75.00"
+    assert text[0].split() == ["variable", "shape", "mask", "trainable", "frozen", "trainable%"]
+    lines2 = []
+    S.print_mask_summary(S.mask_summary(opt), print_fn=lines2.append)  # a summary works too
+    assert lines2 == lines
+
+
+# ----------------------------------------------------------------------- plot
+
+
+def test_plot_masks_writes_png(tmp_path):
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(),
+         keras.layers.Dense(700)]  # kernel (48, 700): downsampled along the last axis
+    )
+    opt = MaskedOptimizer(
+        keras.optimizers.SGD(0.1),
+        masks={"conv2d/kernel": M.random(0.3, seed=0), "dense/kernel": M.columns([1]), "dense/bias": False},
+    )
+    opt.build(model.trainable_variables)
+    out = S.plot_masks(opt, str(tmp_path / "masks.png"), max_side=256)
+    data = open(out, "rb").read()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_plot_masks_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    _, opt = _built({"dense/kernel": True})
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r'pip install "masked_opt\[plot\]"'):
+        S.plot_masks(opt, str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_masks_needs_a_masked_variable(tmp_path):
+    _, opt = _built(None)
+    with pytest.raises(ValueError, match="no masked variables"):
+        S.plot_masks(opt, str(tmp_path / "x.png"))
+
+
+def test_as_2d_keeps_last_axis_as_columns():
+    assert S.as_2d(np.ones((), bool)).shape == (1, 1)
+    assert S.as_2d(np.ones(5, bool)).shape == (1, 5)
+    assert S.as_2d(np.ones((3, 4), bool)).shape == (3, 4)
+    conv = np.zeros((2, 3, 4, 5), bool)
+    conv[..., 1] = True
+    flat = S.as_2d(conv)
+    assert flat.shape == (24, 5) and np.array_equal(flat.all(axis=0), [0, 1, 0, 0, 0])
+
+
+def test_downsample_shows_trainable_share_per_block():
+    grid = np.zeros((1, 10), bool)
+    grid[0, [0, 1, 2, 3, 9]] = True
+    # blocks of 3: [0:3] -> 1, [3:6] -> 1/3, [6:9] -> 0, [9:10] (padding ignored) -> 1
+    np.testing.assert_allclose(S._downsample(grid, 4), [[1, 1 / 3, 0, 1]], rtol=1e-6)
+
+
+# ----------------------------------------------------------------- verification
+
+
+def _half_frozen(inner=None, build=True):
+    mask = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+    model, opt = _built({"dense/kernel": mask, "dense_1/bias": False}, inner=inner, build=build)
+    return model, opt, mask
+
+
+def test_verify_frozen_passes_after_training_and_counts_checked_elements():
+    model, opt, mask = _half_frozen(keras.optimizers.AdamW(0.1, weight_decay=0.5))
+    ref = S.snapshot_frozen(opt)
+    assert set(ref.frozen) == {"sequential/dense/kernel", "sequential/dense_1/bias"}
+    x, y = _data()
+    for _ in range(3):
+        _step(model, opt, x, y)
+    assert S.verify_frozen(opt, ref) == int((~mask).sum()) + 2
+
+
+def test_verify_frozen_passes_for_every_inner_optimizer():
+    # Decay and EMA are what move zero-gradient elements; the check must stay quiet.
+    # One loop over the shared table (not a parametrization): the per-test teardown
+    # (keras clear_session + gc) would cost more than the steps.
+    x, y = _data(8)
+    for opt_id, factory in sorted(OPTIMIZERS.items()):
+        keras.backend.clear_session(free_memory=False)  # layer names restart at "dense"
+        model, opt, _ = _half_frozen(factory(weight_decay=0.1, use_ema=True))
+        ref = S.snapshot_frozen(opt)
+        for _ in range(2):
+            _step(model, opt, x, y)
+        try:
+            assert S.verify_frozen(opt, ref) == 8, opt_id
+        except S.FrozenWeightsChangedError as e:
+            raise AssertionError(f"{opt_id}: {e}") from None
+
+
+def test_verify_frozen_reports_path_and_count_of_tampered_elements():
+    model, opt, _ = _half_frozen()
+    ref = S.snapshot_frozen(opt)
+    kernel = model.trainable_variables[0]
+    w = kernel.numpy()
+    w[0, 1] += 1.0  # frozen
+    w[1, 0] = -w[1, 0] if w[1, 0] != 0 else -0.0  # frozen
+    w[0, 0] += 1.0  # trainable: allowed
+    kernel.assign(w)
+    with pytest.raises(S.FrozenWeightsChangedError, match=r"'sequential/dense/kernel': 2 of 6 frozen elements changed .*index \(0, 1\)"):
+        S.verify_frozen(opt, ref)
+    assert issubclass(S.FrozenWeightsChangedError, AssertionError)
+
+
+def test_verify_frozen_compares_bits():
+    model, opt, _ = _half_frozen()
+    bias = model.trainable_variables[3]
+    bias.assign([np.nan, 0.0])
+    ref = S.snapshot_frozen(opt)
+    assert S.verify_frozen(opt, ref) > 0  # a frozen NaN equals itself
+    bias.assign([np.nan, -0.0])
+    with pytest.raises(S.FrozenWeightsChangedError, match=r"dense_1/bias': 1 of 2"):
+        S.verify_frozen(opt, ref)
+
+
+def test_verify_frozen_allows_mask_changes_since_snapshot():
+    model, opt, mask = _half_frozen()
+    ref = S.snapshot_frozen(opt)
+    x, y = _data()
+    opt.unfreeze("dense/kernel", np.s_[0])  # (0, 1) becomes trainable and moves
+    _step(model, opt, x, y)
+    opt.freeze("dense/kernel", np.s_[2])  # (2, 0), (2, 1) moved before being frozen
+    # Checked: frozen at the snapshot and now: (1,0), (1,2), (2,2), (3,0), (3,1), + 2 bias.
+    assert S.verify_frozen(opt, ref) == 7
+
+
+def test_verify_frozen_rejects_foreign_reference():
+    model, opt, _ = _half_frozen()
+    other = MaskedOptimizer(keras.optimizers.SGD(0.1), masks={"dense/bias": False})
+    other.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="'sequential/dense/kernel', which optimizer .* does not mask"):
+        S.verify_frozen(other, S.snapshot_frozen(opt))
+    with pytest.raises(TypeError, match="FrozenSnapshot"):
+        S.verify_frozen(opt, {"sequential/dense/kernel": np.zeros((4, 3))})
+
+
+class _Tamper(keras.callbacks.Callback):
+    """Writes to a frozen kernel element after the second batch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            kernel = self.model.trainable_variables[0]
+            kernel.assign(kernel.numpy() + np.array([[0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], "float32"))
+
+
+class _Unfreeze(keras.callbacks.Callback):
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            self.opt.unfreeze("dense/kernel")
+
+
+def test_verify_frozen_callback_passes_under_fit_with_mask_changes():
+    # Unbuilt at fit: the callback builds it at train begin to take its snapshot.
+    model, opt, _ = _half_frozen(keras.optimizers.AdamW(0.05, weight_decay=0.5), build=False)
+    model.compile(opt, loss="mse")
+    cb = S.VerifyFrozen()
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[_Unfreeze(opt), cb])
+    # epoch 0: 6 kernel + 2 bias; epochs 1, 2: kernel unfrozen, 2 bias; train end: 2 bias
+    assert cb.checked == 8 + 2 + 2 + 2
+    assert np.all(opt.get_mask("dense/kernel"))
+
+
+def test_verify_frozen_callback_raises_on_tampering():
+    model, opt, _ = _half_frozen()
+    model.compile(opt, loss="mse")
+    x, y = _data()
+    with pytest.raises(S.FrozenWeightsChangedError, match=r"'sequential/dense/kernel': 1 of 6"):
+        model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[_Tamper(), S.VerifyFrozen()])
+
+
+def test_verify_frozen_callback_unwraps_loss_scale_optimizer():
+    model, opt, _ = _half_frozen(build=False)
+    lso = keras.optimizers.LossScaleOptimizer(opt)
+    model.compile(lso, loss="mse")
+    cb = S.VerifyFrozen()
+    x, y = _data()
+    with pytest.raises(S.FrozenWeightsChangedError, match="dense/kernel"):
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[_Tamper(), cb])
+
+
+def test_verify_frozen_callback_rejects_non_masked_optimizer():
+    with pytest.raises(TypeError, match="needs a MaskedOptimizer"):
+        S.VerifyFrozen(keras.optimizers.SGD(0.1))
