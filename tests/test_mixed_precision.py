@@ -1,0 +1,243 @@
+"""Mixed precision (mixed_float16 + loss scaling, mixed_bfloat16) and XLA.
+
+The oracle throughout is gradient-only masking on a *fresh* Adam without
+weight decay: an element whose gradient is always zero keeps m = v = 0, so
+Adam moves it by `lr * 0 / (0 + eps) = 0` and it stays bit-identical, while
+every other element gets Adam's update on the same gradients. On this
+configuration `MaskedOptimizer(Adam)` must therefore match it to the bit.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from masked_opt import MaskedOptimizer
+
+LSO = keras.optimizers.LossScaleOptimizer
+
+
+class GradMaskedAdam(keras.optimizers.Adam):
+    """Independent oracle: Adam applied to gradients zeroed where `masks` is False."""
+
+    def __init__(self, masks, **kwargs):
+        super().__init__(**kwargs)
+        self._oracle_masks = masks  # variable path suffix -> bool array
+
+    def apply(self, grads, trainable_variables=None):
+        variables = trainable_variables or self._trainable_variables
+        out = []
+        for g, v in zip(grads, variables):
+            for key, mask in self._oracle_masks.items():
+                if v.path.endswith(key):
+                    g = tf.where(mask, g, tf.zeros_like(g))
+            out.append(g)
+        return super().apply(out, trainable_variables)
+
+
+def _data(n=32, d=6, k=3):
+    rng = np.random.default_rng(1)
+    return rng.normal(size=(n, d)).astype("float32"), rng.normal(size=(n, k)).astype("float32")
+
+
+def _model(weights=None):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, activation="tanh", name="hidden"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    if weights is not None:
+        model.set_weights(weights)
+    return model
+
+
+def _masks():
+    rng = np.random.default_rng(2)
+    kernel = rng.random((6, 5)) < 0.5
+    return {"hidden/kernel": kernel, "out/bias": np.array([True, False, True])}
+
+
+def _fit_pair(optimizer_for, **compile_kwargs):
+    """Fits a masked model and the oracle from the same start; returns both and the start."""
+    x, y = _data()
+    start = _model().get_weights()
+    masks = _masks()
+    models = {}
+    for kind in ("masked", "oracle"):
+        keras.utils.set_random_seed(0)
+        model = _model(start)
+        model.compile(optimizer=optimizer_for(kind, masks), loss="mse", **compile_kwargs)
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        models[kind] = model
+    return models, start, masks
+
+
+def _adam_pair(kind, masks, lr=0.05):
+    if kind == "masked":
+        return MaskedOptimizer(keras.optimizers.Adam(lr), masks=masks)
+    return GradMaskedAdam(masks, learning_rate=lr)
+
+
+def _assert_frozen_exact_and_equal(models, start, masks):
+    masked, oracle = models["masked"], models["oracle"]
+    paths = [v.path for v in masked.trainable_variables]
+    for i, (a, b) in enumerate(zip(masked.get_weights(), oracle.get_weights())):
+        assert np.array_equal(a, b), f"{paths[i]} differs from the oracle"
+    for i, path in enumerate(paths):
+        for key, mask in masks.items():
+            if path.endswith(key):
+                now, then = masked.get_weights()[i], start[i]
+                frozen = ~np.broadcast_to(mask, then.shape)
+                assert np.array_equal(now[frozen], then[frozen]), f"{path} frozen moved"
+                assert np.all(now[~frozen] != then[~frozen]), f"{path} trainable did not move"
+
+
+# ------------------------------------------------------------- mixed_float16
+
+
+def test_mixed_float16_compile_wraps_masked_optimizer_in_loss_scale_optimizer():
+    keras.config.set_dtype_policy("mixed_float16")
+    inner = keras.optimizers.Adam(0.01)
+    opt = MaskedOptimizer(inner, masks=_masks())
+    model = _model()
+    model.compile(optimizer=opt, loss="mse")
+    assert isinstance(model.optimizer, LSO)
+    assert model.optimizer.inner_optimizer is opt
+    assert opt.inner_optimizer is inner
+    assert model.layers[0].compute_dtype == "float16"
+    assert model.layers[0].kernel.dtype == "float32"
+
+
+def test_mixed_float16_fit_with_overflowing_loss_scale_matches_oracle_bitwise():
+    # initial_scale 2**24 overflows float16 gradients: the first steps are
+    # skipped and the scale halved until the gradients are finite; the masked
+    # and oracle runs must skip the same steps and end bit-identical.
+    keras.config.set_dtype_policy("mixed_float16")
+
+    def make(kind, masks):
+        return LSO(_adam_pair(kind, masks), initial_scale=2.0**24, dynamic_growth_steps=3)
+
+    models, start, masks = _fit_pair(make)
+    for model in models.values():
+        assert isinstance(model.optimizer, LSO)
+    m_lso, o_lso = models["masked"].optimizer, models["oracle"].optimizer
+    scale = float(m_lso.dynamic_scale.numpy())
+    assert scale < 2.0**24  # overflow happened and the scale came down
+    assert scale == float(o_lso.dynamic_scale.numpy())
+    steps = int(m_lso.iterations.numpy())
+    assert 0 < steps < 12  # 12 batches, some skipped
+    assert steps == int(o_lso.iterations.numpy())
+    _assert_frozen_exact_and_equal(models, start, masks)
+
+
+def _apply_handmade(non_finite_at):
+    """One LSO(Masked(Adam)) step with a gradient that is inf at one kernel element."""
+    keras.config.set_dtype_policy("mixed_float16")
+    model = _model()
+    mask = np.ones((6, 5), bool)
+    mask[0, 0] = False  # frozen element
+    opt = LSO(MaskedOptimizer(keras.optimizers.Adam(0.1), masks={"hidden/kernel": mask}))
+    opt.build(model.trainable_variables)
+    grads = [np.ones(v.shape, "float32") for v in model.trainable_variables]
+    grads[0][non_finite_at] = np.inf
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    state_before = [v.numpy().copy() for v in opt.variables]
+    scale_before = float(opt.dynamic_scale.numpy())
+    opt.apply_gradients(zip([tf.constant(g) for g in grads], model.trainable_variables))
+    after = [v.numpy() for v in model.trainable_variables]
+    return opt, before, after, scale_before, state_before
+
+
+def test_inf_only_at_frozen_positions_still_skips_the_step_and_halves_the_scale():
+    # LossScaleOptimizer checks *all* gradients for inf/NaN before it calls
+    # MaskedOptimizer, so a non-finite value that masking would discard still
+    # makes it skip the whole step (documented in docs/COMPATIBILITY.md).
+    opt, before, after, scale_before, _ = _apply_handmade(non_finite_at=(0, 0))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert float(opt.dynamic_scale.numpy()) == scale_before / 2
+    assert int(opt.iterations.numpy()) == 0
+
+
+def test_inf_at_trainable_position_skips_the_step_and_halves_the_scale():
+    opt, before, after, scale_before, state_before = _apply_handmade(non_finite_at=(1, 1))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert float(opt.dynamic_scale.numpy()) == scale_before / 2
+    # inner optimizer state (Adam moments) untouched by the skipped step
+    inner_vars = opt.inner_optimizer.inner_optimizer.variables
+    assert all(np.all(v.numpy() == 0) for v in inner_vars if "momentum" in v.path or "velocity" in v.path)
+    assert int(opt.iterations.numpy()) == 0
+
+
+def test_finite_handmade_step_under_loss_scaling_keeps_frozen_exact():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = _model()
+    mask = np.ones((6, 5), bool)
+    mask[0, 0] = False
+    opt = LSO(MaskedOptimizer(keras.optimizers.Adam(0.1), masks={"hidden/kernel": mask}))
+    opt.build(model.trainable_variables)
+    before = model.trainable_variables[0].numpy().copy()
+    grads = [tf.ones(v.shape) * 1000.0 for v in model.trainable_variables]
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+    after = model.trainable_variables[0].numpy()
+    assert after[0, 0] == before[0, 0]
+    # unscaled gradient 1000 / 32768 > 0: Adam's first step is ~lr everywhere else
+    np.testing.assert_allclose((before - after)[mask], 0.1, rtol=1e-3)
+    assert int(opt.iterations.numpy()) == 1
+
+
+# ------------------------------------------------------------ mixed_bfloat16
+
+
+def test_mixed_bfloat16_fit_keeps_frozen_exact_and_matches_oracle():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    models, start, masks = _fit_pair(_adam_pair)
+    # bfloat16 has float32's range: no loss scaling, no wrapper
+    assert isinstance(models["masked"].optimizer, MaskedOptimizer)
+    assert models["masked"].layers[0].compute_dtype == "bfloat16"
+    _assert_frozen_exact_and_equal(models, start, masks)
+
+
+# ------------------------------------------------------------------- XLA
+
+
+def test_jit_compiled_fit_keeps_frozen_exact_and_matches_oracle():
+    models, start, masks = _fit_pair(_adam_pair, jit_compile=True)
+    assert models["masked"].jit_compile is True
+    _assert_frozen_exact_and_equal(models, start, masks)
+
+
+def test_jit_compiled_fit_under_mixed_float16_keeps_frozen_exact():
+    keras.config.set_dtype_policy("mixed_float16")
+    models, start, masks = _fit_pair(_adam_pair, jit_compile=True)
+    assert isinstance(models["masked"].optimizer, LSO)
+    assert models["masked"].jit_compile is True
+    _assert_frozen_exact_and_equal(models, start, masks)
+
+
+def test_jit_compiled_custom_step_with_embedding_keeps_frozen_rows_exact():
+    # Embedding gradients stay tf.IndexedSlices under XLA; the row mask is
+    # gathered by index and frozen rows come back bit-identical.
+    vocab, dim = 50, 4
+    emb = keras.layers.Embedding(vocab, dim, name="emb")
+    emb.build((None,))
+    row_mask = np.zeros((vocab, 1), bool)
+    row_mask[40:] = True
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05), masks={"emb/embeddings": row_mask})
+    opt.build(emb.trainable_variables)
+    start = emb.embeddings.numpy().copy()
+    ids = tf.constant([[1, 41, 2], [45, 1, 49]])
+
+    @tf.function(jit_compile=True)
+    def step(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(emb(ids) - 1.0))
+        grads = tape.gradient(loss, emb.trainable_variables)
+        opt.apply_gradients(zip(grads, emb.trainable_variables))
+
+    for _ in range(3):
+        step(ids)
+    now = emb.embeddings.numpy()
+    assert np.array_equal(now[:40], start[:40])  # weight decay would move these
+    assert np.all(now[[41, 45, 49]] != start[[41, 45, 49]])
