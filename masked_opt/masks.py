@@ -469,8 +469,12 @@ def fisher(
     """
     fraction = check_fraction(fraction, builder="fisher")
     scores = fisher_scores(
-        model, data, variables=variables, loss=loss,
-        batch_size=batch_size, num_batches=num_batches,
+        model,
+        data,
+        variables=variables,
+        loss=loss,
+        batch_size=batch_size,
+        num_batches=num_batches,
     )
     total = sum(s.size for s in scores.values())
     masks = _top_k(list(scores.values()), count(fraction, total))
@@ -509,10 +513,18 @@ def fisher_scores(
     """
     if keras.backend.backend() != "tensorflow":
         raise NotImplementedError("`fisher_scores` runs on the TensorFlow backend only, for now.")
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"`fisher_scores`: `batch_size` must be a positive int. Received: {batch_size!r}.")
+    if (
+        not isinstance(batch_size, numbers.Integral)
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"`fisher_scores`: `batch_size` must be a positive int. Received: {batch_size!r}."
+        )
     if num_batches is not None and (
-        not isinstance(num_batches, numbers.Integral) or isinstance(num_batches, bool) or num_batches < 1
+        not isinstance(num_batches, numbers.Integral)
+        or isinstance(num_batches, bool)
+        or num_batches < 1
     ):
         raise ValueError(
             f"`fisher_scores`: `num_batches` must be a positive int or None. Received: {num_batches!r}."
@@ -587,7 +599,10 @@ def _batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
                 "`fisher_scores`: a tuple `data` must be `(x, y)`. Received a "
                 f"tuple of length {len(data)}."
             )
-        x, y = keras.tree.map_structure(np.asarray, data[0]), keras.tree.map_structure(np.asarray, data[1])
+        x, y = (
+            keras.tree.map_structure(np.asarray, data[0]),
+            keras.tree.map_structure(np.asarray, data[1]),
+        )
         sizes = {_shape(a)[0] if _shape(a) else None for a in _leaves(x) + _leaves(y)}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(
@@ -597,11 +612,11 @@ def _batches(data: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
             )
         (n,) = sizes
         x, y = _to_floatx(x), _to_floatx(y)
-        return (
-            (keras.tree.map_structure(lambda a: a[s : s + batch_size], x),
-             keras.tree.map_structure(lambda a: a[s : s + batch_size], y))
-            for s in range(0, n, batch_size)
-        )
+
+        def take(tree: Any, start: int) -> Any:
+            return keras.tree.map_structure(lambda a: a[start : start + batch_size], tree)
+
+        return ((take(x, s), take(y, s)) for s in range(0, n, batch_size))
     if isinstance(data, (Mapping, np.ndarray, str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(
             "`fisher_scores`: `data` must be a tuple `(x, y)` of arrays, or a "
@@ -636,7 +651,11 @@ def _check_fits(model: keras.Model, batch: tuple[Any, Any], loss_fn: Callable) -
     x, y = batch
     received = [_shape(a) for a in _leaves(x)]
     expected = _expected_shapes(model)
-    hint = f"; the model expects inputs of shape {expected[0] if len(expected) == 1 else expected} (batch first)" if expected else ""
+    hint = (
+        f"; the model expects inputs of shape {expected[0] if len(expected) == 1 else expected} (batch first)"
+        if expected
+        else ""
+    )
     if expected is not None and len(expected) == len(received) == 1:
         # Static check for single-input models; others are checked by the call below.
         exp, got = expected[0], received[0]
@@ -684,7 +703,9 @@ def _resolve_variables(model: keras.Model, variables: Any) -> list[tuple[str, ke
                 if not any(trainable[i] is c for c in chosen):
                     chosen.append(trainable[i])
     if not chosen:
-        raise ValueError(f"`fisher_scores`: model '{model.name}' has no trainable variables to score.")
+        raise ValueError(
+            f"`fisher_scores`: model '{model.name}' has no trainable variables to score."
+        )
     _check_unique([v.path for v in chosen], builder="fisher_scores")
     return [(v.path, v) for v in chosen]
 

@@ -142,8 +142,14 @@ def format_mask_summary(summary: MaskSummary) -> str:
     """A table of rows (unmasked variables marked '-') and the PEFT-style total line."""
     header = ("variable", "shape", "mask", "trainable", "frozen", "trainable%")
     lines = [
-        (r.path, str(r.shape), "yes" if r.masked else "-", f"{r.trainable:,}",
-         f"{r.frozen:,}", f"{r.trainable_pct:.2f}")
+        (
+            r.path,
+            str(r.shape),
+            "yes" if r.masked else "-",
+            f"{r.trainable:,}",
+            f"{r.frozen:,}",
+            f"{r.trainable_pct:.2f}",
+        )
         for r in summary.rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
@@ -237,8 +243,7 @@ def plot_masks(
     masked = _masked(opt)
     if not masked:
         raise ValueError(
-            f"`plot_masks`: optimizer '{opt.name}' has no masked variables; "
-            "nothing to plot."
+            f"`plot_masks`: optimizer '{opt.name}' has no masked variables; nothing to plot."
         )
     ncols = min(3, len(masked))
     nrows = math.ceil(len(masked) / ncols)
@@ -250,8 +255,12 @@ def plot_masks(
         grid = as_2d(mask)
         n_rows, n_cols = grid.shape
         image = ax.imshow(
-            _downsample(grid, max_side), cmap="Blues", vmin=0.0, vmax=1.0,
-            aspect="auto", interpolation="nearest",
+            _downsample(grid, max_side),
+            cmap="Blues",
+            vmin=0.0,
+            vmax=1.0,
+            aspect="auto",
+            interpolation="nearest",
             extent=(-0.5, n_cols - 0.5, n_rows - 0.5, -0.5),  # element indices
         )
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
@@ -357,7 +366,8 @@ def verify_frozen(optimizer: keras.optimizers.Optimizer, reference: FrozenSnapsh
             )
     if problems:
         raise FrozenWeightsChangedError(
-            "Frozen weights changed since the snapshot: " + "; ".join(problems)
+            "Frozen weights changed since the snapshot: "
+            + "; ".join(problems)
             + ". Something outside the MaskedOptimizer step wrote to them "
             "(a callback, a constraint applied by hand, another optimizer, or "
             "`variable.assign`)."

@@ -94,8 +94,12 @@ def test_out_of_range_rows_through_optimizer_name_the_path():
 def test_rows_train_only_new_embedding_rows_and_store_column_vector():
     # Use case: 3 new tokens (ids 7..9) appended to a 10-token vocabulary.
     model = keras.Sequential(
-        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
-         keras.layers.Flatten(), keras.layers.Dense(1)]
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(10, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
     )
     new = [7, 8, 9]
     opt = MaskedOptimizer(
@@ -160,7 +164,9 @@ def test_every_builder_rejects_bad_fraction():
     }
     for name, builder in builders.items():
         for fraction in (0, -0.1, 1.5, float("nan")):
-            with pytest.raises(ValueError, match=rf"`{name}`: `fraction` must be in \(0, 1\].*{fraction}"):
+            with pytest.raises(
+                ValueError, match=rf"`{name}`: `fraction` must be in \(0, 1\].*{fraction}"
+            ):
                 builder(fraction)
         for fraction in ("0.5", True, None):
             with pytest.raises(TypeError, match=rf"`{name}`: `fraction` must be a number"):
@@ -262,7 +268,13 @@ def test_diff_rejects_misaligned_inputs():
         ({"a": np.zeros(2)}, {"b": np.zeros(2)}, {}, ValueError, "same keys"),
         ({"a": np.zeros(2)}, {"a": np.zeros(3)}, {}, ValueError, r"'a' has shape \(2,\).*\(3,\)"),
         ([np.zeros(2)], [np.zeros(2)], {}, ValueError, "need `variables`"),
-        ([np.zeros(2)], [np.zeros(2), np.zeros(2)], {"variables": ["a"]}, ValueError, "same length"),
+        (
+            [np.zeros(2)],
+            [np.zeros(2), np.zeros(2)],
+            {"variables": ["a"]},
+            ValueError,
+            "same length",
+        ),
         ({"a": np.zeros(2)}, [np.zeros(2)], {}, TypeError, "both be dicts"),
     ]
     for before, after, kwargs, error, match in cases:
@@ -385,13 +397,19 @@ def test_fisher_freezes_weights_fed_by_always_zero_inputs(rng):
     assert np.all(scores["sequential/dense/kernel"][[1, 3]] == 0)
     assert np.all(scores["sequential/dense/kernel"][[0, 2]] > 0)
     masks = M.fisher(model, (x, y), 0.5, variables=["dense/kernel"])  # 6 of 12: all nonzero ones
-    np.testing.assert_array_equal(masks["sequential/dense/kernel"], np.repeat([[1], [0], [1], [0]], 3, 1).astype(bool))
+    np.testing.assert_array_equal(
+        masks["sequential/dense/kernel"], np.repeat([[1], [0], [1], [0]], 3, 1).astype(bool)
+    )
 
 
 def test_fisher_on_embeddings_is_zero_for_unused_tokens(rng):
     model = keras.Sequential(
-        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(8, 2),
-         keras.layers.Flatten(), keras.layers.Dense(1)]
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(8, 2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
     )
     x = rng.integers(1, 4, size=(12, 3))  # tokens 1..3 only
     y = rng.normal(size=(12, 1)).astype("float32")
@@ -421,7 +439,9 @@ def test_fisher_scores_from_dataset_and_num_batches(rng):
     x = rng.normal(size=(12, 4)).astype("float32")
     y = rng.normal(size=(12, 2)).astype("float32")
     ref = M.fisher_scores(model, (x, y), loss="mse", batch_size=12)
-    from_ds = M.fisher_scores(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(6), loss="mse")
+    from_ds = M.fisher_scores(
+        model, tf.data.Dataset.from_tensor_slices((x, y)).batch(6), loss="mse"
+    )
     first = M.fisher_scores(model, [(x[:4], y[:4]), (x[4:], y[4:])], loss="mse", num_batches=1)
     only4 = M.fisher_scores(model, (x[:4], y[:4]), loss="mse")
     for p in ref:
@@ -447,11 +467,15 @@ def test_fisher_scores_build_unbuilt_subclassed_model(rng):
 
 def test_fisher_rejects_data_that_does_not_fit_model(rng):
     model = _dense_model(n_in=4)
-    with pytest.raises(ValueError, match=r"x has shape \(10, 5\).*expects inputs of shape \(None, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"x has shape \(10, 5\).*expects inputs of shape \(None, 4\)"
+    ):
         M.fisher_scores(model, (np.zeros((10, 5)), np.zeros((10, 2))), loss="mse")
     with pytest.raises(ValueError, match=r"same number of examples.*\(10, 4\).*\(9, 2\)"):
         M.fisher_scores(model, (np.zeros((10, 4)), np.zeros((9, 2))), loss="mse")
-    with pytest.raises(ValueError, match=r"loss could not be computed from y of shape \[\(10, 7\)\]"):
+    with pytest.raises(
+        ValueError, match=r"loss could not be computed from y of shape \[\(10, 7\)\]"
+    ):
         M.fisher_scores(model, (np.zeros((10, 4)), np.zeros((10, 7))), loss="mse")
 
 

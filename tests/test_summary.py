@@ -109,12 +109,20 @@ def test_print_mask_summary_total_line_is_peft_style():
 
 def test_plot_masks_writes_png(tmp_path):
     model = keras.Sequential(
-        [keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(),
-         keras.layers.Dense(700)]  # kernel (48, 700): downsampled along the last axis
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(700),
+        ]  # kernel (48, 700): downsampled along the last axis
     )
     opt = MaskedOptimizer(
         keras.optimizers.SGD(0.1),
-        masks={"conv2d/kernel": M.random(0.3, seed=0), "dense/kernel": M.columns([1]), "dense/bias": False},
+        masks={
+            "conv2d/kernel": M.random(0.3, seed=0),
+            "dense/kernel": M.columns([1]),
+            "dense/bias": False,
+        },
     )
     opt.build(model.trainable_variables)
     out = S.plot_masks(opt, str(tmp_path / "masks.png"), max_side=256)
@@ -200,7 +208,10 @@ def test_verify_frozen_reports_path_and_count_of_tampered_elements():
     w[1, 0] = -w[1, 0] if w[1, 0] != 0 else -0.0  # frozen
     w[0, 0] += 1.0  # trainable: allowed
     kernel.assign(w)
-    with pytest.raises(S.FrozenWeightsChangedError, match=r"'sequential/dense/kernel': 2 of 6 frozen elements changed .*index \(0, 1\)"):
+    with pytest.raises(
+        S.FrozenWeightsChangedError,
+        match=r"'sequential/dense/kernel': 2 of 6 frozen elements changed .*index \(0, 1\)",
+    ):
         S.verify_frozen(opt, ref)
     assert issubclass(S.FrozenWeightsChangedError, AssertionError)
 
@@ -231,7 +242,9 @@ def test_verify_frozen_rejects_foreign_reference():
     model, opt, _ = _half_frozen()
     other = MaskedOptimizer(keras.optimizers.SGD(0.1), masks={"dense/bias": False})
     other.build(model.trainable_variables)
-    with pytest.raises(ValueError, match="'sequential/dense/kernel', which optimizer .* does not mask"):
+    with pytest.raises(
+        ValueError, match="'sequential/dense/kernel', which optimizer .* does not mask"
+    ):
         S.verify_frozen(other, S.snapshot_frozen(opt))
     with pytest.raises(TypeError, match="FrozenSnapshot"):
         S.verify_frozen(opt, {"sequential/dense/kernel": np.zeros((4, 3))})
@@ -243,7 +256,9 @@ class _Tamper(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if batch == 1:
             kernel = self.model.trainable_variables[0]
-            kernel.assign(kernel.numpy() + np.array([[0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], "float32"))
+            kernel.assign(
+                kernel.numpy() + np.array([[0, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], "float32")
+            )
 
 
 class _Unfreeze(keras.callbacks.Callback):
