@@ -1,0 +1,359 @@
+"""Serialization of `MaskedOptimizer`: keras.saving registration, JSON config
+without arrays, from_config, `model.save` / `load_model`, `save_weights` /
+`load_weights`, refusing to load state saved with other masks."""
+
+import json
+
+import numpy as np
+import pytest
+
+import keras
+from masked_opt import MaskedOptimizer
+
+O = keras.optimizers
+
+KERNEL_1 = np.array([[True, False, True, False]])  # (1, 4): columns of dense_1/kernel
+KERNEL_2 = np.array([[True, False], [False, True], [True, True], [False, False]])  # (4, 2)
+
+
+def make_model(kind="sequential"):
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(4, name="dense_1"), keras.layers.Dense(2, name="dense_2")]
+    if kind == "sequential":
+        return keras.Sequential([keras.Input((3,))] + layers, name="seq")
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, layers[1](layers[0](inputs)), name="func")
+
+
+def make_optimizer(masks=None):
+    if masks is None:
+        masks = {"dense_1/kernel": KERNEL_1, "dense_1/bias": False, "dense_2/kernel": KERNEL_2}
+    return MaskedOptimizer(O.AdamW(0.05, weight_decay=0.1), masks)
+
+
+def data(n=16):
+    rng = np.random.default_rng(1)
+    return (
+        rng.normal(size=(n, 3)).astype("float32"),
+        rng.normal(size=(n, 2)).astype("float32"),
+    )
+
+
+def steps(model, n=2, seed=0):
+    """`n` eager optimizer steps with fixed pseudo-random gradients (no tracing)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        model.optimizer.apply(grads, model.trainable_variables)
+
+
+def trained(kind="sequential", masks=None):
+    model = make_model(kind)
+    model.compile(make_optimizer(masks), "mse")
+    steps(model)
+    return model
+
+
+def assert_same_state(a, b):
+    """Optimizer variables and model weights equal to the bit, position by position."""
+    va, vb = a.optimizer.variables, b.optimizer.variables
+    assert len(va) == len(vb)
+    for x, y in zip(va, vb):
+        assert x.dtype == y.dtype and tuple(x.shape) == tuple(y.shape)
+        assert np.array_equal(x.numpy(), y.numpy()), (x.path, y.path)
+    assert len(a.weights) == len(b.weights)
+    for x, y in zip(a.weights, b.weights):
+        assert np.array_equal(x.numpy(), y.numpy()), (x.path, y.path)
+
+
+def assert_same_masks(a, b):
+    for la, lb in zip(a.layers, b.layers):
+        for va, vb in zip(la.trainable_variables, lb.trainable_variables):
+            np.testing.assert_array_equal(a.optimizer.get_mask(va), b.optimizer.get_mask(vb))
+
+
+def walk(obj):
+    yield obj
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from walk(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from walk(v)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_registered_with_keras_saving():
+    assert keras.saving.get_registered_name(MaskedOptimizer) == "masked_opt>MaskedOptimizer"
+    assert keras.saving.get_registered_object("masked_opt>MaskedOptimizer") is MaskedOptimizer
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["unbuilt", "built"])
+def test_config_is_json_nests_the_inner_optimizer_and_holds_no_arrays(built):
+    big = keras.Variable(np.zeros((64, 64), "float32"), name="big")
+    rng = np.random.default_rng(0)
+    opt = MaskedOptimizer(
+        O.AdamW(0.05, weight_decay=0.1),
+        {"big": rng.random((64, 64)) > 0.5},
+        name="masked_adamw",
+    )
+    if built:
+        opt.build([big])
+    config = opt.get_config()
+    text = json.dumps(config)
+    assert len(text) < 2000  # a 4096-element mask would not fit: values live in variables
+    for item in walk(config):
+        assert not isinstance(item, (np.ndarray, np.generic))
+        if isinstance(item, (list, tuple)):
+            assert len(item) <= 4, item
+    assert config["name"] == "masked_adamw"
+    inner = config["inner_optimizer"]
+    assert inner["class_name"] == "AdamW"
+    assert inner["config"]["weight_decay"] == pytest.approx(0.1)
+    assert json.loads(text) == json.loads(json.dumps(json.loads(text)))
+
+
+def test_from_config_round_trip_keeps_inner_optimizer_and_mask_layout():
+    variables = make_model().trainable_variables
+    opt = make_optimizer()
+    opt.build(variables)
+    clone = MaskedOptimizer.from_config(json.loads(json.dumps(opt.get_config())))
+    assert type(clone) is MaskedOptimizer and clone.name == opt.name
+    assert type(clone.inner_optimizer) is O.AdamW
+    assert clone.inner_optimizer.get_config() == opt.inner_optimizer.get_config()
+    clone.build(variables)
+    assert [v.path for v in clone.masked_variables] == [v.path for v in opt.masked_variables]
+    assert [tuple(v.shape) for v in clone.variables] == [tuple(v.shape) for v in opt.variables]
+    assert [str(v.dtype) for v in clone.variables] == [str(v.dtype) for v in opt.variables]
+
+
+def test_mask_values_rebuilt_from_config_alone_are_held_frozen_and_refuse_to_train():
+    # Values live in variables, not in the config: until they are loaded the
+    # rebuilt masks freeze everything they cover, and training says why.
+    variables = make_model().trainable_variables
+    opt = make_optimizer()
+    opt.build(variables)
+    clone = MaskedOptimizer.from_config(opt.get_config())
+    clone.build(variables)
+    assert not clone.get_mask(variables[0]).any()
+    grads = [np.ones(v.shape, "float32") for v in variables]
+    with pytest.raises(ValueError, match="(?s)seq/dense_1/kernel.*saved weights"):
+        clone.apply(grads, variables)
+
+
+def test_serialize_and_deserialize_through_keras_optimizers():
+    opt = MaskedOptimizer("sgd", {"dense_1/bias": False}, name="m")
+    restored = O.deserialize(O.serialize(opt))
+    assert type(restored) is MaskedOptimizer and restored.name == "m"
+    assert type(restored.inner_optimizer) is O.SGD
+    restored.build(make_model().trainable_variables)
+    assert not restored.get_mask("dense_1/bias").any()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: get_config of an optimizer rebuilt from a config drops each "
+    "entry's 'index' (and gives 'shape' as a tuple), so config -> from_config -> "
+    "get_config is not idempotent; a second round trip loses the index that binds a "
+    "mask across a Sequential reload",
+)
+def test_config_round_trip_is_idempotent():
+    opt = make_optimizer()
+    opt.build(make_model().trainable_variables)
+    config = opt.get_config()
+    assert MaskedOptimizer.from_config(config).get_config() == config
+
+
+# --------------------------------------------------------- model.save / load
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional"])
+def test_load_model_restores_masks_and_state_and_continues_bit_for_bit(kind, tmp_path):
+    x, y = data()
+    model = make_model(kind)
+    model.compile(make_optimizer(), "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    start = [w.numpy().copy() for w in model.trainable_variables]
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+
+    assert type(loaded.optimizer) is MaskedOptimizer
+    assert type(loaded.optimizer.inner_optimizer) is O.AdamW
+    assert len(loaded.optimizer.masked_variables) == 3
+    assert_same_masks(model, loaded)
+    assert_same_state(model, loaded)
+    if kind == "sequential":
+        # A reloaded Sequential drops its own name from the variable paths.
+        assert model.layers[0].kernel.path == "seq/dense_1/kernel"
+        assert loaded.layers[0].kernel.path == "dense_1/kernel"
+
+    for m in (model, loaded):
+        if kind == "sequential":  # through the compiled train step
+            m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        else:
+            steps(m, seed=1)
+    assert_same_state(model, loaded)
+    # Frozen elements did not move across the reload and the continued training.
+    kernel_1, bias_1, kernel_2 = (loaded.trainable_variables[i].numpy() for i in (0, 1, 2))
+    cols = KERNEL_1[0]
+    assert np.array_equal(kernel_1[:, ~cols], start[0][:, ~cols])
+    assert np.array_equal(bias_1, start[1])
+    assert np.array_equal(kernel_2[~KERNEL_2], start[2][~KERNEL_2])
+    assert (kernel_2[KERNEL_2] != start[2][KERNEL_2]).all()
+
+
+def test_reloaded_sequential_saves_and_loads_again(tmp_path):
+    model = trained()
+    model.save(tmp_path / "a.keras")
+    once = keras.models.load_model(tmp_path / "a.keras")
+    once.save(tmp_path / "b.keras")
+    twice = keras.models.load_model(tmp_path / "b.keras")
+    assert_same_masks(model, twice)
+    assert_same_state(model, twice)
+
+
+def test_mask_edits_after_build_survive_save_and_load(tmp_path):
+    model = trained()
+    model.optimizer.freeze("dense_2/kernel", np.s_[1:, :])
+    model.optimizer.unfreeze("dense_1/kernel", np.s_[:, 1])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert_same_masks(model, loaded)
+    expected = np.zeros((4, 2), bool)
+    expected[0] = KERNEL_2[0]
+    np.testing.assert_array_equal(loaded.optimizer.get_mask(loaded.layers[1].kernel), expected)
+
+
+def test_save_weights_and_load_weights_round_trip(tmp_path):
+    model = trained()
+    path = str(tmp_path / "x.weights.h5")
+    model.save_weights(path)
+
+    other = make_model()
+    other.compile(make_optimizer(), "mse")
+    other.optimizer.build(other.trainable_variables)  # as for any Keras optimizer state
+    other.load_weights(path)
+    assert_same_masks(model, other)
+    assert_same_state(model, other)
+    for m in (model, other):
+        steps(m, seed=1)
+    assert_same_state(model, other)
+
+
+# ------------------------------------------------------------ mismatches
+
+
+def compiled_with(masks):
+    model = make_model()
+    model.compile(make_optimizer(masks), "mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+@pytest.mark.parametrize(
+    "masks, shown",
+    [
+        ({"dense_2/kernel": KERNEL_2}, ["dense_1/kernel", "no mask"]),
+        (
+            {"dense_1/kernel": np.ones((3, 4), bool), "dense_1/bias": False, "dense_2/kernel": KERNEL_2},
+            ["dense_1/kernel", "(1, 4)", "(3, 4)"],
+        ),
+        (
+            {"dense_1/kernel": KERNEL_1, "dense_2/bias": False, "dense_2/kernel": KERNEL_2},
+            ["dense_1/bias", "dense_2/bias"],
+        ),
+    ],
+    ids=["other_variables", "other_shape", "other_bias"],
+)
+def test_load_weights_with_other_masks_raises_naming_the_paths(masks, shown, tmp_path):
+    model = trained()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    other = compiled_with(masks)
+    before = [v.numpy().copy() for v in other.optimizer.variables[: -len(other.optimizer.inner_optimizer.variables)]]
+    with pytest.raises(ValueError, match="saved masks do not match") as e:
+        other.load_weights(path)
+    for fragment in shown:
+        assert fragment in str(e.value)
+    assert "MaskedOptimizer" in str(e.value)
+    # The wrapper's own state (iteration, masks) was not overwritten.
+    own = other.optimizer.variables[: len(before)]
+    for b, v in zip(before, own):
+        assert np.array_equal(b, v.numpy()), v.path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: after the mask-mismatch ValueError, Keras's attribute walk still "
+    "loads `optimizer/inner_optimizer` into the inner optimizer (same variable count), "
+    "so the model ends up with its own masks and the file's moments and iterations: "
+    "mixed state",
+)
+def test_load_weights_with_other_masks_leaves_the_inner_state_untouched(tmp_path):
+    model = trained()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    other = compiled_with({"dense_2/kernel": KERNEL_2})
+    inner = other.optimizer.inner_optimizer
+    before = [v.numpy().copy() for v in inner.variables]
+    with pytest.raises(ValueError, match="saved masks do not match"):
+        other.load_weights(path)
+    for b, v in zip(before, inner.variables):
+        assert np.array_equal(b, v.numpy()), v.path
+
+
+def test_state_saved_by_a_plain_optimizer_is_refused(tmp_path):
+    model = make_model()
+    model.compile(O.AdamW(0.05, weight_decay=0.1), "mse")
+    steps(model)
+    path = str(tmp_path / "plain.weights.h5")
+    model.save_weights(path)
+    other = compiled_with(None)
+    with pytest.raises(ValueError, match="no mask metadata"):
+        other.load_weights(path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: load_own_variables on an unbuilt MaskedOptimizer compares against "
+    "an empty slot list and raises a false 'masks do not match ... this optimizer no "
+    "mask ... different inner optimizer?' error; stock Keras warns and skips, so "
+    "`compile(); load_weights()` breaks",
+)
+def test_load_weights_into_an_unbuilt_optimizer_with_the_same_masks(tmp_path):
+    model = trained()
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    other = make_model()
+    other.compile(make_optimizer(), "mse")
+    try:
+        other.load_weights(path)
+    except ValueError as e:  # acceptable only as a clear "build it first" error
+        assert "optimizer.build(" in str(e) and "no mask" not in str(e), str(e)
+    else:
+        for a, b in zip(model.weights, other.weights):
+            assert np.array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: a model saved compiled but untrained (optimizer unbuilt) does "
+    "not load: load_model builds the optimizer from the config and then "
+    "load_own_variables rejects the saved state (no masks, 4 variables) as a "
+    "mismatch; array mask values are also lost, as the config keeps only shapes",
+)
+@pytest.mark.parametrize("masks", [{"dense_1/bias": False}, {"dense_1/kernel": KERNEL_1}],
+                         ids=["scalar", "columns"])
+def test_model_saved_before_training_loads_with_its_masks(masks, tmp_path):
+    model = make_model()
+    model.compile(make_optimizer(masks), "mse")
+    model.save(tmp_path / "untrained.keras")
+    loaded = keras.models.load_model(tmp_path / "untrained.keras")
+    (key, value), = masks.items()
+    variable = loaded.get_layer(key.split("/")[0]).kernel if "kernel" in key else loaded.get_layer(key.split("/")[0]).bias
+    np.testing.assert_array_equal(
+        loaded.optimizer.get_mask(variable), np.broadcast_to(value, variable.shape)
+    )
