@@ -307,6 +307,14 @@ def resolve_value(value: MaskValue, variable: keras.Variable, *, what: str) -> n
     if callable(value) and not isinstance(value, np.ndarray):
         try:
             value = value(variable)
+        except (ValueError, TypeError) as e:
+            if variable.path in str(e):
+                raise  # already a clear error about this variable (a builder's)
+            raise ValueError(
+                f"`{what}`: the mask callable raised {type(e).__name__}: {e} "
+                f"when called on variable '{variable.path}' of shape "
+                f"{tuple(variable.shape)}."
+            ) from e
         except Exception as e:
             raise ValueError(
                 f"`{what}`: the mask callable raised {type(e).__name__}: {e} "
