@@ -1,0 +1,35 @@
+"""`python -m masked_opt demo [--quick] [--out PNG]`: the continual-learning demo."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {"demo": "continual learning on scikit-learn's digits (needs masked_opt[demo])"}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m masked_opt <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
+    lines.append("\n`python -m masked_opt <command> --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    # Quiet TensorFlow's C++ logging; must happen before TensorFlow is imported.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from masked_opt import demo
+
+    return demo.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The continual-learning demo, end to end at reduced size, and its command line."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from masked_opt import demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    png = tmp_path_factory.mktemp("demo") / "demo.png"
+    return demo.run(demo.DemoConfig.quick(), out=str(png), verbose=0)
+
+
+def test_frozen_weights_are_bit_identical_after_task_b(quick):
+    assert quick.method("(a)").frozen_unchanged is None  # nothing frozen
+    assert quick.method("(b)").frozen_unchanged is True
+    assert quick.method("(c)").frozen_unchanged is True
+
+
+def test_freezing_forgets_less_than_full_fine_tuning(quick):
+    a, b, c = (quick.method(k) for k in ("(a)", "(b)", "(c)"))
+    assert a.forgetting > 0.05  # full fine-tuning does forget task A
+    assert b.forgetting < a.forgetting
+    assert c.forgetting < a.forgetting
+
+
+def test_packnet_task_a_predictions_are_unchanged_exactly(quick):
+    # Survivors and biases frozen bit-exactly, B's weights masked out for A: same accuracy.
+    c = quick.method("(c)")
+    assert c.acc_a_after == c.acc_a_before
+
+
+def test_numbers_are_sane(quick):
+    assert quick.acc_a_pretrained > 0.9
+    for m in quick.methods:
+        for acc in (m.acc_a_before, m.acc_a_after, m.acc_b):
+            assert 0.0 <= acc <= 1.0
+        assert m.acc_b > 0.7, m.name  # every method learns task B
+    assert quick.method("(a)").acc_a_before == quick.acc_a_pretrained
+
+
+def test_frozen_shares_match_the_configuration(quick):
+    config = demo.DemoConfig.quick()
+    shapes = {"hidden_0": (64, 128), "hidden_1": (128, 128), "logits": (128, 10)}
+    kernels = [math.prod(s) for s in shapes.values()]
+    biases = [s[-1] for s in shapes.values()]
+    total = sum(kernels) + sum(biases)
+    # (b): the top `fisher_frozen` share of all weights, round half up.
+    fisher = math.floor(config.fisher_frozen * total + 0.5)
+    assert quick.method("(b)").frozen_fraction == pytest.approx(fisher / total, abs=1e-12)
+    # (c): each kernel keeps round_half_up(size * (1 - sparsity)) survivors; all biases frozen.
+    survivors = sum(math.floor(n * (1 - config.packnet_sparsity) + 0.5) for n in kernels)
+    assert quick.method("(c)").frozen_fraction == pytest.approx(
+        (survivors + sum(biases)) / total, abs=1e-12)
+    masks_c = quick.method("(c)").masks
+    assert sum(int(np.count_nonzero(m)) for m in masks_c.values()) == total - survivors - sum(biases)
+
+
+def test_png_and_table_are_written(quick):
+    with open(quick.png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = demo.format_table(quick)
+    assert "frozen weights unchanged" in table
+    assert table.count("  yes") == 2
+    assert "(a) full fine-tuning" in table and "n/a" in table
+
+
+def test_missing_extras_name_the_extra_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
+    with pytest.raises(ImportError, match=r"scikit-learn.*masked_opt\[demo\]"):
+        demo.run(demo.DemoConfig.quick(), out=None, verbose=0)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick"])
+    assert exit_info.value.code == 2
+    assert 'pip install "masked_opt[demo]"' in capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--quick", "--out", "--epochs", "--seed", "--verbose"):
+        assert option in out
+
+
+def test_cli_quick_run_exits_zero_and_prints_the_table(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "masked_opt", "demo", "--quick", "--verbose", "0",
+         "--out", str(tmp_path / "cli.png")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frozen weights unchanged" in proc.stdout
+    assert (tmp_path / "cli.png").exists()
+
+
+def test_cli_without_command_prints_usage_and_unknown_command_fails(capsys):
+    from masked_opt.__main__ import main
+
+    assert main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
