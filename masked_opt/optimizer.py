@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 import keras
 from keras.src.utils import tracking
 
-from masked_opt import _backend
+from masked_opt import _backend, _saving
 from masked_opt.registry import (
     Key,
     MaskRegistry,
@@ -25,7 +24,6 @@ from masked_opt.registry import (
     match_key,
 )
 
-_META_KEY = "masked_opt_meta"
 _BASE_ARGS = (
     "learning_rate",
     "weight_decay",
@@ -47,19 +45,6 @@ class _Slot:
     variable: keras.Variable
     mask: keras.Variable
     shape: tuple[int, ...]  # storage shape, fixed at build
-
-
-@dataclass
-class _Placeholder:
-    """A mask known from a config only; its values come from saved weights."""
-
-    shape: tuple[int, ...] | None
-    index: int | None = None  # position among the trainable variables
-
-
-def _paths_compatible(a: str, b: str) -> bool:
-    """Same variable path, up to a scope prefix (a reloaded Sequential drops its own)."""
-    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
 
 
 def _resolve_inner(inner_optimizer: Any) -> keras.optimizers.Optimizer:
@@ -178,14 +163,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._registry = registry
         self._jit_functions: dict[tuple, Any] = {}
         self._slots: dict[Any, _Slot] = {}
-        self._unset_paths: list[str] = []
-        for entry in config_masks or []:
-            if "value" in entry:
-                registry.specs.append((entry["key"], np.asarray(bool(entry["value"]))))
-            else:
-                shape = entry.get("shape")
-                shape = None if shape is None else tuple(shape)
-                registry.specs.append((entry["key"], _Placeholder(shape, entry.get("index"))))
+        self._unset_paths: list[str] = []  # masks from a config awaiting their values
+        self._config_targets: dict[int, list] = {}  # config entry -> variable keys
+        registry.specs.extend(_saving.specs_from_config(config_masks or []))
 
     # ------------------------------------------------------------------ build
 
@@ -213,21 +193,24 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def _resolve_masks(self, variables):
         registry = self._registry
         specs = list(registry.specs)
-        unset = []
+        unset, targets = [], {}
         for j, (key, value) in enumerate(specs):
-            if not isinstance(value, _Placeholder):
+            if not isinstance(value, _saving.ConfigMask):
                 continue
             # A mask rebuilt from a config: its values come from the saved
             # weights. Bind it to the variable at the saved position (paths can
             # lose a Sequential prefix across save/load), and hold it frozen
             # until the values are loaded (fail-safe).
             i = value.index
-            if i is not None and i < len(variables) and _paths_compatible(key, variables[i].path):
+            if i is not None and i < len(variables) and _saving.paths_compatible(key, variables[i].path):
                 key = variables[i]
             shape = value.shape
             specs[j] = (key, lambda v, s=shape: np.zeros(v.shape if s is None else s, bool))
-            unset.extend(variables[i].path for i in match_key(key, variables, argument="masks"))
+            hits = match_key(key, variables, argument="masks")
+            unset.extend(variables[i].path for i in hits)
+            targets[value.entry] = [self._var_key(variables[i]) for i in hits]
         registry.specs = specs
+        self._config_targets.update(targets)
         return registry.resolve(variables), unset
 
     def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
@@ -382,7 +365,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             else:
                 full = np.broadcast_to(new, tuple(variable.shape))
                 stored = fit_to_storage(full, slot.shape, path=path, what=what)
-            slot.mask.assign(np.ascontiguousarray(stored))
+            slot.mask.assign(np.array(stored, dtype=bool).reshape(slot.shape))
             if path in self._unset_paths:
                 self._unset_paths.remove(path)
 
@@ -451,31 +434,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------- saving
 
     def get_config(self) -> dict:
-        if self.built:
-            index = {self._var_key(v): i for i, v in enumerate(self._trainable_variables)}
-            entries = [
-                {
-                    "key": slot.variable.path,
-                    "shape": list(slot.shape),
-                    "index": index[self._var_key(slot.variable)],
-                }
-                for slot in self._slots.values()
-            ]
-        else:
-            entries = []
-            for key, value in self._registry.specs:
-                key = key if isinstance(key, str) else key.path
-                if isinstance(value, _Placeholder):
-                    entries.append({"key": key, "shape": value.shape and list(value.shape)})
-                elif isinstance(value, np.ndarray) and value.ndim == 0:
-                    entries.append({"key": key, "value": bool(value)})
-                else:
-                    shape = None if callable(value) else list(value.shape)
-                    entries.append({"key": key, "shape": shape})
         return {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "mask_entries": entries,
+            "mask_entries": _saving.config_entries(self),
             "jit_compile": self.jit_compile,
         }
 
@@ -487,57 +449,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         )
         return cls(inner, **config)
 
-    def _mask_meta(self) -> dict:
-        return {
-            "masks": [[slot.variable.path, list(slot.shape)] for slot in self._slots.values()],
-            "num_variables": len(self.variables),
-        }
-
     def save_own_variables(self, store):
-        for i, variable in enumerate(self.variables):
-            store[str(i)] = variable.numpy()
-        meta = json.dumps(self._mask_meta()).encode()
-        store[_META_KEY] = np.frombuffer(meta, dtype=np.uint8)
+        _saving.save_state(self, store)
 
     def load_own_variables(self, store):
-        keys = set(store.keys())
-        if _META_KEY not in keys:
-            raise ValueError(
-                f"Optimizer '{self.name}' is a MaskedOptimizer, but the saved "
-                "optimizer state has no mask metadata (it was saved by another "
-                "optimizer). Loading it would mix state; compile the model with "
-                "the optimizer it was saved with."
-            )
-        saved = json.loads(bytes(np.asarray(store[_META_KEY], dtype=np.uint8)).decode())
-        own = self._mask_meta()
-        same = len(saved["masks"]) == len(own["masks"]) and all(
-            _paths_compatible(p1, p2) and s1 == s2
-            for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
-        )
-        if not same or saved["num_variables"] != own["num_variables"]:
-            saved_m = {p: tuple(s) for p, s in saved["masks"]}
-            own_m = {p: tuple(s) for p, s in own["masks"]}
-            lines = []
-            for p in sorted(set(saved_m) | set(own_m)):
-                if saved_m.get(p) != own_m.get(p):
-                    lines.append(
-                        f"'{p}': saved {saved_m.get(p, 'no mask')}, "
-                        f"this optimizer {own_m.get(p, 'no mask')}"
-                    )
-            if not lines and [p for p, _ in saved["masks"]] != [p for p, _ in own["masks"]]:
-                lines.append("same masks in a different order")
-            if saved["num_variables"] != own["num_variables"]:
-                lines.append(
-                    f"{saved['num_variables']} optimizer variables saved, "
-                    f"{own['num_variables']} here (different inner optimizer?)"
-                )
-            raise ValueError(
-                f"Cannot load the state of MaskedOptimizer '{self.name}': the saved "
-                "masks do not match this optimizer's, and Keras loads optimizer "
-                "variables by position, so loading would silently mix state. "
-                "Differences: " + "; ".join(lines) + ". Build the optimizer with "
-                "the same masks (keys and shapes) as the saved one."
-            )
-        for i, variable in enumerate(self.variables):
-            variable.assign(store[str(i)])
-        self._store_slots(self._slots, [])
+        _saving.load_state(self, store)

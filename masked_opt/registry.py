@@ -202,7 +202,7 @@ def fit_to_storage(
     """
     storage_shape = tuple(storage_shape)
     if full.shape == storage_shape:
-        return np.ascontiguousarray(full)
+        return np.array(full, dtype=bool)
     padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
     reduced = full
     for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
@@ -220,7 +220,7 @@ def fit_to_storage(
                 "change single elements later."
             )
         reduced = first
-    return np.ascontiguousarray(reduced.reshape(storage_shape))
+    return np.array(reduced, dtype=bool).reshape(storage_shape)
 
 
 @dataclass

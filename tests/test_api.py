@@ -580,12 +580,6 @@ def test_column_freeze_after_build_keeps_the_column_storage_shape():
     assert (kernel.numpy()[:, :2] != start[:, :2]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: `_update` stores `np.ascontiguousarray(stored)`, which turns a 0-d "
-    "mask into shape (1,), so any set_mask/freeze/unfreeze after build on a scalar mask "
-    "fails in `Variable.assign` with a Keras shape error",
-)
 def test_scalar_mask_stays_scalar_after_freeze_and_unfreeze():
     bias = net_variables()[1]
     opt = MaskedOptimizer(O.SGD(0.1), {"dense_1/bias": True})
@@ -597,11 +591,6 @@ def test_scalar_mask_stays_scalar_after_freeze_and_unfreeze():
     assert tuple(stored.shape) == () and not bool(stored.numpy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a scalar mask cannot be edited after build (np.ascontiguousarray "
-    "makes it 1-d); freezing a whole layer from a callback is the common case",
-)
 def test_whole_variable_freeze_from_a_callback_with_a_scalar_mask():
     x, y = data(16)
     model = make_model()

@@ -152,13 +152,6 @@ def test_serialize_and_deserialize_through_keras_optimizers():
     assert not restored.get_mask("dense_1/bias").any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: get_config of an optimizer rebuilt from a config drops each "
-    "entry's 'index' (and gives 'shape' as a tuple), so config -> from_config -> "
-    "get_config is not idempotent; a second round trip loses the index that binds a "
-    "mask across a Sequential reload",
-)
 def test_config_round_trip_is_idempotent():
     opt = make_optimizer()
     opt.build(make_model().trainable_variables)
@@ -285,13 +278,6 @@ def test_load_weights_with_other_masks_raises_naming_the_paths(masks, shown, tmp
         assert np.array_equal(b, v.numpy()), v.path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: after the mask-mismatch ValueError, Keras's attribute walk still "
-    "loads `optimizer/inner_optimizer` into the inner optimizer (same variable count), "
-    "so the model ends up with its own masks and the file's moments and iterations: "
-    "mixed state",
-)
 def test_load_weights_with_other_masks_leaves_the_inner_state_untouched(tmp_path):
     model = trained()
     path = str(tmp_path / "m.keras")
@@ -316,13 +302,6 @@ def test_state_saved_by_a_plain_optimizer_is_refused(tmp_path):
         other.load_weights(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: load_own_variables on an unbuilt MaskedOptimizer compares against "
-    "an empty slot list and raises a false 'masks do not match ... this optimizer no "
-    "mask ... different inner optimizer?' error; stock Keras warns and skips, so "
-    "`compile(); load_weights()` breaks",
-)
 def test_load_weights_into_an_unbuilt_optimizer_with_the_same_masks(tmp_path):
     model = trained()
     path = str(tmp_path / "m.weights.h5")
@@ -338,13 +317,6 @@ def test_load_weights_into_an_unbuilt_optimizer_with_the_same_masks(tmp_path):
             assert np.array_equal(a.numpy(), b.numpy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a model saved compiled but untrained (optimizer unbuilt) does "
-    "not load: load_model builds the optimizer from the config and then "
-    "load_own_variables rejects the saved state (no masks, 4 variables) as a "
-    "mismatch; array mask values are also lost, as the config keeps only shapes",
-)
 @pytest.mark.parametrize("masks", [{"dense_1/bias": False}, {"dense_1/kernel": KERNEL_1}],
                          ids=["scalar", "columns"])
 def test_model_saved_before_training_loads_with_its_masks(masks, tmp_path):

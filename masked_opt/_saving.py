@@ -1,0 +1,194 @@
+"""Config and weights-file state of a `MaskedOptimizer`.
+
+The config holds mask keys and shapes only (JSON, no arrays); mask values
+live in the optimizer's bool variables, which Keras saves by position. Keras
+only *warns* when the saved variable count differs and assigns by position
+when it matches, so the weights file also carries a small JSON record of
+which masks it holds, and loading refuses a file whose masks differ.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from masked_opt.optimizer import MaskedOptimizer
+
+META_KEY = "masked_opt_meta"
+_SPEC_KEY = "masked_opt_spec_{}"  # mask arrays of an optimizer saved before build
+
+
+@dataclass
+class ConfigMask:
+    """A mask known from a config only; its values come from saved weights."""
+
+    shape: tuple[int, ...] | None
+    index: int | None = None  # position among the trainable variables
+    entry: int = 0  # position in the config's mask entries
+
+
+def paths_compatible(a: str, b: str) -> bool:
+    """Same variable path, up to a scope prefix (a reloaded Sequential drops its own)."""
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
+
+
+def config_entries(opt: MaskedOptimizer) -> list[dict]:
+    if opt.built:
+        index = {opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)}
+        return [
+            {
+                "key": slot.variable.path,
+                "shape": list(slot.shape),
+                "index": index[opt._var_key(slot.variable)],
+            }
+            for slot in opt._slots.values()
+        ]
+    entries = []
+    for key, value in opt._registry.specs:
+        key = key if isinstance(key, str) else key.path
+        if isinstance(value, ConfigMask):
+            entry = {"key": key, "shape": None if value.shape is None else list(value.shape)}
+            if value.index is not None:
+                entry["index"] = value.index
+        elif isinstance(value, np.ndarray) and value.ndim == 0:
+            entry = {"key": key, "value": bool(value)}
+        else:  # an array (saved in the weights file) or a callable (not saved)
+            entry = {"key": key, "shape": None if callable(value) else list(value.shape)}
+        entries.append(entry)
+    return entries
+
+
+def specs_from_config(entries: list[dict]) -> list[tuple[str, Any]]:
+    specs = []
+    for j, entry in enumerate(entries):
+        if "value" in entry:
+            specs.append((entry["key"], np.asarray(bool(entry["value"]))))
+        else:
+            shape = entry.get("shape")
+            shape = None if shape is None else tuple(shape)
+            specs.append((entry["key"], ConfigMask(shape, entry.get("index"), j)))
+    return specs
+
+
+def _meta(opt: MaskedOptimizer) -> dict:
+    return {
+        "built": bool(opt.built),
+        "masks": [[slot.variable.path, list(slot.shape)] for slot in opt._slots.values()],
+        "num_variables": len(opt.variables),
+    }
+
+
+def save_state(opt: MaskedOptimizer, store: Any) -> None:
+    for i, variable in enumerate(opt.variables):
+        store[str(i)] = variable.numpy()
+    store[META_KEY] = np.frombuffer(json.dumps(_meta(opt)).encode(), dtype=np.uint8)
+    if opt.built:
+        return
+    # Saved before build (compiled, not trained): keep the array masks here,
+    # since the config holds no arrays.
+    lost = [repr(k) for k, v in opt._registry.specs if callable(v)]
+    lost += [f"{op.kind}({op.key!r})" for op in opt._registry.ops]
+    for j, (_, value) in enumerate(opt._registry.specs):
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            store[_SPEC_KEY.format(j)] = value.astype(np.uint8)
+    if lost:
+        warnings.warn(
+            f"MaskedOptimizer '{opt.name}' is saved before it was built, so mask "
+            f"callables and recorded calls ({', '.join(lost)}) are not saved. "
+            "Build it first (`model.optimizer.build(model.trainable_variables)`) "
+            "to save the resolved masks.",
+            stacklevel=3,
+        )
+
+
+def _skip_next_load(inner: Any) -> None:
+    """Keras walks into `inner_optimizer` after us and would load its state
+    from the same file: make that one load a no-op."""
+
+    def skip(store):
+        del inner.load_own_variables
+
+    inner.load_own_variables = skip
+
+
+def load_state(opt: MaskedOptimizer, store: Any) -> None:
+    keys = set(store.keys())
+    if META_KEY not in keys:
+        _skip_next_load(opt.inner_optimizer)
+        raise ValueError(
+            f"Optimizer '{opt.name}' is a MaskedOptimizer, but the saved optimizer "
+            "state has no mask metadata (it was saved by another optimizer). "
+            "Loading it would mix state; compile the model with the optimizer it "
+            "was saved with."
+        )
+    saved = json.loads(bytes(np.asarray(store[META_KEY], dtype=np.uint8)).decode())
+    if not saved.get("built", True):
+        _load_unbuilt(opt, store)
+        return
+    if not opt.built:
+        warnings.warn(
+            f"Skipping the state of MaskedOptimizer '{opt.name}': it is not built "
+            "yet. Call `model.optimizer.build(model.trainable_variables)` before "
+            "`load_weights` to restore masks and optimizer state.",
+            stacklevel=3,
+        )
+        _skip_next_load(opt.inner_optimizer)
+        return
+    own = _meta(opt)
+    same = len(saved["masks"]) == len(own["masks"]) and all(
+        paths_compatible(p1, p2) and s1 == s2
+        for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
+    )
+    if not same or saved["num_variables"] != own["num_variables"]:
+        _skip_next_load(opt.inner_optimizer)
+        raise ValueError(_mismatch_message(opt, saved, own))
+    for i, variable in enumerate(opt.variables):
+        variable.assign(store[str(i)])
+    opt._unset_paths.clear()
+
+
+def _load_unbuilt(opt: MaskedOptimizer, store: Any) -> None:
+    """State saved before build: only mask arrays, bound to the config's keys."""
+    _skip_next_load(opt.inner_optimizer)
+    keys = set(store.keys())
+    for entry, var_keys in opt._config_targets.items():
+        name = _SPEC_KEY.format(entry)
+        if name not in keys:
+            continue
+        value = np.asarray(store[name]).astype(bool)
+        for var_key in var_keys:
+            slot = opt._slots[var_key]
+            opt.set_mask(slot.variable, value)
+
+
+def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
+    saved_m = {p: tuple(s) for p, s in saved["masks"]}
+    own_m = {p: tuple(s) for p, s in own["masks"]}
+    lines = []
+    for p in sorted(set(saved_m) | set(own_m)):
+        mine = next((s for q, s in own_m.items() if paths_compatible(p, q)), None)
+        theirs = next((s for q, s in saved_m.items() if paths_compatible(p, q)), None)
+        if mine != theirs and not any(f"'{p}'" in line for line in lines):
+            lines.append(
+                f"'{p}': saved {'no mask' if theirs is None else theirs}, "
+                f"this optimizer {'no mask' if mine is None else mine}"
+            )
+    if not lines and [p for p, _ in saved["masks"]] != [p for p, _ in own["masks"]]:
+        lines.append("same masks in a different order")
+    if saved["num_variables"] != own["num_variables"]:
+        lines.append(
+            f"{saved['num_variables']} optimizer variables saved, "
+            f"{own['num_variables']} here (a different inner optimizer?)"
+        )
+    return (
+        f"Cannot load the state of MaskedOptimizer '{opt.name}': the saved masks "
+        "do not match this optimizer's, and Keras loads optimizer variables by "
+        "position, so loading would silently mix state. Differences: "
+        + "; ".join(lines)
+        + ". Build the optimizer with the same masks (keys and shapes) as the saved one."
+    )
