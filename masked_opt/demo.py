@@ -164,6 +164,12 @@ def _frozen_share(model, masks: dict[str, np.ndarray]) -> float:
     return frozen / total
 
 
+def _total_line(optimizer) -> str:
+    from masked_opt.summary import format_mask_summary, mask_summary
+
+    return format_mask_summary(mask_summary(optimizer)).splitlines()[-1]
+
+
 def _say(verbose: int, text: str) -> None:
     if verbose:
         print(text, flush=True)
@@ -189,7 +195,15 @@ def run(
     tasks = load_tasks(config.seed)
     xa, xa_test, ya, ya_test = tasks["A"]
     xb, xb_test, yb, yb_test = tasks["B"]
-    fit_kw = dict(batch_size=config.batch_size, verbose=verbose)
+    fit_kw = dict(verbose=verbose, shuffle=False)  # the datasets shuffle
+
+    def batches(x, y, seed):
+        # Full batches only: a last, smaller batch would trace the train step twice.
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(config.batch_size, drop_remainder=True)
 
     def adam():
         return keras.optimizers.Adam(config.learning_rate)
@@ -205,7 +219,7 @@ def run(
                   f"on digits 0-4 ({len(xa)} train / {len(xa_test)} test)")
     model = _build_model(config)
     _compile(model, adam())
-    model.fit(xa, ya, epochs=config.pretrain_epochs, **fit_kw)
+    model.fit(batches(xa, ya, config.seed), epochs=config.pretrain_epochs, **fit_kw)
     pretrained = model.get_weights()
     acc_pre = acc_a(model)
     _say(verbose, f"   task A test accuracy: {acc_pre:.3f}")
@@ -216,7 +230,7 @@ def run(
     _say(verbose, "\n== (a) full fine-tuning on digits 5-9")
     keras.utils.set_random_seed(config.seed + 1)
     _compile(model, adam())
-    model.fit(xb, yb, epochs=config.task_b_epochs, **fit_kw)
+    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
     results.append(MethodResult("(a) full fine-tuning", acc_pre, acc_a(model), acc_b(model), 0.0, None))
 
     # -- (b) freeze the Fisher-top weights of task A.
@@ -226,9 +240,11 @@ def run(
     keras.utils.set_random_seed(config.seed + 2)
     important = mask_builders.fisher(model, (xa, ya), fraction=config.fisher_frozen)
     masks_b = {path: ~top for path, top in important.items()}  # True = trainable
-    _compile(model, MaskedOptimizer(adam(), masks=masks_b))
+    opt_b = MaskedOptimizer(adam(), masks=masks_b)
+    _compile(model, opt_b)
     before = _weights(model)
-    model.fit(xb, yb, epochs=config.task_b_epochs, **fit_kw)
+    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
+    _say(verbose, "   " + _total_line(opt_b))
     results.append(MethodResult(
         "(b) Fisher freeze", acc_pre, acc_a(model), acc_b(model),
         _frozen_share(model, masks_b), _frozen_unchanged(before, _weights(model), masks_b), masks_b,
@@ -244,15 +260,17 @@ def run(
     opt.build(model.trainable_variables)
     kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
     freed = {v.path: prune_variable(opt, v, config.packnet_sparsity) for v in kernels}
-    model.fit(xa, ya, epochs=config.packnet_retrain_epochs, **fit_kw)
+    model.fit(batches(xa, ya, config.seed + 3), epochs=config.packnet_retrain_epochs, **fit_kw)
     acc_a_packnet = acc_a(model)
     _say(verbose, f"   task A test accuracy after pruning + retraining: {acc_a_packnet:.3f}")
     _say(verbose, "   freezing A's surviving weights and all biases; training 5-9 on the freed weights")
     masks_c = {v.path: (freed[v.path] if v.path in freed else np.zeros(tuple(v.shape), bool))
                for v in model.trainable_variables}
-    _compile(model, MaskedOptimizer(adam(), masks=masks_c))
+    opt_c = MaskedOptimizer(adam(), masks=masks_c)
+    _compile(model, opt_c)
     before = _weights(model)
-    model.fit(xb, yb, epochs=config.task_b_epochs, **fit_kw)
+    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
+    _say(verbose, "   " + _total_line(opt_c))
     after = _weights(model)
     acc_b_packnet = acc_b(model)
     for v in kernels:  # A's inference uses A's weights only: B's are masked out.
