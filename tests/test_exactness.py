@@ -1,0 +1,505 @@
+"""The central promise, tested across every optimizer in the table.
+
+1. Frozen elements are bit-identical after every step, for every inner optimizer
+   crossed with every training feature that can move an element whose gradient
+   is zero (weight decay, EMA + overwrite + finalize, clipping, accumulation,
+   constraints, momentum or an EMA built before a mask change, NaN/inf gradients).
+2. Trainable elements (and the inner optimizer's state) are exactly what a bare
+   inner optimizer computes from the masked gradient, with the frozen elements
+   copied back after each step in plain NumPy (the oracle).
+3. A positive control: naive gradient-only masking does move frozen elements,
+   so these tests can see the failure the library prevents.
+
+The matrix runs eagerly on the variables of two small built Dense layers with
+fixed random gradients (fast); a subset runs inside `tf.function`, through a
+GradientTape loop and through `model.fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from masked_opt import MaskedOptimizer
+from optimizer_table import OPTIMIZERS
+
+OPT_IDS = list(OPTIMIZERS)
+
+# --------------------------------------------------------------------- setup
+# Three variables, one per kind of mask: a/kernel (element-wise), a/bias (scalar
+# False: the whole variable frozen), b/kernel (columns, stored as (1, units)).
+# Variables without a mask are covered by the model.fit cases below.
+PATHS = ["a/kernel", "a/bias", "b/kernel"]
+SHAPES = [(5, 4), (4,), (3, 4)]
+ELEM = np.random.default_rng(7).random((5, 4)) < 0.5
+COL = np.array([[True, False, True, False]])
+
+MASKS = {"a/kernel": ELEM, "a/bias": False, "b/kernel": COL}
+# Mask-change cases start from all-True masks of the same storage shapes.
+ALL_TRUE = {"a/kernel": np.ones((5, 4), bool), "a/bias": True, "b/kernel": np.ones((1, 4), bool)}
+FULL = [ELEM, np.zeros((4,), bool), np.broadcast_to(COL, (3, 4))]
+FULL_TRUE = [np.ones(s, bool) for s in SHAPES]
+
+STEPS = 2  # enough for every leak of an element frozen from the start
+CHANGE_AT = 2  # mask-change cases: 2 steps with all-True masks, then freeze, 2 more
+
+
+@dataclass(frozen=True)
+class Feature:
+    kwargs: dict  # base-optimizer arguments of the inner optimizer
+    steps: int = STEPS
+    constraint: bool = False  # MaxNorm on a/kernel, NonNeg on b/kernel
+    nan: bool = False  # NaN/+inf/-inf gradients at frozen positions
+    change: bool = False  # start all-True, switch to MASKS before step CHANGE_AT
+    finalize: bool = False  # call finalize_variable_values at the end (as fit does)
+
+
+FEATURES = {
+    "plain": Feature({}),
+    "weight_decay": Feature({"weight_decay": 0.1}),
+    "ema_overwrite": Feature({"use_ema": True, "ema_overwrite_frequency": 2}, finalize=True),
+    "clipnorm": Feature({"clipnorm": 0.5}),
+    "global_clipnorm": Feature({"global_clipnorm": 0.5}),
+    "clipvalue": Feature({"clipvalue": 0.05}),
+    "accumulation": Feature({"gradient_accumulation_steps": 2}, steps=4),
+    "constraint": Feature({}, constraint=True),
+    "mask_change": Feature({}, steps=4, change=True),
+    # Overwrite at the first step after the freeze, when the average lags.
+    "ema_mask_change": Feature(
+        {"use_ema": True, "ema_overwrite_frequency": 3}, steps=4, change=True, finalize=True
+    ),
+    "nan": Feature({}, nan=True),
+}
+# Combinations, for the oracle comparison (trainable elements and inner state).
+COMBINED = {
+    "all_but_accumulation": Feature(
+        {"weight_decay": 0.05, "clipnorm": 1.0, "use_ema": True, "ema_overwrite_frequency": 3},
+        steps=4,
+        constraint=True,
+        nan=True,
+        change=True,
+        finalize=True,
+    ),
+    "accumulation_mask_change": Feature(
+        {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0}, steps=4, change=True, nan=True
+    ),
+}
+CASES = {**FEATURES, **COMBINED}
+
+
+def _variables(constraint: bool = False) -> list[keras.Variable]:
+    """a = Dense(5 -> 4), b = Dense(3 -> 4), every weight set to random values."""
+    a = keras.layers.Dense(
+        4, name="a", kernel_constraint=keras.constraints.MaxNorm(0.3) if constraint else None
+    )
+    b = keras.layers.Dense(
+        4,
+        name="b",
+        use_bias=False,
+        kernel_constraint=keras.constraints.NonNeg() if constraint else None,
+    )
+    a.build((None, 5))
+    b.build((None, 3))
+    variables = [a.kernel, a.bias, b.kernel]
+    assert [v.path for v in variables] == PATHS
+    init = np.random.default_rng(3)
+    for v in variables:
+        v.assign(init.normal(size=v.shape).astype("float32"))
+    return variables
+
+
+def _schedule(f: Feature) -> list[list]:
+    """The full-shape masks in force at each step (None: no mask)."""
+    if f.change:
+        return [FULL_TRUE] * CHANGE_AT + [FULL] * (f.steps - CHANGE_AT)
+    return [FULL] * f.steps
+
+
+def _grads(schedule: list[list], nan: bool, seed: int = 11) -> list[list[np.ndarray]]:
+    """Fixed random gradients, one list per step; NaN/+inf/-inf at frozen positions if `nan`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for masks in schedule:
+        step = []
+        for shape, mask in zip(SHAPES, masks):
+            g = rng.normal(size=shape).astype("float32")
+            if nan and mask is not None:
+                poison = np.resize(np.array([np.nan, np.inf, -np.inf], "float32"), g.size)
+                g = np.where(mask, g, poison.reshape(shape))
+            step.append(g)
+        out.append(step)
+    return out
+
+
+def _change_masks(opt: MaskedOptimizer) -> None:
+    """From ALL_TRUE to MASKS after build, through the three mask-editing calls."""
+    opt.set_mask("a/kernel", ELEM)
+    opt.freeze("b/kernel", where=np.s_[:, 1::2])  # columns 1 and 3, as COL
+    opt.freeze("a/bias")
+
+
+def _masked_grads(grads: list[np.ndarray], masks: list) -> list[np.ndarray]:
+    return [g if m is None else np.where(m, g, np.zeros_like(g)) for g, m in zip(grads, masks)]
+
+
+def _values(variables) -> list[np.ndarray]:
+    return [np.array(v.numpy()) for v in variables]
+
+
+def _frozen_moves(before, after, masks, paths=PATHS) -> list[str]:
+    """One line per variable whose frozen elements are not bit-identical."""
+    bad = []
+    for path, b, a, m in zip(paths, before, after, masks):
+        if m is None:
+            continue
+        b, a = b[~m], a[~m]
+        same = np.array_equal(a, b) and np.array_equal(np.signbit(a), np.signbit(b))
+        if not same:
+            bad.append(f"{path}: {int(np.sum(a != b))} frozen elements moved")
+    return bad
+
+
+def _assert_trainable_moved(first, last, masks, label: str, paths=PATHS) -> None:
+    """Non-vacuity: some trainable element of every variable that has one moved."""
+    for path, b, a, m in zip(paths, first, last, masks):
+        trainable = np.ones(b.shape, bool) if m is None else m
+        if trainable.any():
+            assert np.any(a[trainable] != b[trainable]), f"{label}: no trainable element of {path} moved"
+
+
+# ------------------------------------------------------------------- runners
+@dataclass
+class Run:
+    history: list[list[np.ndarray]]  # weights before the first step, after each step (+ finalize)
+    inner_state: list[np.ndarray]  # inner optimizer variables at the end
+    inner_paths: list[str]
+
+
+def run_masked(opt_id: str, feature: str, *, mode: str = "eager") -> tuple[Run, object]:
+    """Trains under MaskedOptimizer, asserting after each step (and after
+    finalize) that the elements frozen during that step did not move.
+    Returns the run and the step function."""
+    f = CASES[feature]
+    variables = _variables(f.constraint)
+    schedule = _schedule(f)
+    grads = _grads(schedule, f.nan)
+    opt = MaskedOptimizer(OPTIMIZERS[opt_id](**f.kwargs), ALL_TRUE if f.change else MASKS)
+
+    def step(g):
+        opt.apply_gradients(zip(g, variables))
+
+    if mode == "function":
+        step = tf.function(step)
+    history = [_values(variables)]
+    traces = None
+    for k, (g, masks_now) in enumerate(zip(grads, schedule)):
+        if mode == "function" and k == 1:
+            traces = step.experimental_get_tracing_count()  # the first call builds
+        if f.change and k == CHANGE_AT:
+            _change_masks(opt)
+            for v, m in zip(variables, FULL):
+                if m is not None:
+                    assert np.array_equal(opt.get_mask(v), m), v.path
+        step([tf.constant(x) for x in g])
+        history.append(_values(variables))
+        bad = _frozen_moves(history[-2], history[-1], masks_now)
+        assert not bad, f"{opt_id}/{feature} ({mode}), step {k}: {bad}"
+    if f.finalize:
+        opt.finalize_variable_values(variables)
+        history.append(_values(variables))
+        bad = _frozen_moves(history[-2], history[-1], schedule[-1])
+        assert not bad, f"{opt_id}/{feature} ({mode}), finalize_variable_values: {bad}"
+    if mode == "function":
+        # Mask edits assign the stored bool variables: no retracing after the first call.
+        assert step.experimental_get_tracing_count() == traces, "retraced"
+    inner = opt.inner_optimizer.variables
+    return Run(history, [np.array(s.numpy()) for s in inner], [s.path for s in inner]), step
+
+
+@functools.lru_cache(maxsize=None)
+def masked_run(opt_id: str, feature: str) -> Run:
+    """The eager run, shared by the frozen-exactness and the oracle tests."""
+    return run_masked(opt_id, feature)[0]
+
+
+def run_oracle(opt_id: str, feature: str, *, restore: bool = True) -> Run:
+    """The bare inner optimizer fed `np.where(mask, g, 0)`; with `restore`, frozen
+    elements are copied back from the pre-step NumPy snapshot after each step
+    (and after `finalize_variable_values`). Without it: naive gradient masking."""
+    f = CASES[feature]
+    variables = _variables(f.constraint)
+    schedule = _schedule(f)
+    grads = _grads(schedule, f.nan)
+    opt = OPTIMIZERS[opt_id](**f.kwargs)
+
+    def restore_frozen(before, masks):
+        if restore:
+            for v, b, m in zip(variables, before, masks):
+                if m is not None:
+                    v.assign(np.where(m, v.numpy(), b))
+
+    history = [_values(variables)]
+    for g, masks_now in zip(grads, schedule):
+        opt.apply_gradients(zip([tf.constant(x) for x in _masked_grads(g, masks_now)], variables))
+        restore_frozen(history[-1], masks_now)
+        history.append(_values(variables))
+    if f.finalize:
+        opt.finalize_variable_values(variables)
+        restore_frozen(history[-1], schedule[-1])
+        history.append(_values(variables))
+    return Run(history, [np.array(s.numpy()) for s in opt.variables], [s.path for s in opt.variables])
+
+
+# ----------------------------------------------------- 1. frozen never move
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("opt_id", OPT_IDS)
+def test_frozen_elements_are_bit_identical(opt_id, feature):
+    f = CASES[feature]
+    run = masked_run(opt_id, feature)  # asserts every step; then the whole run:
+    schedule = _schedule(f)
+    frozen_at = run.history[CHANGE_AT] if f.change else run.history[0]
+    assert not _frozen_moves(frozen_at, run.history[-1], schedule[-1])
+    _assert_trainable_moved(run.history[0], run.history[-1], schedule[-1], f"{opt_id}/{feature}")
+    if f.nan:
+        for path, value, m in zip(PATHS, run.history[-1], FULL):
+            trainable = np.ones(value.shape, bool) if m is None else m
+            assert np.all(np.isfinite(value[trainable])), f"{opt_id}: non-finite {path}"
+        for path, state in zip(run.inner_paths, run.inner_state):
+            assert np.all(np.isfinite(state.astype(np.float64))), (
+                f"{opt_id}: non-finite inner optimizer state {path}"
+            )
+
+
+def test_nan_case_really_feeds_non_finite_gradients():
+    # Guards the test above: the NaN case's gradients are non-finite exactly at
+    # frozen positions, and a bare optimizer fed them raw is poisoned.
+    f = FEATURES["nan"]
+    grads = _grads(_schedule(f), f.nan)[0]
+    for g, m in zip(grads, FULL):
+        if m is not None:
+            assert not np.isfinite(g[~m]).any() and np.isfinite(g[m]).all()
+    variables = _variables()
+    bare = OPTIMIZERS["adam"]()
+    bare.apply_gradients(zip([tf.constant(g) for g in grads], variables))
+    assert not np.isfinite(variables[0].numpy()).all()
+
+
+# ----------------------------- 2. trainable elements get the inner update
+ORACLE_FEATURES = ["plain", "all_but_accumulation", "accumulation_mask_change"]
+
+
+@pytest.mark.parametrize("feature", ORACLE_FEATURES)
+@pytest.mark.parametrize("opt_id", OPT_IDS)
+def test_matches_bare_inner_optimizer_on_masked_gradient(opt_id, feature):
+    run = masked_run(opt_id, feature)
+    ref = run_oracle(opt_id, feature)
+    assert len(run.history) == len(ref.history)
+    for k, (got, want) in enumerate(zip(run.history, ref.history)):
+        for path, g, w in zip(PATHS, got, want):
+            assert np.array_equal(g, w), f"{opt_id}/{feature}: {path} differs after step {k}"
+    assert len(run.inner_state) == len(ref.inner_state), (run.inner_paths, ref.inner_paths)
+    for path, s, r in zip(run.inner_paths, run.inner_state, ref.inner_state):
+        assert s.shape == r.shape and np.array_equal(s, r), (
+            f"{opt_id}/{feature}: inner optimizer state {path} differs"
+        )
+
+
+# --------------------------------- 3. positive control: naive masking leaks
+LEAKY = [
+    ("adamw", "plain"),  # AdamW's default weight_decay=0.004
+    ("muon", "plain"),  # default weight decay; Newton-Schulz mixes elements
+    ("ftrl", "plain"),  # not incremental: a zero gradient still moves the weight
+    ("schedule_free_adamw", "plain"),  # y/z interpolation drifts
+    ("sgd", "weight_decay"),
+    ("adafactor", "weight_decay"),
+    ("sgd_momentum", "mask_change"),  # velocity built before the freeze
+    ("rmsprop_momentum", "mask_change"),
+    ("adam", "mask_change"),
+    ("lion", "mask_change"),
+    ("multi_optimizer", "mask_change"),
+    ("sgd", "ema_mask_change"),  # EMA overwrite with an average that lags
+    ("sgd", "constraint"),  # MaxNorm / NonNeg rewrite whole columns
+    ("adam", "constraint"),
+]
+
+
+@pytest.mark.parametrize("opt_id,feature", LEAKY)
+def test_naive_gradient_masking_moves_frozen_elements(opt_id, feature):
+    f = CASES[feature]
+    run = run_oracle(opt_id, feature, restore=False)
+    frozen_at = run.history[CHANGE_AT] if f.change else run.history[0]
+    assert _frozen_moves(frozen_at, run.history[-1], FULL), (
+        f"naive masking kept {opt_id}/{feature} exact; this control shows nothing"
+    )
+
+
+# ------------------------------------------------- 4. inside tf.function
+FUNCTION_CASES = [
+    ("sgd_momentum", "all_but_accumulation"),
+    ("ftrl", "accumulation_mask_change"),
+    ("muon", "nan"),
+    ("multi_optimizer", "mask_change"),
+]
+
+
+@pytest.mark.parametrize("opt_id,feature", FUNCTION_CASES)
+def test_frozen_exact_inside_tf_function_without_retracing(opt_id, feature):
+    f = CASES[feature]
+    run, _ = run_masked(opt_id, feature, mode="function")  # asserts every step, no retrace
+    _assert_trainable_moved(run.history[0], run.history[-1], _schedule(f)[-1], opt_id)
+
+
+# --------------------------------------------------------- through model.fit
+FIT_PATHS = ["d1/kernel", "d1/bias", "d2/kernel", "d2/bias"]
+FIT_ELEM = np.random.default_rng(8).random((5, 6)) < 0.5
+FIT_COL = np.array([[False, True, True, False]])
+FIT_MASKS = {"d1/kernel": FIT_ELEM, "d1/bias": False, "d2/kernel": FIT_COL}
+FIT_FULL = [FIT_ELEM, np.zeros((6,), bool), np.broadcast_to(FIT_COL, (6, 4)), None]
+FIT_ALL_TRUE = {"d1/kernel": np.ones((5, 6), bool), "d1/bias": True, "d2/kernel": np.ones((1, 4), bool)}
+
+
+def _model(constraint: bool = False) -> keras.Model:
+    """Dense(6) -> Dense(4) on 5 inputs, weights set to random values."""
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(
+                6, name="d1", kernel_constraint=keras.constraints.MaxNorm(0.3) if constraint else None
+            ),
+            keras.layers.Dense(
+                4, name="d2", kernel_constraint=keras.constraints.NonNeg() if constraint else None
+            ),
+        ]
+    )
+    init = np.random.default_rng(5)
+    for v in model.trainable_variables:
+        v.assign(init.normal(size=v.shape).astype("float32"))
+    return model
+
+
+def _data(n: int = 24):
+    rng = np.random.default_rng(9)
+    return rng.normal(size=(n, 5)).astype("float32"), rng.normal(size=(n, 4)).astype("float32")
+
+
+class _FrozenWatch(keras.callbacks.Callback):
+    """Checks around every batch that frozen elements did not move; with
+    `change_at`, switches from all-True masks to FIT_MASKS before that batch."""
+
+    def __init__(self, opt: MaskedOptimizer, change_at: int | None = None):
+        super().__init__()
+        self.opt, self.change_at = opt, change_at
+        self.masks = [None] * 4 if change_at is not None else FIT_FULL
+        self.failures: list[str] = []
+        self.frozen_at: list[np.ndarray] | None = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.change_at:
+            self.opt.set_mask("d1/kernel", FIT_ELEM)
+            self.opt.freeze("d1/bias")
+            self.opt.freeze("d2/kernel", where=np.s_[:, [0, 3]])
+            self.masks = FIT_FULL
+            self.frozen_at = _values(self.model.trainable_variables)
+        self.before = _values(self.model.trainable_variables)
+
+    def on_train_batch_end(self, batch, logs=None):
+        after = _values(self.model.trainable_variables)
+        moved = _frozen_moves(self.before, after, self.masks, FIT_PATHS)
+        self.failures += [f"batch {batch}: {m}" for m in moved]
+
+
+FIT_CASES = [
+    ("adamw", "weight_decay"),
+    ("sgd_momentum", "mask_change"),
+    ("adam", "ema_mask_change"),
+    ("lamb", "constraint"),
+    ("ftrl", "accumulation"),
+]
+
+
+@pytest.mark.parametrize("opt_id,feature", FIT_CASES)
+def test_frozen_exact_through_model_fit(opt_id, feature):
+    f = CASES[feature]
+    model = _model(f.constraint)
+    start = _values(model.trainable_variables)
+    change_at = 3 if f.change else None
+    opt = MaskedOptimizer(OPTIMIZERS[opt_id](**f.kwargs), FIT_ALL_TRUE if f.change else FIT_MASKS)
+    model.compile(optimizer=opt, loss="mse")
+    watch = _FrozenWatch(opt, change_at)
+    x, y = _data()
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[watch])
+    assert not watch.failures, watch.failures
+    # After fit, which ends with finalize_variable_values (the EMA swap-in).
+    end = _values(model.trainable_variables)
+    assert not _frozen_moves(watch.frozen_at or start, end, FIT_FULL, FIT_PATHS)
+    _assert_trainable_moved(start, end, FIT_FULL, f"{opt_id}/{feature}", FIT_PATHS)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf_function"])
+def test_frozen_exact_in_gradient_tape_loop(traced):
+    model = _model()
+    start = _values(model.trainable_variables)
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), FIT_MASKS)
+    x, y = _data(8)
+
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(model(x) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    if traced:
+        train_step = tf.function(train_step)
+    for _ in range(3):
+        train_step()
+    end = _values(model.trainable_variables)
+    assert not _frozen_moves(start, end, FIT_FULL, FIT_PATHS)
+    _assert_trainable_moved(start, end, FIT_FULL, "tape loop", FIT_PATHS)
+
+
+# ------------------------------------------------- scalar-stored mask edits
+# Regression: np.ascontiguousarray once turned a 0-d stored mask into shape (1,).
+@pytest.mark.parametrize("edit", ["freeze", "set_mask", "unfreeze_where"])
+def test_edit_scalar_stored_mask_after_build(edit):
+    variables = _variables()
+    opt = MaskedOptimizer(OPTIMIZERS["sgd"](), {"a/bias": True})
+    opt.build(variables)
+    if edit == "freeze":
+        opt.freeze("a/bias")
+        expected = np.zeros((4,), bool)
+    elif edit == "set_mask":
+        opt.set_mask("a/bias", False)
+        expected = np.zeros((4,), bool)
+    else:  # a full-shape edit that is constant, so it fits the scalar storage
+        opt.freeze("a/bias")
+        opt.unfreeze("a/bias", where=np.s_[:])
+        expected = np.ones((4,), bool)
+    assert np.array_equal(opt.get_mask("a/bias"), expected)
+    before = variables[1].numpy()
+    opt.apply_gradients(zip([tf.ones(s) for s in SHAPES], variables))
+    assert np.array_equal(variables[1].numpy() == before, ~expected)
+
+
+# ------------------------------------------- 5. hand-checkable SGD oracle
+def test_sgd_by_hand():
+    # w = [1, 2, 3], grad = [10, 20, 30], lr = 0.1, mask = [T, F, T]
+    #   masked grad = [10, 0, 30];  w - lr * g = [1 - 1, 2 - 0, 3 - 3] = [0, 2, 0]
+    w = keras.Variable(np.array([1.0, 2.0, 3.0], "float32"), name="w")
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1), {"w": [True, False, True]})
+    opt.apply_gradients([(tf.constant([10.0, 20.0, 30.0]), w)])
+    np.testing.assert_allclose(w.numpy(), [0.0, 2.0, 0.0], atol=1e-6)
+    assert w.numpy()[1] == 2.0
+
+    # weight_decay = 0.5: Keras first does w -= w * wd * lr, i.e. w *= 0.95:
+    #   [1, 2, 3] * 0.95 = [0.95, 1.9, 2.85]; minus lr * [10, 0, 30] = [1, 0, 3]
+    #   -> [-0.05, 1.9, -0.15] for the bare optimizer; the frozen 1.9 goes back to 2.
+    w = keras.Variable(np.array([1.0, 2.0, 3.0], "float32"), name="w")
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1, weight_decay=0.5), {"w": [True, False, True]})
+    opt.apply_gradients([(tf.constant([10.0, 20.0, 30.0]), w)])
+    np.testing.assert_allclose(w.numpy(), [-0.05, 2.0, -0.15], atol=1e-6)
+    assert w.numpy()[1] == 2.0
