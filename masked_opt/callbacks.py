@@ -231,21 +231,17 @@ class GradualUnfreezing(keras.callbacks.Callback):
                 keys.append(item)
         return keys
 
-    def masks(self) -> dict[str, Callable[[keras.Variable], np.ndarray]]:
+    def masks(self) -> dict[str, bool]:
         """The `masks=` entries to give the `MaskedOptimizer`: stage 0's state.
 
         Keys are strings (variables are not hashable on TensorFlow): a
         variable's path, or the group's string key as given.
         """
-        out: dict[str, Any] = {}
+        out: dict[str, bool] = {}
         last = len(self.groups) - 1
         for i, group in enumerate(self.groups):
             for key in self._group_keys(group):
-                # One mask element per variable, stored as (1, ..., 1): a 0-d
-                # storage shape cannot be reassigned after build (core issue).
-                out[key if isinstance(key, str) else key.path] = (
-                    lambda v, on=(i == last): np.full((1,) * len(v.shape), on)
-                )
+                out[key if isinstance(key, str) else key.path] = i == last
         return out
 
     def num_trainable_groups(self, epoch: int) -> int:

@@ -275,8 +275,8 @@ def test_gradual_unfreezing_rejects_a_bare_layer_or_key():
         GradualUnfreezing("dense/kernel")
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: np.ascontiguousarray turns a 0-d mask into shape (1,)")
 def test_freeze_after_build_works_for_a_scalar_registered_mask():
+    # GradualUnfreezing relies on this (its masks are one bool per variable).
     model = mlp()
     opt = MaskedOptimizer("sgd", masks={"hidden_0/kernel": True})
     opt.build(model.trainable_variables)
