@@ -9,8 +9,16 @@ optimizer is built): register them in `MaskedOptimizer(..., masks=...)`.
 * `DynamicMask`: recompute masks from a function every N steps or epochs.
 * `GradualUnfreezing`: ULMFiT-style unfreezing of layer groups, last to first.
 
-Any callback can also set masks directly, e.g. from `on_train_batch_begin`;
-`masked_optimizer(model)` finds the `MaskedOptimizer` to call.
+Any callback can also set masks directly, e.g. from `on_train_batch_begin`
+(a mask driven from outside, like an extra input, with the model unchanged);
+`masked_optimizer(model)` finds the `MaskedOptimizer` to call:
+
+```python
+def begin(batch, logs):
+    masked_optimizer(model).set_mask("dense/kernel", mask_for_next_batch())
+
+model.fit(x, y, callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=begin)])
+```
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ import keras
 from masked_opt.optimizer import MaskedOptimizer
 from masked_opt.registry import Key, MaskValue, check_key, describe_key, match_key
 
-__all__ = ["DynamicMask", "GradualUnfreezing", "MaskFn", "masked_optimizer"]
+__all__ = ["DynamicMask", "GradualUnfreezing", "MaskUpdateFn", "masked_optimizer"]
 
-MaskFn = Callable[[keras.Model, MaskedOptimizer, int], Union[Mapping[Key, MaskValue], None]]
+MaskUpdateFn = Callable[[keras.Model, MaskedOptimizer, int], Union[Mapping[Key, MaskValue], None]]
 """`fn(model, optimizer, step) -> {key: mask}`, or None for "no change"."""
 
 Group = Union[keras.layers.Layer, Key, Sequence[Union[keras.layers.Layer, Key]]]
@@ -100,7 +108,8 @@ class DynamicMask(keras.callbacks.Callback):
     probe = keras.Model(model.inputs[0], model.get_layer("hidden").output)
 
     def active_units(model, optimizer, step):
-        alive = np.abs(probe(x_probe)).mean(axis=0) >= threshold
+        act = keras.ops.convert_to_numpy(probe(x_probe))
+        alive = np.abs(act).mean(axis=0) >= threshold
         return {"hidden/kernel": alive[None, :], "hidden/bias": alive}
 
     model.fit(x, y, callbacks=[DynamicMask(active_units, every_n_steps=100)])
@@ -109,7 +118,7 @@ class DynamicMask(keras.callbacks.Callback):
 
     def __init__(
         self,
-        fn: MaskFn,
+        fn: MaskUpdateFn,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
     ):
