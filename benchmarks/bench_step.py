@@ -2,10 +2,11 @@
 
 Two parts, each run in ONE process with rounds interleaved (every round times
 every variant once, in a fresh random order), so that machine noise hits all
-variants alike. Reported: the median time per step of each variant, and the
-median over rounds of the paired ratio variant/bare (same round), with its
-interquartile range; the fastest step of each variant and the ratio of those
-minima (the least noise-sensitive estimate on a loaded machine) for reference.
+variants alike. Reported for wall-clock time and for process CPU time (all
+threads): the median time per step of each variant, and the median over rounds
+of the paired ratio variant/bare (same round) with its interquartile range.
+CPU time is the work done; it is far less disturbed than wall time by other
+processes on a shared machine.
 
 * ``full``: a whole training step, ``model.train_on_batch`` on a
   784-1024-1024-10 MLP (ReLU), batch 256, synthetic MNIST-shaped data,
@@ -19,7 +20,11 @@ to add one):
 * ``bare``: the inner optimizer alone (the reference, ratio 1.00 by definition);
 * ``masked, no masks``: ``MaskedOptimizer(inner)``; should cost nothing;
 * ``masked, all-True``: every variable registered with a full-shape all-True
-  mask: the pure cost of the machinery (mask, snapshot, restore);
+  mask (e.g. to edit single elements later). The core skips the masking work
+  while no element is frozen (one ``cond``), so this is the cost of the check;
+* ``masked, 1 frozen``: the same masks with one kernel element frozen: the
+  full cost of the machinery (mask the gradients, snapshot, restore), all masks
+  full-shape;
 * ``masked, 50% + bias``: a random 50% element mask on every kernel, biases
   frozen (scalar ``False``): a realistic setup;
 * ``grad-only, 50% + bias``: the naive approach: the bare optimizer, gradients
@@ -45,6 +50,7 @@ import inspect
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -61,10 +67,16 @@ from keras.src.losses import loss as loss_module  # noqa: E402
 
 from masked_opt import MaskedOptimizer  # noqa: E402
 
+# One tf.function per variant trips TF's "N out of the last M calls triggered
+# retracing" heuristic while building; timed steps are checked for retracing.
+tf.get_logger().setLevel("ERROR")
+
 Masks = dict[str, object]
 InnerFactory = Callable[[], keras.optimizers.Optimizer]
 
+VARIANT_FILTER = ""  # regex from --variants; "bare" always runs
 FAILED: dict[str, str] = {}  # variant name -> error, shown under the tables
+RETRACED: set[str] = set()  # opt-part variants whose step retraced while timed
 
 INNERS: dict[str, InnerFactory] = {
     "Adam": lambda: keras.optimizers.Adam(1e-3),
@@ -78,7 +90,8 @@ class Variant:
 
     ``make(inner, masks)`` returns the optimizer. ``grad_only`` variants get the
     bare optimizer and multiply the gradients by ``masks`` before ``apply``.
-    ``masks`` is "realistic" (50% kernels, frozen biases), "all_true" or "none".
+    ``masks`` is "realistic" (50% kernels, frozen biases), "all_true",
+    "one_frozen" (all-True but one kernel element) or "none".
     ``parts`` names the benchmark parts ("full", "opt") the variant runs in.
     """
 
@@ -99,6 +112,7 @@ def variants(part: str) -> dict[str, Variant]:
         "bare": Variant(lambda inner, m: inner()),
         "masked, no masks": Variant(lambda inner, m: MaskedOptimizer(inner())),
         "masked, all-True": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "all_true"),
+        "masked, 1 frozen": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "one_frozen"),
         "masked, 50% + bias": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "realistic"),
         "grad-only, 50% + bias": Variant(lambda inner, m: inner(), "realistic", grad_only=True),
     }
@@ -108,7 +122,11 @@ def variants(part: str) -> dict[str, Variant]:
         table["masked jit, 50% + bias"] = Variant(
             lambda inner, m: MaskedOptimizer(inner(), m, jit_compile=True), "realistic"
         )
-    return {name: v for name, v in table.items() if part in v.parts}
+    return {
+        name: v
+        for name, v in table.items()
+        if part in v.parts and (name == "bare" or re.search(VARIANT_FILTER, name))
+    }
 
 
 def make_masks(kind: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Masks:
@@ -118,6 +136,11 @@ def make_masks(kind: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> 
         return {}
     if kind == "all_true":
         return {path: np.ones(shape, bool) for path, shape in shapes.items()}
+    if kind == "one_frozen":  # all-True but one element: the masked path, at full cost
+        masks = {path: np.ones(shape, bool) for path, shape in shapes.items()}
+        first = next(p for p, s in shapes.items() if len(s) >= 2)
+        masks[first][(0,) * len(shapes[first])] = False
+        return masks
     if kind == "realistic":
         return {
             path: (rng.random(shape) < 0.5) if len(shape) >= 2 else False
@@ -137,13 +160,25 @@ def float_masks(masks: Masks, shapes: dict[str, tuple[int, ...]]) -> dict[str, t
 # ------------------------------------------------------------------ timing
 
 
+@dataclass
+class Samples:
+    """Per-round seconds per step of one variant: wall clock and process CPU."""
+
+    wall: list[float]
+    cpu: list[float]
+
+
 def time_rounds(
     runners: dict[str, Callable[[int], None]], rounds: int, steps: int, seed: int = 0
-) -> dict[str, list[float]]:
-    """Seconds per step of each runner, one sample per round; order shuffled per round."""
+) -> dict[str, Samples]:
+    """Seconds per step of each runner, one sample per round; order shuffled per round.
+
+    Wall time is what a user waits; process CPU time (all threads, user+sys) is
+    the work done, and is much less sensitive to other processes on the machine.
+    """
     rng = random.Random(seed)
     names = list(runners)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples = {n: Samples([], []) for n in names}
     for r in range(rounds):
         order = names[:]
         rng.shuffle(order)
@@ -151,12 +186,13 @@ def time_rounds(
             gc.collect()
             gc.disable()
             try:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 runners[name](steps)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
             finally:
                 gc.enable()
-            samples[name].append(dt / steps)
+            samples[name].wall.append(dt / steps)
+            samples[name].cpu.append(dc / steps)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     return samples
 
@@ -166,22 +202,26 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def table_rows(inner_name: str, samples: dict[str, list[float]], ref: str) -> list[str]:
+def _ratio_cell(xs: list[float], ref: list[float]) -> str:
+    q1, med, q3 = quartiles([x / b for x, b in zip(xs, ref)])
+    return f"**{med:.2f}** ({q1:.2f}-{q3:.2f})"
+
+
+def table_rows(inner_name: str, samples: dict[str, Samples], ref: str) -> list[str]:
     rows = []
-    for name, ts in samples.items():
-        ratios = [t / b for t, b in zip(ts, samples[ref])]
-        q1, med, q3 = quartiles(ratios)
+    for name, s in samples.items():
         rows.append(
-            f"| {inner_name} | {name} | {statistics.median(ts) * 1e3:.1f} | "
-            f"{min(ts) * 1e3:.1f} | {med:.3f} | {q1:.3f}-{q3:.3f} | "
-            f"{min(ts) / min(samples[ref]):.3f} |"
+            f"| {inner_name} | {name} | {statistics.median(s.wall) * 1e3:.1f} | "
+            f"{_ratio_cell(s.wall, samples[ref].wall)} | "
+            f"{statistics.median(s.cpu) * 1e3:.1f} | {_ratio_cell(s.cpu, samples[ref].cpu)} |"
         )
     return rows
 
 
 TABLE_HEAD = [
-    "| inner | variant | median ms/step | min ms/step | ratio vs bare: median | IQR | of mins |",
-    "|---|---|---:|---:|---:|---:|---:|",
+    "| inner | variant | wall ms/step | wall ratio vs bare (IQR) "
+    "| CPU ms/step | CPU ratio vs bare (IQR) |",
+    "|---|---|---:|---:|---:|---:|",
 ]
 
 
@@ -321,7 +361,7 @@ def opt_step_runners(
     runners = {}
     for name, variant in variants("opt").items():
         try:
-            runners[name] = _opt_step_runner(variant, inner, warmup)
+            runners[name] = _opt_step_runner(variant, inner, warmup, f"{label}, {name}")
         except Exception as e:  # a variant under development must not sink the others
             key = f"{label}, {name}"
             FAILED[key] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
@@ -329,7 +369,7 @@ def opt_step_runners(
     return runners
 
 
-def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int):
+def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant_name: str):
     """Builds one optimizer on fresh variables, traces and warms up its step."""
     rng = np.random.default_rng(1)  # same variables and gradients for every variant
     variables, grads = [], []
@@ -349,16 +389,36 @@ def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int):
     step = _make_apply_step(opt, variables, grads, mask_list, variant.xla_step)
     for _ in range(warmup):
         step().numpy()
+    traces = step.experimental_get_tracing_count()
 
     def run(k: int) -> None:
         for _ in range(k):
             it = step()
         it.numpy()
+        if step.experimental_get_tracing_count() != traces:
+            RETRACED.add(variant_name)
 
     return run
 
 
 # ---------------------------------------------------------------------- main
+
+
+def _git_state() -> str:
+    """The commit of the checkout, '+dirty' if masked_opt/ has uncommitted edits."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "masked_opt"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown commit"
+    return f"commit {rev or 'unknown'}{' +dirty' if dirty else ''}"
 
 
 def environment() -> list[str]:
@@ -374,7 +434,8 @@ def environment() -> list[str]:
         f"(backend {keras.backend.backend()}), numpy {np.__version__}",
         f"tf threads: intra_op={tf.config.threading.get_intra_op_parallelism_threads()} "
         f"inter_op={tf.config.threading.get_inter_op_parallelism_threads()} (0 = TF default)",
-        f"MaskedOptimizer accepts jit_compile: {masked_accepts_jit()}",
+        f"masked_opt at {_git_state()}; MaskedOptimizer accepts jit_compile: "
+        f"{masked_accepts_jit()}",
         f"load average at start: {os.getloadavg()}",
     ]
 
@@ -383,15 +444,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="few rounds/steps: a smoke run")
     p.add_argument("--rounds", type=int, help="timed rounds (default 15; quick 4)")
-    p.add_argument("--steps", type=int, help="steps per round, full part (default 5; quick 3)")
-    p.add_argument("--opt-steps", type=int, help="steps per round, opt part (default 5; quick 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps after tracing")
+    p.add_argument("--steps", type=int, help="steps per round, full part (default 3; quick 2)")
+    p.add_argument("--opt-steps", type=int, help="steps per round, opt part (default 3; quick 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after tracing")
     p.add_argument("--parts", default="full,opt", help="comma list of: full, opt")
     p.add_argument("--inners", default=",".join(INNERS), help="comma list of inner optimizers")
+    p.add_argument(
+        "--variants", default="", help="regex: run only matching variants (and bare)"
+    )
     args = p.parse_args(argv)
+    global VARIANT_FILTER
+    VARIANT_FILTER = args.variants
     rounds = args.rounds or (4 if args.quick else 15)
-    steps = args.steps or (3 if args.quick else 5)
-    opt_steps = args.opt_steps or (3 if args.quick else 5)
+    steps = args.steps or (2 if args.quick else 3)
+    opt_steps = args.opt_steps or (2 if args.quick else 3)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     inners = [s.strip() for s in args.inners.split(",") if s.strip()]
 
@@ -440,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(TABLE_HEAD + rows), file=sys.stderr, flush=True)
         print("\n".join(TABLE_HEAD + rows))
 
+    if "opt" in parts:
+        print(f"\n- opt part, steps retraced while timed: {sorted(RETRACED) or 'none'}")
     if FAILED:
         print("\nVariants that failed to build or trace (not timed):\n")
         for name, err in FAILED.items():

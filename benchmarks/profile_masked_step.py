@@ -14,7 +14,13 @@ biases), each piece as its own `tf.function`:
 * ``restore``: ``variable.assign(where(mask, variable, snapshot))``;
 * ``any-frozen check``: the reduction deciding whether any mask is not all-True;
 * ``grad * float mask``: what gradient-only masking pays instead of the above;
-* ``masked apply``: the whole ``MaskedOptimizer.apply`` (all of the above).
+* ``masked apply``: the whole ``MaskedOptimizer.apply`` (all of the above);
+* ``inner apply, XLA``: the bare update traced with ``jit_compile=True``;
+* ``hand-written masked update, XLA, no cond``: mask, snapshot, inner update
+  and restore written out in one XLA function, without the library's
+  any-frozen ``cond``: a lower bound for a jit-compiled masked step;
+* ``masked apply, jit_compile=True``: ``MaskedOptimizer(..., jit_compile=True)``
+  (if the installed version has it).
 
 The pieces call the library's own backend helpers, so they time the code that
 runs. Usage::
@@ -25,6 +31,7 @@ runs. Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -44,8 +51,8 @@ from bench_step import (  # noqa: E402
     INNERS,
     OPT_SHAPES,
     environment,
+    _ratio_cell,
     make_masks,
-    quartiles,
     time_rounds,
 )
 
@@ -119,6 +126,40 @@ def pieces(inner_name: str, warmup: int) -> dict:
         masked.apply(grads, masked_vars)
         return [masked.iterations]
 
+    rng = np.random.default_rng(1)
+    xla_vars, _ = _variables(rng)
+    xla_bare = INNERS[inner_name]()
+    xla_bare.build(xla_vars)
+    rng = np.random.default_rng(1)
+    jit_vars, _ = _variables(rng)
+    jit_masked = None
+    if "jit_compile" in inspect.signature(MaskedOptimizer).parameters:
+        jit_masked = MaskedOptimizer(INNERS[inner_name](), masks_np, jit_compile=True)
+        jit_masked.build(jit_vars)
+
+    rng = np.random.default_rng(1)
+    hand_vars, _ = _variables(rng)
+    hand_bare = INNERS[inner_name]()
+    hand_bare.build(hand_vars)
+
+    def hand_masked_xla():
+        # The same math as the masked update, written out without the
+        # any-frozen `cond`: what XLA makes of mask + snapshot + apply + restore.
+        masked_grads = [tf.where(m, g, 0.0) for m, g in zip(bool_masks, grads)]
+        snaps = [tf.identity(v.value) for v in hand_vars]
+        hand_bare.apply(masked_grads, hand_vars)
+        for v, m, old in zip(hand_vars, bool_masks, snaps):
+            v.assign(tf.where(m, v.value, old))
+        return [hand_bare.iterations]
+
+    def bare_apply_xla():
+        xla_bare.apply(grads, xla_vars)
+        return [xla_bare.iterations]
+
+    def masked_apply_jit():
+        jit_masked.apply(grads, jit_vars)
+        return [jit_masked.iterations]
+
     fns = {
         "inner apply": inner_apply,
         "mask grads": mask_grads,
@@ -128,10 +169,14 @@ def pieces(inner_name: str, warmup: int) -> dict:
         "any-frozen check": any_frozen,
         "grad * float mask": grad_times_mask,
         "masked apply": masked_apply,
+        "inner apply, XLA": bare_apply_xla,
+        "hand-written masked update, XLA, no cond": hand_masked_xla,
     }
+    if jit_masked is not None:
+        fns["masked apply, jit_compile=True"] = masked_apply_jit
     runners = {}
     for name, fn in fns.items():
-        traced = tf.function(fn)
+        traced = tf.function(fn, jit_compile="XLA" in name, autograph=False)
         for _ in range(warmup):
             traced()[-1].numpy()
 
@@ -162,11 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     samples = time_rounds(pieces(args.inner, args.warmup), args.rounds, args.steps)
     ref = samples["inner apply"]
-    print("| piece | median ms | vs inner apply (median) | IQR |")
-    print("|---|---:|---:|---:|")
-    for name, ts in samples.items():
-        q1, med, q3 = quartiles([t / b for t, b in zip(ts, ref)])
-        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {med:.3f} | {q1:.3f}-{q3:.3f} |")
+    print("| piece | wall ms | wall vs inner apply (IQR) | CPU ms | CPU vs inner apply (IQR) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, s in samples.items():
+        print(
+            f"| {name} | {statistics.median(s.wall) * 1e3:.1f} | {_ratio_cell(s.wall, ref.wall)} "
+            f"| {statistics.median(s.cpu) * 1e3:.1f} | {_ratio_cell(s.cpu, ref.cpu)} |"
+        )
     print(f"\n- load average at end: {os.getloadavg()}")
 
 
