@@ -266,14 +266,19 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             key = tuple(self._var_key(v) for v in trainable_variables)
             fn = self._jit_functions.get(key)
             if fn is None:
-                fn = _backend.jit_function(self._masked_apply, list(trainable_variables))
+                fn = _backend.jit_function(self._masked_apply_always, list(trainable_variables))
                 self._jit_functions[key] = fn
             fn(grads)
         else:
             self._masked_apply(grads, trainable_variables)
 
+    def _masked_apply_always(self, grads, trainable_variables):
+        # Under XLA a `cond` whose branches both update every variable keeps
+        # the updates from happening in place (measured ~2.5x slower).
+        self._masked_apply(grads, trainable_variables, skip_when_all_true=False)
+
     @_backend.no_autograph
-    def _masked_apply(self, grads, trainable_variables):
+    def _masked_apply(self, grads, trainable_variables, skip_when_all_true=True):
         masked = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
             slot = self._slots.get(self._var_key(variable))
@@ -293,7 +298,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(masked_grads, trainable_variables)
             _backend.restore_frozen(restore)
 
-        if not _backend.can_branch():
+        if not (skip_when_all_true and _backend.can_branch()):
             with_masks()
             return
         # Skipping work that cannot matter: while every mask is all-True (e.g.
