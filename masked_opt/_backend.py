@@ -7,7 +7,8 @@ restore of frozen elements. The other backends take the `keras.ops` paths.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -26,6 +27,15 @@ def is_sparse(grad: Any) -> bool:
     return IS_TF and isinstance(grad, tf.IndexedSlices)
 
 
+def _rows_of(mask: Any, indices: Any, rank: int) -> Any:
+    """The mask for the rows `indices` of a rank-`rank` variable, broadcastable
+    to those rows: a per-row mask is gathered (only those rows are read), a
+    mask that broadcasts over rows is reshaped to rank."""
+    if len(mask.shape) == rank and mask.shape[0] != 1:
+        return tf.gather(mask, indices)
+    return tf.reshape(mask, (1,) * (rank - len(mask.shape)) + tuple(mask.shape))
+
+
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     """Zeroes `grad` where `mask` is False (NaN/inf there included).
 
@@ -35,10 +45,7 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     """
     if is_sparse(grad):
         values = grad.values
-        rank = len(variable_shape)
-        mask = tf.reshape(mask, (1,) * (rank - len(mask.shape)) + tuple(mask.shape))
-        if mask.shape[0] != 1:
-            mask = tf.gather(mask, grad.indices)
+        mask = _rows_of(mask, grad.indices, len(variable_shape))
         values = tf.where(mask, values, _zero(values.dtype))
         return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
     return ops.where(mask, grad, _zero(grad.dtype))
@@ -103,21 +110,181 @@ def jit_function(fn: Any, variables: list) -> Any:
     return tf.function(call, jit_compile=True, autograph=False)
 
 
-def check_strategy_support(inner_optimizer: Any) -> None:
-    """Raises a clear error for inner-optimizer options that fail under the
-    current `tf.distribute` strategy (stock Keras fails there too)."""
-    # TODO(issue 4): detect ema_overwrite_frequency / gradient_accumulation_steps
-    # under a non-default strategy (keras #20582) and raise ValueError naming the option.
+# ------------------------------------------------------------ strategies
+
+# Inner-optimizer options whose stock Keras update calls `merge_call` inside a
+# `cond` in the replica context, which the MirroredStrategy family rejects
+# ("merge_call called while defining a new graph", keras-team/keras#20582).
+_MERGE_CALL_IN_COND_OPTIONS = ("ema_overwrite_frequency", "gradient_accumulation_steps")
+
+
+def _leaf_optimizers(inner_optimizer: Any, var_list: Sequence[Any] | None = None) -> list[Any]:
+    """The optimizers that update variables: a MultiOptimizer's sub-optimizers
+    (those it knows, plus those its map gives `var_list`), else the optimizer."""
+    subs = getattr(inner_optimizer, "optimizers", None)
+    if not isinstance(inner_optimizer, keras.optimizers.MultiOptimizer) or subs is None:
+        return [inner_optimizer]
+    found = list(subs)
+    mapping = getattr(inner_optimizer, "_optimizer_map", None)
+    if var_list is not None and callable(mapping):
+        for variable in var_list:
+            opt = mapping(variable)
+            if isinstance(opt, keras.optimizers.Optimizer) and all(opt is not o for o in found):
+                found.append(opt)
+    return found
+
+
+def _optimizer_for(inner_optimizer: Any, variable: Any) -> Any | None:
+    """The (sub-)optimizer that updates `variable` once built, or None."""
+    if not isinstance(inner_optimizer, keras.optimizers.MultiOptimizer):
+        return inner_optimizer
+    if not inner_optimizer.built:
+        return None
+    index = inner_optimizer._var_to_optimizer_idx.get(inner_optimizer._var_key(variable))
+    return None if index is None else inner_optimizer.optimizers[index]
+
+
+def _non_default_strategy(optimizer: Any) -> Any | None:
+    if not IS_TF:
+        return None
+    if tf.distribute.has_strategy():
+        return tf.distribute.get_strategy()
+    strategy = getattr(optimizer, "_distribution_strategy", None)
+    if strategy is not None and strategy is not tf.distribute.get_strategy():
+        return strategy  # created under a strategy scope, built outside it
     return None
 
 
-def snapshot(variable: keras.Variable) -> Any:
-    """The variable's current value, as a tensor that later writes cannot alias."""
+def _is_mirrored_family(strategy: Any) -> bool:
+    """MirroredStrategy, MultiWorkerMirroredStrategy (and their variants)."""
+    try:
+        from tensorflow.python.distribute import mirrored_strategy
+
+        return isinstance(strategy.extended, mirrored_strategy.MirroredExtended)
+    except (ImportError, AttributeError):  # private module moved
+        return isinstance(
+            strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+        )
+
+
+def check_strategy_support(
+    inner_optimizer: Any, var_list: Sequence[Any] | None = None
+) -> None:
+    """Raises a clear error for inner-optimizer options that fail under the
+    current `tf.distribute` strategy (stock Keras fails there too).
+
+    Under `MirroredStrategy` and `MultiWorkerMirroredStrategy`, stock Keras
+    optimizers with `use_ema=True, ema_overwrite_frequency=...` or
+    `gradient_accumulation_steps=...` fail at the first step with
+    "merge_call called while defining a new graph" (keras-team/keras#20582).
+    A MultiOptimizer's sub-optimizers are checked one by one.
+    """
+    for opt in _leaf_optimizers(inner_optimizer, var_list):
+        strategy = _non_default_strategy(opt) or _non_default_strategy(inner_optimizer)
+        if strategy is None or not _is_mirrored_family(strategy):
+            continue
+        for option in _MERGE_CALL_IN_COND_OPTIONS:
+            value = getattr(opt, option, None)
+            if option == "ema_overwrite_frequency" and not getattr(opt, "use_ema", False):
+                continue  # only used with use_ema=True
+            if value:
+                raise ValueError(
+                    f"`{option}={value!r}` on the inner optimizer '{opt.name}' "
+                    f"({type(opt).__name__}) is not supported under "
+                    f"{type(strategy).__name__}: stock Keras fails there too, with "
+                    "\"merge_call called while defining a new graph\" "
+                    "(keras-team/keras#20582). Remove `"
+                    f"{option}` from the inner optimizer, or train without a "
+                    "tf.distribute strategy (or under OneDeviceStrategy)."
+                )
+
+
+# ------------------------------------------------------- snapshot / restore
+
+
+class RowSnapshot(NamedTuple):
+    """Rows `indices` of a variable, saved before a sparse update (a nest
+    structure, so `tf.distribute` can pass it through `merge_call`)."""
+
+    indices: Any
+    rows: Any
+
+
+def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
+    """Whether the inner optimizer provably changes no row of `variable` other
+    than those a sparse (`IndexedSlices`) gradient names.
+
+    True only for plain `keras.optimizers.SGD` without momentum (it applies an
+    `IndexedSlices` gradient by scatter), no weight decay on the variable, no
+    EMA, no gradient accumulation, and a variable without constraint: weight
+    decay, momentum, EMA, accumulators and constraints all move every row, and
+    Keras's other optimizers densify sparse gradients. Clipping only rescales
+    the slices' values. Under a `tf.distribute` strategy the gradient is
+    all-reduced across replicas (other rows): False.
+    """
+    if not IS_TF or tf.distribute.has_strategy():
+        return False
+    opt = _optimizer_for(inner_optimizer, variable)
+    if opt is None or type(opt) is not keras.optimizers.SGD:
+        return False
+    if opt.momentum != 0 or opt.use_ema or opt.gradient_accumulation_steps:
+        return False
+    if opt.weight_decay and opt._use_weight_decay(variable):
+        return False
+    if getattr(variable, "constraint", None) is not None:
+        return False
+    if _non_default_strategy(opt) is not None:
+        return False
+    return True
+
+
+def snapshot(
+    variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None
+) -> Any:
+    """What `restore_frozen` needs to put frozen elements back after the step.
+
+    The variable's whole current value (a copy that later writes cannot
+    alias), or, when `grad` is a `tf.IndexedSlices` and the inner optimizer
+    provably moves only the rows it names (`moves_only_gradient_rows`), a
+    `RowSnapshot` of just those rows: no dense copy of a large embedding.
+    """
+    if (
+        grad is not None
+        and inner_optimizer is not None
+        and is_sparse(grad)
+        and moves_only_gradient_rows(inner_optimizer, variable)
+    ):
+        indices = grad.indices
+        return RowSnapshot(indices, tf.gather(variable.value, indices))
     return ops.copy(variable.value)
 
 
-def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
+def _ema_average(inner_optimizer: Any, variable: Any) -> Any | None:
+    """The inner optimizer's EMA of `variable` (`use_ema=True`), or None."""
+    opt = _optimizer_for(inner_optimizer, variable)
+    if opt is None or not getattr(opt, "use_ema", False):
+        return None
+    averages = getattr(opt, "_model_variables_moving_average", None)
+    if not averages:
+        return None
+    try:
+        average = averages[opt._get_variable_index(variable)]
+    except (KeyError, IndexError):
+        return None
+    return average
+
+
+def restore_frozen(
+    items: list[tuple[keras.Variable, Any, Any]], inner_optimizer: Any = None
+) -> None:
     """For each `(variable, mask, old)`: `variable[~mask] = old[~mask]`.
+
+    `old` is what `snapshot` returned: a dense value, or a `RowSnapshot` (only
+    those rows are read and written back). With `inner_optimizer` given and
+    `use_ema=True` on it, the EMA of each variable gets the same frozen values
+    (the average of a constant is that constant; the inner update rounds it,
+    and weight decay before the restore drifts it), so `SwapEMAWeights` and
+    `finalize_variable_values` swap exact frozen values in and out.
 
     On TensorFlow this runs through `merge_call` + `extended.update`, so it is
     correct in a replica context of any `tf.distribute` strategy (with the
@@ -125,19 +292,30 @@ def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
     """
     if not items:
         return
+    targets = []
+    for variable, mask, old in items:
+        targets.append((variable, mask, old))
+        if inner_optimizer is not None:
+            average = _ema_average(inner_optimizer, variable)
+            if average is not None:
+                targets.append((average, mask, old))
     if not IS_TF:
-        for variable, mask, old in items:
+        for variable, mask, old in targets:
             variable.assign(ops.where(mask, variable.value, old))
         return
 
     def _restore(var, mask, old):
+        if isinstance(old, RowSnapshot):
+            mask = _rows_of(mask, old.indices, len(var.shape))
+            new = tf.where(mask, tf.gather(var, old.indices), old.rows)
+            return var.scatter_update(tf.IndexedSlices(new, old.indices))
         return var.assign(tf.where(mask, var, old))
 
-    def _merged(distribution, items):
-        for variable, mask, old in items:
+    def _merged(distribution, targets):
+        for variable, mask, old in targets:
             distribution.extended.update(
                 variable.value, _restore, args=(mask, old), group=False
             )
 
     strategy = tf.distribute.get_strategy()
-    tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, items)
+    tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, targets)
