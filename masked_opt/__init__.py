@@ -4,12 +4,24 @@ The public surface is what this module exports; mask builders live in
 `masked_opt.masks` (``from masked_opt import masks; masks.rows([0, 1])``).
 """
 
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from masked_opt import masks
-from masked_opt.optimizer import MaskedOptimizer
-from masked_opt.registry import Key, MaskValue, Where
-from masked_opt.summary import (
+if sys.argv[:1] == ["-m"]:  # `python -m masked_opt ...`: quiet TF's C++ log before TF loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from masked_opt import callbacks, masks, pruning  # noqa: E402
+from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
+from masked_opt.optimizer import MaskedOptimizer  # noqa: E402
+from masked_opt.pruning import (  # noqa: E402
+    ConstantSparsity,
+    MagnitudePruning,
+    PolynomialSparsity,
+    prunable_masks,
+)
+from masked_opt.registry import Key, MaskValue, Where  # noqa: E402
+from masked_opt.summary import (  # noqa: E402
     FrozenSnapshot,
     FrozenWeightsChangedError,
     MaskRow,
@@ -30,21 +42,30 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = sorted(
     [
+        "ConstantSparsity",
+        "DynamicMask",
         "FrozenSnapshot",
         "FrozenWeightsChangedError",
+        "GradualUnfreezing",
         "Key",
+        "MagnitudePruning",
         "MaskRow",
         "MaskSummary",
         "MaskValue",
         "MaskedOptimizer",
+        "PolynomialSparsity",
         "VerifyFrozen",
         "Where",
         "__version__",
+        "callbacks",
         "format_mask_summary",
         "mask_summary",
+        "masked_optimizer",
         "masks",
         "plot_masks",
         "print_mask_summary",
+        "prunable_masks",
+        "pruning",
         "snapshot_frozen",
         "verify_frozen",
     ]

@@ -164,10 +164,11 @@ def _frozen_share(model, masks: dict[str, np.ndarray]) -> float:
     return frozen / total
 
 
-def _total_line(optimizer) -> str:
+def _mask_table(optimizer) -> str:
+    """The per-variable trainable/frozen table and the PEFT-style total line."""
     from masked_opt.summary import format_mask_summary, mask_summary
 
-    return format_mask_summary(mask_summary(optimizer)).splitlines()[-1]
+    return "\n".join("   " + line for line in format_mask_summary(mask_summary(optimizer)).splitlines())
 
 
 def _say(verbose: int, text: str) -> None:
@@ -244,7 +245,7 @@ def run(
     _compile(model, opt_b)
     before = _weights(model)
     model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
-    _say(verbose, "   " + _total_line(opt_b))
+    _say(verbose, _mask_table(opt_b))
     results.append(MethodResult(
         "(b) Fisher freeze", acc_pre, acc_a(model), acc_b(model),
         _frozen_share(model, masks_b), _frozen_unchanged(before, _weights(model), masks_b), masks_b,
@@ -270,7 +271,7 @@ def run(
     _compile(model, opt_c)
     before = _weights(model)
     model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
-    _say(verbose, "   " + _total_line(opt_c))
+    _say(verbose, _mask_table(opt_c))
     after = _weights(model)
     acc_b_packnet = acc_b(model)
     for v in kernels:  # A's inference uses A's weights only: B's are masked out.
