@@ -45,6 +45,23 @@ class _Slot:
     variable: keras.Variable
     mask: keras.Variable
     shape: tuple[int, ...]  # storage shape, fixed at build
+    ema: keras.Variable | None = None  # the inner optimizer's EMA of `variable`
+
+
+def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) -> Any:
+    """The inner optimizer's moving average of `variable` (`use_ema=True`), if any.
+
+    The same private attributes `keras.callbacks.SwapEMAWeights` reads.
+    """
+    for opt in getattr(inner, "optimizers", None) or [inner]:  # MultiOptimizer
+        if not getattr(opt, "use_ema", False):
+            continue
+        try:
+            index = opt._get_variable_index(variable)
+        except KeyError:  # a MultiOptimizer's other sub-optimizer
+            continue
+        return opt._model_variables_moving_average[index]
+    return None
 
 
 def _resolve_inner(inner_optimizer: Any) -> keras.optimizers.Optimizer:
@@ -185,9 +202,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 mask=self._add_mask_variable(variable, mask),
                 shape=tuple(mask.shape),
             )
-        self._store_slots(slots, unset)
         if not self.inner_optimizer.built:
             self.inner_optimizer.build(var_list)
+        for slot in slots.values():
+            slot.ema = _ema_average(self.inner_optimizer, slot.variable)
+        self._store_slots(slots, unset)
         super().build(var_list)
 
     def _resolve_masks(self, variables):
@@ -294,7 +313,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             for i, slot in masked:
                 variable, mask = trainable_variables[i], slot.mask.value
                 masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-                restore.append((variable, mask, _backend.snapshot(variable)))
+                restore.extend(self._restore_items(slot, mask, _backend.snapshot(variable)))
             self.inner_optimizer.apply(masked_grads, trainable_variables)
             _backend.restore_frozen(restore)
 
@@ -318,9 +337,19 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for variable in var_list:
             slot = self._slots.get(self._var_key(variable))
             if slot is not None:
-                restore.append((variable, slot.mask.value, _backend.snapshot(variable)))
+                mask = slot.mask.value
+                restore.extend(self._restore_items(slot, mask, _backend.snapshot(variable)))
         self.inner_optimizer.finalize_variable_values(var_list)
         _backend.restore_frozen(restore)
+
+    @staticmethod
+    def _restore_items(slot: _Slot, mask: Any, old: Any) -> list[tuple]:
+        # The EMA of a frozen element is the element itself: it is restored
+        # too, or `SwapEMAWeights`/`finalize` would swap a drifted value in.
+        items = [(slot.variable, mask, old)]
+        if slot.ema is not None:
+            items.append((slot.ema, mask, old))
+        return items
 
     # ------------------------------------------------------------------ masks
 
@@ -407,6 +436,18 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return [slot.variable for slot in self._slots.values()]
 
     # ------------------------------------------------------ forwarded to inner
+
+    @property
+    def optimizers(self):
+        """A MultiOptimizer inner's sub-optimizers (what Keras's learning-rate
+        callbacks look for); AttributeError for other inner optimizers."""
+        try:
+            return self.inner_optimizer.optimizers
+        except AttributeError:
+            raise AttributeError(
+                f"'{type(self.inner_optimizer).__name__}' inner optimizer has no "
+                "attribute 'optimizers'"
+            ) from None
 
     @property
     def variables(self):

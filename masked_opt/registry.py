@@ -332,7 +332,11 @@ def apply_op(
     """The mask after a set/freeze/unfreeze, before any storage shape is fixed."""
     path = variable.path
     if kind == "set":
-        return resolve_value(payload, variable, what=f"set_mask('{path}', mask)")
+        new = resolve_value(payload, variable, what=f"set_mask('{path}', mask)")
+        if current is not None and np.broadcast_shapes(new.shape, current.shape) == current.shape:
+            # Keep the registered storage shape (as `set_mask` after build does).
+            return np.array(np.broadcast_to(new, current.shape))
+        return new
     value = kind == "unfreeze"
     if payload is None:
         shape = () if current is None else current.shape
