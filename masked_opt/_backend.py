@@ -317,5 +317,16 @@ def restore_frozen(
                 variable.value, _restore, args=(mask, old), group=False
             )
 
+    if not tf.distribute.has_strategy():
+        # Distributed variables outside their strategy's scope: `fit` calls
+        # `finalize_variable_values` there. Update every replica's copy.
+        owner = getattr(targets[0][0].value, "distribute_strategy", None)
+        if owner is not None and owner is not tf.distribute.get_strategy():
+            with owner.scope():
+                _merged(owner, targets)
+            return
     strategy = tf.distribute.get_strategy()
-    tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, targets)
+    if tf.distribute.in_cross_replica_context():
+        _merged(strategy, targets)
+    else:
+        tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, targets)
