@@ -259,46 +259,21 @@ def snapshot(
     return ops.copy(variable.value)
 
 
-def _ema_average(inner_optimizer: Any, variable: Any) -> Any | None:
-    """The inner optimizer's EMA of `variable` (`use_ema=True`), or None."""
-    opt = _optimizer_for(inner_optimizer, variable)
-    if opt is None or not getattr(opt, "use_ema", False):
-        return None
-    averages = getattr(opt, "_model_variables_moving_average", None)
-    if not averages:
-        return None
-    try:
-        average = averages[opt._get_variable_index(variable)]
-    except (KeyError, IndexError):
-        return None
-    return average
-
-
-def restore_frozen(
-    items: list[tuple[keras.Variable, Any, Any]], inner_optimizer: Any = None
-) -> None:
+def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
     """For each `(variable, mask, old)`: `variable[~mask] = old[~mask]`.
 
     `old` is what `snapshot` returned: a dense value, or a `RowSnapshot` (only
-    those rows are read and written back). With `inner_optimizer` given and
-    `use_ema=True` on it, the EMA of each variable gets the same frozen values
-    (the average of a constant is that constant; the inner update rounds it,
-    and weight decay before the restore drifts it), so `SwapEMAWeights` and
-    `finalize_variable_values` swap exact frozen values in and out.
+    those rows are read and written back).
 
     On TensorFlow this runs through `merge_call` + `extended.update`, so it is
     correct in a replica context of any `tf.distribute` strategy (with the
-    default strategy it is a plain assign).
+    default strategy it is a plain assign), in a cross-replica context, and
+    for distributed variables outside their strategy's scope (where `fit`
+    calls `finalize_variable_values`).
     """
     if not items:
         return
-    targets = []
-    for variable, mask, old in items:
-        targets.append((variable, mask, old))
-        if inner_optimizer is not None:
-            average = _ema_average(inner_optimizer, variable)
-            if average is not None:
-                targets.append((average, mask, old))
+    targets = list(items)
     if not IS_TF:
         for variable, mask, old in targets:
             variable.assign(ops.where(mask, variable.value, old))

@@ -25,7 +25,7 @@ CORE_PASSES_GRAD_TO_SNAPSHOT = (
     "core: MaskedOptimizer._masked_apply calls `_backend.snapshot(variable)` without the "
     "masked gradient and the inner optimizer, so the row-only snapshot for sparse SGD "
     "updates is never used; fix: `_backend.snapshot(variable, masked_grads[i], "
-    "self.inner_optimizer)` and `_backend.restore_frozen(restore, self.inner_optimizer)`"
+    "self.inner_optimizer)`"
 )
 
 
