@@ -216,11 +216,13 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
 
     True only for plain `keras.optimizers.SGD` without momentum (it applies an
     `IndexedSlices` gradient by scatter), no weight decay on the variable, no
-    EMA, no gradient accumulation, and a variable without constraint: weight
-    decay, momentum, EMA, accumulators and constraints all move every row, and
-    Keras's other optimizers densify sparse gradients. Clipping only rescales
-    the slices' values. Under a `tf.distribute` strategy the gradient is
-    all-reduced across replicas (other rows): False.
+    EMA, no gradient accumulation, no `global_clipnorm`, and a variable
+    without constraint: weight decay, momentum, EMA, accumulators and
+    constraints all move every row, `global_clipnorm` densifies the gradient
+    (SGD then updates every row), and Keras's other optimizers densify sparse
+    gradients. `clipnorm` and `clipvalue` keep the slices sparse. Under a
+    `tf.distribute` strategy the gradient is all-reduced across replicas
+    (other rows): False.
     """
     if not IS_TF or tf.distribute.has_strategy():
         return False
@@ -228,6 +230,8 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     if opt is None or type(opt) is not keras.optimizers.SGD:
         return False
     if opt.momentum != 0 or opt.use_ema or opt.gradient_accumulation_steps:
+        return False
+    if opt.global_clipnorm:
         return False
     if opt.weight_decay and opt._use_weight_decay(variable):
         return False

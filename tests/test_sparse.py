@@ -183,6 +183,7 @@ def test_only_plain_sgd_is_trusted_to_move_only_the_gradient_rows():
         dict(use_ema=True),
         dict(gradient_accumulation_steps=2),
         dict(momentum=0.5),
+        dict(global_clipnorm=1.0),  # densifies the gradient: SGD then moves every row
     ],
     ids=lambda kw: next(iter(kw)),
 )
@@ -193,6 +194,28 @@ def test_sgd_options_that_move_every_row_disable_the_row_snapshot(kwargs):
     assert not _backend.moves_only_gradient_rows(opt, variable)
     grad = tf.IndexedSlices(tf.ones([2, 3]), tf.constant([1, 2]), tf.constant([10, 3]))
     assert not isinstance(_backend.snapshot(variable, grad, opt), _backend.RowSnapshot)
+
+
+@pytest.mark.parametrize("kwargs", [dict(clipnorm=1.0), dict(clipvalue=0.5)], ids=lambda kw: next(iter(kw)))
+def test_per_variable_clipping_keeps_the_gradient_sparse_and_the_row_snapshot(kwargs):
+    variable = _emb_variable()
+    seen = []
+
+    class Spy(keras.optimizers.SGD):
+        def update_step(self, gradient, variable, learning_rate):
+            seen.append(type(gradient))
+            return super().update_step(gradient, variable, learning_rate)
+
+    opt = Spy(0.1, **kwargs)
+    opt.build([variable])
+    grad = tf.IndexedSlices(tf.ones([2, 3]), tf.constant([1, 2]), tf.constant([10, 3]))
+    tf.function(lambda: opt.apply([grad], [variable]))()
+    assert seen == [tf.IndexedSlices]  # what makes the row snapshot sound here
+    # the exact-type check trusts only keras.optimizers.SGD itself, not subclasses
+    assert not _backend.moves_only_gradient_rows(opt, variable)
+    plain = keras.optimizers.SGD(0.1, **kwargs)
+    plain.build([variable])
+    assert _backend.moves_only_gradient_rows(plain, variable)
 
 
 def test_sgd_excluded_from_weight_decay_or_without_constraint_keeps_the_row_snapshot():
