@@ -192,7 +192,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         var_list = list(var_list)
         # Float8 scale variables are overwritten with their gradient; never mask them.
         maskable = [v for v in var_list if not self._overwrite_variable_with_gradient(v)]
-        _backend.check_strategy_support(self.inner_optimizer)
+        _backend.check_strategy_support(self.inner_optimizer, var_list)
         resolved, unset = self._resolve_masks(maskable)
         slots = {}
         for i, mask in sorted(resolved.items()):
@@ -313,7 +313,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             for i, slot in masked:
                 variable, mask = trainable_variables[i], slot.mask.value
                 masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-                restore.extend(self._restore_items(slot, mask, _backend.snapshot(variable)))
+                old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
+                restore.extend(self._restore_items(slot, mask, old))
             self.inner_optimizer.apply(masked_grads, trainable_variables)
             _backend.restore_frozen(restore)
 
@@ -436,6 +437,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return [slot.variable for slot in self._slots.values()]
 
     # ------------------------------------------------------ forwarded to inner
+
+    @property
+    def _model_variables_moving_average(self):
+        # Read by `keras.callbacks.SwapEMAWeights`, which unwraps one
+        # `inner_optimizer` level: under mixed_float16 that level is us.
+        return self.inner_optimizer._model_variables_moving_average
 
     @property
     def optimizers(self):
