@@ -68,7 +68,9 @@ def mask_edits(draw, shape, storage):
     `where` arrays are constant along the storage's broadcast axes, as the
     library requires of edits to a mask stored smaller than its variable.
     """
-    kind = draw(st.sampled_from(["none", "set", "freeze", "unfreeze", "freeze_all", "unfreeze_all"]))
+    kind = draw(
+        st.sampled_from(["none", "set", "freeze", "unfreeze", "freeze_all", "unfreeze_all"])
+    )
     if kind == "none":
         return None
     if kind in ("freeze_all", "unfreeze_all"):
@@ -120,10 +122,13 @@ def test_frozen_elements_never_move_across_random_mask_edits(data):
     kwargs = data.draw(st.sampled_from(BASE_KWARGS), label="kwargs")
     nan = data.draw(st.booleans(), label="nan at frozen positions")
     var_shapes = [data.draw(shapes, label=f"shape {n}") for n in NAMES]
-    storages = [data.draw(storage_shapes(s), label=f"storage {n}") for n, s in zip(NAMES, var_shapes)]
+    storages = [
+        data.draw(storage_shapes(s), label=f"storage {n}") for n, s in zip(NAMES, var_shapes)
+    ]
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
     variables = [
-        keras.Variable(rng.normal(size=s).astype("float32"), name=n) for n, s in zip(NAMES, var_shapes)
+        keras.Variable(rng.normal(size=s).astype("float32"), name=n)
+        for n, s in zip(NAMES, var_shapes)
     ]
     initial = [data.draw(_bools(st_), label=f"mask {n}") for n, st_ in zip(NAMES, storages)]
     opt = MaskedOptimizer(OPTIMIZERS[opt_id](**kwargs), dict(zip(NAMES, initial)))
@@ -142,7 +147,9 @@ def test_frozen_elements_never_move_across_random_mask_edits(data):
         opt.apply_gradients(zip(_grads(rng, var_shapes, expected, nan), variables))
         for v, b, m in zip(variables, before, expected):
             after = v.numpy()
-            assert _frozen_same(b, after, m), f"{opt_id}: frozen elements of {v.path} moved at step {step}"
+            assert _frozen_same(b, after, m), (
+                f"{opt_id}: frozen elements of {v.path} moved at step {step}"
+            )
             assert np.all(np.isfinite(after)), f"{opt_id}: non-finite {v.path}"
     if kwargs.get("use_ema"):
         before = [v.numpy() for v in variables]
@@ -157,7 +164,9 @@ def test_all_true_masks_are_invisible(data):
     opt_id = data.draw(st.sampled_from(OPT_IDS), label="optimizer")
     kwargs = data.draw(st.sampled_from(BASE_KWARGS), label="kwargs")
     var_shapes = [data.draw(shapes, label=f"shape {n}") for n in NAMES]
-    storages = [data.draw(storage_shapes(s), label=f"storage {n}") for n, s in zip(NAMES, var_shapes)]
+    storages = [
+        data.draw(storage_shapes(s), label=f"storage {n}") for n, s in zip(NAMES, var_shapes)
+    ]
     seed = data.draw(st.integers(0, 2**16), label="seed")
     init = np.random.default_rng(seed)
     values = [init.normal(size=s).astype("float32") for s in var_shapes]
