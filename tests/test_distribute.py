@@ -494,22 +494,8 @@ def test_use_ema_without_overwrite_is_accepted_under_mirrored_strategy():
     assert np.all(end[:, 0] != start[:, 0])
 
 
-def _core_passes_var_list() -> bool:
-    import inspect
-
-    from masked_opt import optimizer
-
-    return "check_strategy_support(self.inner_optimizer, var_list)" in inspect.getsource(optimizer)
-
-
-@pytest.mark.xfail(
-    condition=not _core_passes_var_list(),
-    strict=True,
-    reason="core: MaskedOptimizer.build calls `_backend.check_strategy_support(self.inner_optimizer)` "
-    "without the variables, so a MultiOptimizer with a callable map (sub-optimizers unknown "
-    "before build) is not checked; fix: `check_strategy_support(self.inner_optimizer, var_list)`",
-)
 def test_masked_optimizer_checks_callable_multi_optimizer_at_build():
+    # The core passes the variables, so a callable map's sub-optimizers are found.
     sub = O.SGD(0.1, gradient_accumulation_steps=2, name="from_callable")
     with _mirrored_one_device().scope():
         model = _tiny()

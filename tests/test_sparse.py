@@ -21,22 +21,6 @@ import keras
 from masked_opt import MaskedOptimizer, _backend
 from optimizer_table import OPTIMIZERS
 
-CORE_PASSES_GRAD_TO_SNAPSHOT = (
-    "core: MaskedOptimizer._masked_apply calls `_backend.snapshot(variable)` without the "
-    "masked gradient and the inner optimizer, so the row-only snapshot for sparse SGD "
-    "updates is never used; fix: `_backend.snapshot(variable, masked_grads[i], "
-    "self.inner_optimizer)`"
-)
-
-
-def _core_passes_grad_to_snapshot() -> bool:
-    import inspect
-
-    from masked_opt import optimizer
-
-    return "snapshot(variable, masked_grads[i]" in inspect.getsource(optimizer)
-
-
 def _ops(graph):
     """Every op of a traced graph, those inside `cond`/`while` branches included."""
     for op in graph.get_operations():
@@ -132,9 +116,6 @@ def test_masking_a_sparse_gradient_allocates_nothing_of_the_table_size():
         assert values.shape == (N_IDS, dim) and np.all(values.numpy() == 0)
 
 
-@pytest.mark.xfail(
-    condition=not _core_passes_grad_to_snapshot(), strict=True, reason=CORE_PASSES_GRAD_TO_SNAPSHOT
-)
 def test_masked_sparse_sgd_step_materializes_no_more_of_the_table_than_bare_sgd():
     # Bare SGD + stock Embedding: 2 full-size reads (Shape, GatherV2 in the
     # layer's forward). The masked step must add none: no dense snapshot, no

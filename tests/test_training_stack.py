@@ -391,17 +391,9 @@ def test_swap_ema_weights_keeps_frozen_exact_with_weight_decay():
         assert np.array_equal(avg.numpy()[~mask], v.numpy()[~mask])
 
 
-@pytest.mark.xfail(
-    condition=not hasattr(MaskedOptimizer, "_model_variables_moving_average"),
-    strict=True,
-    raises=ValueError,
-    reason="core gap: SwapEMAWeights unwraps one `inner_optimizer` level, so under "
-    "mixed_float16 (LossScaleOptimizer(MaskedOptimizer(inner))) it finds the MaskedOptimizer, "
-    "which has no `_model_variables_moving_average`, and raises 'SwapEMAWeights must be used "
-    "when `use_ema=True`' (a bare inner works); fix: forward `_model_variables_moving_average` "
-    "to the inner optimizer (AttributeError when it has none)",
-)
 def test_swap_ema_weights_under_mixed_float16_keeps_frozen_exact():
+    # SwapEMAWeights unwraps one `inner_optimizer` level: under mixed_float16 it
+    # finds the MaskedOptimizer, which forwards the inner optimizer's EMA.
     keras.config.set_dtype_policy("mixed_float16")
     model, opt, masks = _ema_run(O.AdamW(0.05, weight_decay=0.1, use_ema=True, ema_momentum=0.9))
     assert isinstance(model.optimizer, O.LossScaleOptimizer)
