@@ -520,6 +520,32 @@ def test_edit_scalar_stored_mask_after_build(edit):
     assert np.array_equal(variables[1].numpy() == before, ~expected)
 
 
+# ------------------------------------------------- stock Adafactor caveat
+def test_adafactor_zero_row_and_column_matches_bare_and_workaround():
+    # Stock Keras Adafactor squares epsilon_1=1e-30 into its factored second
+    # moment: where a gradient's row AND column are all zero (what a mask can
+    # produce), r * c underflows to 0 in float32, u = 0 / sqrt(0) = NaN, and the
+    # RMS clipping spreads the NaN over the whole variable. MaskedOptimizer still
+    # gives the bare update on the masked gradient (NaN or not) and keeps frozen
+    # elements exact; epsilon_1=1e-15 avoids the underflow.
+    mask = np.array([[True, False], [False, False]])
+    g = tf.constant([[0.5, 9.0], [9.0, 9.0]])
+    for eps, must_be_finite in [(1e-30, False), (1e-15, True)]:
+        w = keras.Variable(np.ones((2, 2), "float32"), name="w")
+        MaskedOptimizer(
+            keras.optimizers.Adafactor(0.1, epsilon_1=eps), {"w": mask}
+        ).apply_gradients([(g, w)])
+        ref = keras.Variable(np.ones((2, 2), "float32"), name="ref")
+        keras.optimizers.Adafactor(0.1, epsilon_1=eps).apply_gradients(
+            [(tf.constant(np.where(mask, g.numpy(), 0.0)), ref)]
+        )
+        got = w.numpy()
+        assert np.array_equal(got[mask], ref.numpy()[mask], equal_nan=True)
+        assert np.array_equal(got[~mask], np.ones(3, "float32"))
+        if must_be_finite:
+            assert np.isfinite(got).all() and got[0, 0] != 1.0
+
+
 # ------------------------------------------- 5. hand-checkable SGD oracle
 def test_sgd_by_hand():
     # w = [1, 2, 3], grad = [10, 20, 30], lr = 0.1, mask = [T, F, T]
