@@ -122,7 +122,8 @@ def load_state(opt: MaskedOptimizer, store: Any) -> None:
         _skip_next_load(opt.inner_optimizer)
         raise ValueError(
             f"Optimizer '{opt.name}' is a MaskedOptimizer, but the saved optimizer "
-            "state has no mask metadata (it was saved by another optimizer). "
+            "state has no mask metadata (it was saved by another optimizer, or "
+            "by a model compiled without one). "
             "Loading it would mix state; compile the model with the optimizer it "
             "was saved with."
         )
