@@ -153,7 +153,7 @@ def _apply_handmade(non_finite_at):
 def test_inf_only_at_frozen_positions_still_skips_the_step_and_halves_the_scale():
     # LossScaleOptimizer checks *all* gradients for inf/NaN before it calls
     # MaskedOptimizer, so a non-finite value that masking would discard still
-    # makes it skip the whole step (documented in docs/COMPATIBILITY.md).
+    # makes it skip the whole step (documented in README.md, Compatibility).
     opt, before, after, scale_before, _ = _apply_handmade(non_finite_at=(0, 0))
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert float(opt.dynamic_scale.numpy()) == scale_before / 2
