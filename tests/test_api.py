@@ -15,23 +15,7 @@ O = keras.optimizers
 # ----------------------------------------------------------------- helpers
 
 
-def scoped_variable(value, name, *scopes):
-    """A `keras.Variable` whose path is `scope/.../name`."""
-    value = np.asarray(value, dtype="float32")
-    if not scopes:
-        return keras.Variable(value, name=name)
-    with keras.name_scope(scopes[0]):
-        return scoped_variable(value, name, *scopes[1:])
-
-
-def net_variables():
-    """kernel (3, 4) and bias (4,) under 'net/dense_1', kernel (4, 2) under 'net/dense_2'."""
-    rng = np.random.default_rng(0)
-    return [
-        scoped_variable(rng.normal(size=(3, 4)), "kernel", "net", "dense_1"),
-        scoped_variable(rng.normal(size=(4,)), "bias", "net", "dense_1"),
-        scoped_variable(rng.normal(size=(4, 2)), "kernel", "net", "dense_2"),
-    ]
+from variables import net_variables, scoped_variable  # noqa: E402
 
 
 def masked_paths(opt):

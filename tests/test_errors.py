@@ -13,22 +13,7 @@ from masked_opt import MaskedOptimizer
 O = keras.optimizers
 
 
-def scoped_variable(value, name, *scopes):
-    value = np.asarray(value, dtype="float32")
-    if not scopes:
-        return keras.Variable(value, name=name)
-    with keras.name_scope(scopes[0]):
-        return scoped_variable(value, name, *scopes[1:])
-
-
-def net_variables():
-    """'net/dense_1/kernel' (3, 4), 'net/dense_1/bias' (4,), 'net/dense_2/kernel' (4, 2)."""
-    rng = np.random.default_rng(0)
-    return [
-        scoped_variable(rng.normal(size=(3, 4)), "kernel", "net", "dense_1"),
-        scoped_variable(rng.normal(size=(4,)), "bias", "net", "dense_1"),
-        scoped_variable(rng.normal(size=(4, 2)), "kernel", "net", "dense_2"),
-    ]
+from variables import net_variables, scoped_variable  # noqa: E402
 
 
 def raises(exc_type, *fragments):
