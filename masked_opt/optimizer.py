@@ -436,6 +436,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         """The model variables that have a mask, in build order."""
         return [slot.variable for slot in self._slots.values()]
 
+    @property
+    def built_variables(self) -> list[keras.Variable]:
+        """The variables the optimizer was built on (empty before build)."""
+        return list(self._trainable_variables)
+
+    def mask_storage_shape(self, variable: keras.Variable) -> tuple[int, ...] | None:
+        """The shape the variable's mask is stored at (fixed at build), or None
+        if the variable has no mask."""
+        slot = self._slots.get(self._var_key(variable))
+        return None if slot is None else slot.shape
+
     # ------------------------------------------------------ forwarded to inner
 
     @property

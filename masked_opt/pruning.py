@@ -150,8 +150,7 @@ def _full_true(variable: keras.Variable) -> np.ndarray:
 
 
 def _storage_shape(optimizer: MaskedOptimizer, variable: keras.Variable) -> tuple[int, ...] | None:
-    slot = optimizer._slots.get(optimizer._var_key(variable))
-    return None if slot is None else tuple(slot.shape)
+    return optimizer.mask_storage_shape(variable)
 
 
 def prune_variable(

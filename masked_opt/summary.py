@@ -61,8 +61,7 @@ def _unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> Maske
 
 
 def _built_variables(optimizer: MaskedOptimizer) -> list[keras.Variable]:
-    # The variables the optimizer was built on (set by Keras' base `build`).
-    return list(optimizer._trainable_variables)
+    return optimizer.built_variables
 
 
 def _masked(optimizer: MaskedOptimizer) -> list[keras.Variable]:

@@ -583,3 +583,17 @@ def test_whole_variable_freeze_from_a_callback_with_a_scalar_mask():
     rec = Recorder(edits_begin={2: lambda o: o.freeze("dense_1/bias")})
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[rec])
     assert not opt.get_mask("dense_1/bias").any()
+
+
+def test_built_variables_and_mask_storage_shape_report_what_build_fixed():
+    kernel, bias, other = net_variables()
+    opt = MaskedOptimizer(
+        O.SGD(0.1),
+        masks={"dense_1/kernel": np.ones((1, 4), bool), "dense_1/bias": False},
+    )
+    assert opt.built_variables == []
+    opt.build([kernel, bias, other])
+    assert [v.path for v in opt.built_variables] == [kernel.path, bias.path, other.path]
+    assert opt.mask_storage_shape(kernel) == (1, 4)
+    assert opt.mask_storage_shape(bias) == ()
+    assert opt.mask_storage_shape(other) is None
