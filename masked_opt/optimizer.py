@@ -124,8 +124,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             optimizer's update, the restore) runs as one XLA-compiled function
             on TensorFlow: several times faster on CPU, but the inner update is
             then rounded as XLA rounds it, which can differ in the last bit
-            from graph mode (bit-identical to an XLA-compiled bare optimizer,
-            e.g. under `model.compile(jit_compile=True)`). Frozen elements stay
+            from graph mode (it matches the bare optimizer compiled with XLA;
+            ScheduleFreeAdamW's trainable elements can differ by 1 ulp, the
+            restore being fused into the same cluster). Frozen elements stay
             bit-identical either way. Falls back to the default path under a
             `tf.distribute` strategy and for sparse (`IndexedSlices`)
             gradients. Defaults to False: results bit-identical to the bare
