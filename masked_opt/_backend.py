@@ -54,9 +54,7 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
 def can_jit(grads: list) -> bool:
     """Whether the XLA-compiled masked update can run here: TensorFlow, the
     default strategy (merge_call cannot be compiled), no sparse gradients."""
-    if not IS_TF or tf.distribute.has_strategy():
-        return False
-    return not any(is_sparse(g) for g in grads)
+    return IS_TF and can_branch() and not any(is_sparse(g) for g in grads)
 
 
 def no_autograph(fn: Any) -> Any:

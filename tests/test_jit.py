@@ -23,22 +23,27 @@ def _setup(seed=0, steps=3):
         [tf.constant(rng.standard_normal(s).astype("float32")) for s in SHAPES]
         for _ in range(steps)
     ]
-    masks = [rng.random((5, 4)) < 0.5, np.ones((1, 3), bool), np.array(False)]
-    masks[1] = np.array([[True, False, True]])  # column mask on the third variable
-    masks = [masks[0], masks[2], masks[1]]  # kernel: elements, bias: whole, kernel: columns
+    # kernel: element-wise, bias: frozen whole, kernel: a (1, 3) column mask
+    masks = [rng.random((5, 4)) < 0.5, np.array(False), np.array([[True, False, True]])]
     return init, grads, masks
+
+
+def _bare_under_xla(optimizer, init):
+    """Variables, the bare optimizer built on them, and its update compiled with XLA."""
+    variables = [keras.Variable(a) for a in init]
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        optimizer.apply(grads, variables)
+
+    return variables, optimizer, step
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_all_true_jit_matches_the_bare_optimizer_under_xla_bitwise(name):
     init, grads, _ = _setup()
-    bare_vars = [keras.Variable(a) for a in init]
-    bare = OPTIMIZERS[name](weight_decay=0.01)
-    bare.build(bare_vars)
-
-    @tf.function(jit_compile=True)
-    def bare_step(gs):
-        bare.apply(gs, bare_vars)
+    bare_vars, bare, bare_step = _bare_under_xla(OPTIMIZERS[name](weight_decay=0.01), init)
 
     vs = [keras.Variable(a) for a in init]
     opt = MaskedOptimizer(
@@ -64,13 +69,7 @@ def test_jit_keeps_frozen_exact_and_matches_an_xla_oracle(name):
     # copied back with NumPy after each step. Weight decay moves every element.
     init, grads, masks = _setup(seed=1)
     full = [np.broadcast_to(m, s) for m, s in zip(masks, SHAPES)]
-    ref_vars = [keras.Variable(a) for a in init]
-    ref = OPTIMIZERS[name](weight_decay=0.05)
-    ref.build(ref_vars)
-
-    @tf.function(jit_compile=True)
-    def ref_step(gs):
-        ref.apply(gs, ref_vars)
+    ref_vars, ref, ref_step = _bare_under_xla(OPTIMIZERS[name](weight_decay=0.05), init)
 
     vs = [keras.Variable(a) for a in init]
     opt = MaskedOptimizer(

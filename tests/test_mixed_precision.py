@@ -8,7 +8,6 @@ configuration `MaskedOptimizer(Adam)` must therefore match it to the bit.
 """
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import keras
