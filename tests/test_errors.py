@@ -311,3 +311,9 @@ def test_bad_mask_is_reported_from_fit_with_the_path():
     with raises(ValueError, "seq/dense_1/kernel", "(4, 3)", "(3, 4)") as e:
         model.fit(np.ones((4, 3)), np.ones((4, 4)), verbose=0)
     assert type(e.value) is ValueError
+
+
+def test_jit_compile_must_be_a_bool():
+    with raises(TypeError, "`jit_compile`", "'yes'") as excinfo:
+        MaskedOptimizer(O.Adam(), jit_compile="yes")
+    assert_raised_by_masked_opt(excinfo, TypeError)
