@@ -1,8 +1,12 @@
 """Backend-specific pieces, kept in one place.
 
 Everything TensorFlow-specific in masked_opt lives here: `tf.IndexedSlices`
-gradients (masked without densifying) and the `tf.distribute`-aware
-restore of frozen elements. The other backends take the `keras.ops` paths.
+gradients (masked without densifying), the all-True shortcut (a `tf.cond`),
+XLA compilation of the masked update and the `tf.distribute`-aware restore of
+frozen elements. JAX and torch take the `keras.ops` paths with no
+conditionals: JAX's trainer runs `stateless_apply` inside `jax.jit`, where a
+`cond` whose branches assign variables leaks tracers, and on torch a `cond`
+is a Python `if` (a host sync each step, a graph break under torch.compile).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
-IS_TF = keras.backend.backend() == "tensorflow"
+BACKEND = keras.backend.backend()
+IS_TF = BACKEND == "tensorflow"
+IS_JAX = BACKEND == "jax"
 
 if IS_TF:
     import tensorflow as tf
@@ -77,25 +83,48 @@ def local_copies(grads: list) -> list:
 
 
 def cond(pred: Any, true_fn: Any, false_fn: Any) -> None:
-    """Runs one of two stateful branches that return nothing."""
-    if IS_TF:
+    """Runs one of two stateful branches that return nothing (TensorFlow only:
+    see `can_branch`)."""
 
-        def run(fn):
-            def branch():
-                fn()
-                return tf.constant(True)
+    def run(fn):
+        def branch():
+            fn()
+            return tf.constant(True)
 
-            return branch
+        return branch
 
-        tf.cond(pred, run(true_fn), run(false_fn))
-    else:
-        ops.cond(pred, true_fn, false_fn)
+    tf.cond(pred, run(true_fn), run(false_fn))
+
+
+def is_purged(variable: Any) -> bool:
+    """Whether JAX's trainer has detached the variable's value (during `fit`
+    it holds the state itself until `jax_state_sync()`)."""
+    return IS_JAX and getattr(variable, "_value", True) is None
+
+
+def mask_layout(variable: Any, mask_shape: tuple[int, ...]) -> Any:
+    """The keras.distribution layout for a mask of `variable` stored at
+    `mask_shape`: the variable's own layout for a full-shape mask (sharded as
+    its weight is), replicated for a broadcast mask, None without a
+    distribution (or where the backend has none)."""
+    try:
+        distribution = keras.distribution.distribution()
+    except (AttributeError, NotImplementedError):
+        return None
+    if distribution is None:
+        return None
+    layout = getattr(variable, "_layout", None)
+    if layout is not None and tuple(mask_shape) == tuple(variable.shape):
+        return layout
+    return keras.distribution.TensorLayout([None] * len(mask_shape), distribution.device_mesh)
 
 
 def can_branch() -> bool:
-    """Whether the update may sit inside a `cond`: not in a replica context of
-    a `tf.distribute` strategy, where the inner update calls `merge_call`."""
-    return not (IS_TF and tf.distribute.has_strategy())
+    """Whether the update may sit inside a stateful `cond`: TensorFlow only,
+    and not in a replica context of a `tf.distribute` strategy, where the
+    inner update calls `merge_call`. (The all-True shortcut is only a speed-up:
+    with an all-True mask the masked path is bit-identical anyway.)"""
+    return IS_TF and not tf.distribute.has_strategy()
 
 
 def jit_function(fn: Any, variables: list) -> Any:

@@ -6,6 +6,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import inspect
+import warnings
+import weakref
+
 import numpy as np
 
 import keras
@@ -62,6 +66,19 @@ def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) ->
             continue
         return opt._model_variables_moving_average[index]
     return None
+
+
+def _uses_ema(inner: keras.optimizers.Optimizer) -> bool:
+    return any(getattr(o, "use_ema", False) for o in getattr(inner, "optimizers", None) or [inner])
+
+
+def _overwrites_with_gradient(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """Float8 scale variables are overwritten with their gradient (Keras >= 3.9
+    has a helper for it; older versions read the flag)."""
+    check = getattr(optimizer, "_overwrite_variable_with_gradient", None)
+    if check is not None:
+        return bool(check(variable))
+    return bool(getattr(variable, "overwrite_with_gradient", False))
 
 
 def _resolve_inner(inner_optimizer: Any) -> keras.optimizers.Optimizer:
@@ -158,6 +175,20 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             raise TypeError(
                 f"`jit_compile` must be True or False. Received: {jit_compile!r}."
             )
+        if jit_compile and not _backend.IS_TF:
+            raise ValueError(
+                "`MaskedOptimizer(jit_compile=True)` compiles the masked update "
+                "with XLA on the TensorFlow backend only; the active backend is "
+                f"'{_backend.BACKEND}'. "
+                + (
+                    "On JAX the trainer already compiles the whole train step, the "
+                    "masked update included, with XLA (`model.compile(jit_compile=True)`, "
+                    "the default): drop the argument."
+                    if _backend.IS_JAX
+                    else "On torch use `model.compile(jit_compile=True)` (torch.compile), "
+                    "which compiles the masked update with the train step: drop the argument."
+                )
+            )
         for arg in _BASE_ARGS:
             if arg in kwargs:
                 raise ValueError(
@@ -180,6 +211,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
         self._registry = registry
         self._jit_functions: dict[tuple, Any] = {}
+        self._owner: Any = None  # weakref to the model whose JAX trainer drives us
         self._slots: dict[Any, _Slot] = {}
         self._unset_paths: list[str] = []  # masks from a config awaiting their values
         self._config_targets: dict[int, list] = {}  # config entry -> variable keys
@@ -192,7 +224,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         # Float8 scale variables are overwritten with their gradient; never mask them.
-        maskable = [v for v in var_list if not self._overwrite_variable_with_gradient(v)]
+        maskable = [v for v in var_list if not _overwrites_with_gradient(self, v)]
         _backend.check_strategy_support(self.inner_optimizer, var_list)
         resolved, unset = self._resolve_masks(maskable)
         slots = {}
@@ -237,12 +269,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Values go in through the initializer: an `assign` inside a build that
         # runs while the train function is traced could be lost.
         value = np.array(mask, dtype=bool)
+        kwargs = {}
+        layout = _backend.mask_layout(variable, value.shape)
+        if layout is not None:  # keras.distribution: sharded like its weight
+            kwargs["layout"] = layout
         return self.add_variable(
             shape=value.shape,
             initializer=lambda shape, dtype=None: value,
             dtype="bool",
             aggregation="only_first_replica",
             name=variable.path.replace("/", "_") + "_mask",
+            **kwargs,
         )
 
     @tracking.no_automatic_dependency_tracking
@@ -335,6 +372,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         var_list = list(var_list)
+        # Only an EMA swap-in moves weights here. Without one there is nothing
+        # to hold, and nothing is read: on JAX, `fit` calls this from a
+        # `finally` in which the variables may still be detached after an
+        # error, and reading them would hide that error.
+        if not _uses_ema(self.inner_optimizer) or any(
+            _backend.is_purged(s.mask) for s in self._slots.values()
+        ):
+            self.inner_optimizer.finalize_variable_values(var_list)
+            return
         restore = []
         for variable in var_list:
             slot = self._slots.get(self._var_key(variable))
@@ -393,7 +439,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                     f"it before build, e.g. `masks={{'{path}': True}}` (or an array "
                     f"of its shape {tuple(variable.shape)} to change single elements later)."
                 )
-            current = slot.mask.numpy()
+            current = self._mask_numpy(slot)
             new = apply_op(kind, payload, variable, current if kind != "set" else None)
             what = f"{kind}('{path}')"
             if np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
@@ -426,11 +472,30 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         shape = tuple(variable.shape)
         if self.built:
             slot = self._slots.get(self._var_key(variable))
-            mask = np.ones((), bool) if slot is None else slot.mask.numpy()
+            mask = np.ones((), bool) if slot is None else self._mask_numpy(slot)
         else:
             resolved = self._registry.resolve([variable], strict=False)
             mask = resolved.get(0, np.ones((), bool))
         return np.array(np.broadcast_to(mask, shape))
+
+    def _mask_numpy(self, slot: _Slot) -> np.ndarray:
+        if _backend.is_purged(slot.mask):
+            self._sync_jax_state(slot)
+        return np.array(slot.mask.numpy())
+
+    def _sync_jax_state(self, slot: _Slot) -> None:
+        # During a JAX `fit` the trainer holds the state and has detached the
+        # variables' values; `Callback.model` syncs them back the same way. A
+        # callback that only holds the optimizer gets the same behaviour.
+        model = self._owner() if self._owner is not None else None
+        if model is None or not hasattr(model, "jax_state_sync"):
+            raise RuntimeError(
+                f"The mask of '{slot.variable.path}' is held by JAX's trainer "
+                "right now (its value is detached from the variable during "
+                "`fit`). Call `model.jax_state_sync()` first, e.g. by reading "
+                "`self.model` in your callback."
+            )
+        model.jax_state_sync()
 
     @property
     def masked_variables(self) -> list[keras.Variable]:
@@ -491,10 +556,29 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        raise NotImplementedError(
-            "MaskedOptimizer runs on the TensorFlow backend for now; "
-            "`stateless_apply` (the JAX trainer's path) is not supported yet."
-        )
+        # The base implementation runs `apply` in a StatelessScope, in which
+        # masks are read from `optimizer_variables` (never baked in) and the
+        # masked path runs without conditionals (see `_backend.can_branch`).
+        if self._owner is None:
+            self._find_owner()
+        return super().stateless_apply(optimizer_variables, grads, trainable_variables)
+
+    @tracking.no_automatic_dependency_tracking
+    def _find_owner(self) -> None:
+        """Remembers the model whose trainer calls `stateless_apply` (once, at
+        trace time), so that mask edits from a callback that holds only the
+        optimizer can sync JAX's trainer state first."""
+        frame = inspect.currentframe()
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, keras.Model):
+                opt = getattr(candidate, "optimizer", None)
+                if opt is self or getattr(opt, "inner_optimizer", None) is self:
+                    self._owner = weakref.ref(candidate)
+                    return
 
     # ------------------------------------------------------------- saving
 
@@ -509,6 +593,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        if config.get("jit_compile") and not _backend.IS_TF:
+            warnings.warn(
+                f"MaskedOptimizer '{config.get('name')}' was saved with "
+                "`jit_compile=True`, which applies to the TensorFlow backend only; "
+                f"loading it on '{_backend.BACKEND}' with jit_compile=False (the "
+                "trainer compiles the masked update with the train step here).",
+                stacklevel=2,
+            )
+            config["jit_compile"] = False
         inner = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )
