@@ -1,0 +1,117 @@
+"""What differs between the Keras backends in the tests, in one place.
+
+The suite runs once per backend (`KERAS_BACKEND=tensorflow|jax|torch`, see
+`tests/run_backends.py`). Tests use these helpers instead of `tf.constant`,
+`tf.function` or `tf.GradientTape`, so the same test checks every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+IS_TF = BACKEND == "tensorflow"
+IS_JAX = BACKEND == "jax"
+IS_TORCH = BACKEND == "torch"
+
+tf_only = pytest.mark.skipif(not IS_TF, reason="TensorFlow-only feature")
+jax_only = pytest.mark.skipif(not IS_JAX, reason="JAX-only feature")
+torch_only = pytest.mark.skipif(not IS_TORCH, reason="torch-only feature")
+
+
+def tensor(x, dtype=None):
+    """A backend tensor holding a copy of `x`."""
+    return keras.ops.convert_to_tensor(np.array(x, dtype=dtype))
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy of a tensor or variable (never an alias of live memory)."""
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return np.array(keras.ops.convert_to_numpy(x))
+
+
+def gradients(loss_fn: Callable[[], object], variables: Sequence[keras.Variable]) -> list:
+    """d loss_fn() / d variables with the active backend (eager)."""
+    variables = list(variables)
+    if IS_TF:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return tape.gradient(loss, [v.value for v in variables])
+    if IS_JAX:
+        import jax
+
+        def pure(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return loss_fn()
+
+        return list(jax.grad(pure)([v.value for v in variables]))
+    import torch
+
+    loss = loss_fn()
+    return list(torch.autograd.grad(loss, [v.value for v in variables]))
+
+
+class CompiledStep:
+    """`grads -> None`: the optimizer's update as each backend's trainer
+    compiles it: `tf.function` (TF), `jax.jit` over `stateless_apply` (JAX,
+    exactly what the JAX trainer runs), `torch.compile` (torch, only with
+    `torch_compile=True`; eager otherwise). `traces()` counts compilations."""
+
+    def __init__(self, optimizer, variables, *, torch_compile: bool = False):
+        self.optimizer, self.variables = optimizer, list(variables)
+        self._count = 0
+        if IS_TF:
+            import tensorflow as tf
+
+            def step(grads):
+                optimizer.apply_gradients(zip(grads, self.variables))
+
+            self._fn = tf.function(step, autograph=False)
+        elif IS_JAX:
+            import jax
+
+            if not optimizer.built:
+                optimizer.build(self.variables)
+
+            def pure(opt_values, var_values, grads):
+                self._count += 1  # runs at trace time only
+                return optimizer.stateless_apply(opt_values, grads, var_values)
+
+            self._jitted = jax.jit(pure)
+            self._fn = self._jax_step
+        else:
+            def step(grads):
+                self._count += 1 if not torch_compile else 0
+                optimizer.apply(grads, self.variables)
+
+            if torch_compile:
+                import torch
+
+                self._fn = torch.compile(step)
+            else:
+                self._fn = step
+
+    def _jax_step(self, grads):
+        opt = self.optimizer
+        new_vars, new_opt = self._jitted(
+            [v.value for v in opt.variables], [v.value for v in self.variables], list(grads)
+        )
+        for v, x in zip(self.variables, new_vars):
+            v.assign(x)
+        for v, x in zip(opt.variables, new_opt):
+            v.assign(x)
+
+    def __call__(self, grads):
+        self._fn(list(grads))
+
+    def traces(self) -> int:
+        if IS_TF:
+            return self._fn.experimental_get_tracing_count()
+        return self._count
