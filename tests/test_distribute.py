@@ -21,7 +21,11 @@ import pytest
 import tensorflow as tf
 
 import keras
+from backends import tf_only
 from masked_opt import MaskedOptimizer, _backend
+
+pytestmark = tf_only  # tf.distribute is TensorFlow's
+
 
 O = keras.optimizers
 HERE = os.path.dirname(os.path.abspath(__file__))

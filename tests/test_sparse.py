@@ -18,8 +18,12 @@ import pytest
 import tensorflow as tf
 
 import keras
+from backends import tf_only
 from masked_opt import MaskedOptimizer, _backend
 from optimizer_table import OPTIMIZERS
+
+pytestmark = tf_only  # IndexedSlices gradients are TensorFlow's
+
 
 def _ops(graph):
     """Every op of a traced graph, those inside `cond`/`while` branches included."""
