@@ -1,0 +1,94 @@
+"""torch specifics: `model.compile(jit_compile=True)` (torch.compile) and host syncs.
+
+On torch a stateful `cond` is a Python `if tensor:`: a host sync every step and
+a graph break under torch.compile. MaskedOptimizer has no conditionals off
+TensorFlow, so under torch.compile it adds no graph break and no recompile to
+the bare optimizer's, and in eager mode it reads no tensor back to the host.
+"""
+
+import numpy as np
+import pytest
+
+import keras
+from backends import to_numpy, torch_only
+from masked_opt import MaskedOptimizer
+
+pytestmark = torch_only
+
+ELEM = np.random.default_rng(0).random((16, 32)) < 0.5
+
+
+def _model(masked: bool, jit_compile: bool):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(32, name="d1"), keras.layers.Dense(4, name="out")]
+    )
+    inner = keras.optimizers.AdamW(1e-2, weight_decay=0.1)
+    opt = MaskedOptimizer(inner, {"d1/kernel": ELEM, "d1/bias": False}) if masked else inner
+    model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
+    return model
+
+
+def _data():
+    rng = np.random.default_rng(1)
+    return rng.random((64 * 3, 16)).astype("float32"), rng.random((64 * 3, 4)).astype("float32")
+
+
+def _compiled_fit(masked: bool):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(masked, jit_compile=True)
+    start = [to_numpy(v) for v in model.trainable_variables]
+    x, y = _data()
+    model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    stats = {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "recompiles": sum(counters["recompiles"].values()),
+    }
+    return model, start, stats
+
+
+def test_torch_compile_adds_no_graph_break_or_recompile():
+    _, _, bare = _compiled_fit(masked=False)
+    model, start, masked = _compiled_fit(masked=True)
+    # Stock Keras's torch train step breaks the graph at `loss.backward()`;
+    # the masked optimizer must add nothing on top of that.
+    assert masked == bare, (masked, bare)
+    end = [to_numpy(v) for v in model.trainable_variables]
+    assert np.array_equal(end[0][~ELEM], start[0][~ELEM])
+    assert np.array_equal(end[1], start[1])
+    assert np.any(end[0][ELEM] != start[0][ELEM]) and np.any(end[2] != start[2])
+    # Same training as eager within float tolerance (inductor fuses differently).
+    eager = _model(masked=True, jit_compile=False)
+    x, y = _data()
+    eager.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+    for e, c in zip(eager.trainable_variables, end):
+        np.testing.assert_allclose(c, to_numpy(e), rtol=1e-5, atol=1e-6)
+
+
+def test_eager_step_reads_nothing_back_to_the_host(monkeypatch):
+    import torch
+
+    variables = [keras.Variable(np.ones((16, 32), "float32"), name="k"),
+                 keras.Variable(np.ones((32,), "float32"), name="b")]
+    opt = MaskedOptimizer(keras.optimizers.Adam(0.1), [(variables[0], ELEM), (variables[1], True)])
+    grads = [torch.ones((16, 32)), torch.ones((32,))]
+    opt.apply(grads, variables)  # build outside the watch
+    calls = []
+    for name in ("__bool__", "item", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _orig=original, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for _ in range(3):
+        opt.apply(grads, variables)
+    monkeypatch.undo()
+    assert calls == []
+    assert np.array_equal(to_numpy(variables[0])[~ELEM], np.ones((16, 32), "float32")[~ELEM])
