@@ -35,6 +35,7 @@ import numpy as np
 
 import keras
 
+from masked_opt import _backend
 from masked_opt.registry import match_key, to_bool_mask
 
 __all__ = [
@@ -72,10 +73,23 @@ def _shape(variable: Any) -> tuple[int, ...]:
 
 def _values(value: Any) -> np.ndarray:
     if isinstance(value, keras.Variable):
+        _check_attached(value)
         return np.asarray(value.numpy())
     if isinstance(value, np.ndarray):
         return value
     return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _check_attached(variable: keras.Variable) -> None:
+    """A clear error for a variable whose value JAX's trainer holds during `fit`."""
+    if _backend.is_purged(variable):
+        raise RuntimeError(
+            f"The value of variable '{variable.path}' is held by JAX's trainer "
+            "right now (during `fit` it is detached from the variable until "
+            "`model.jax_state_sync()`). In a callback, read `self.model` "
+            "(which syncs) before building masks, or call "
+            "`model.jax_state_sync()` first."
+        )
 
 
 def check_fraction(fraction: Any, *, builder: str) -> float:
@@ -496,8 +510,9 @@ def fisher_scores(
     Args:
         model: a Keras model, called with `training=False`.
         data: a tuple `(x, y)` of arrays (or dicts / lists of arrays for
-            multi-input models), split into batches of `batch_size`; or a
-            `tf.data.Dataset` or any other iterable of `(x, y)` batches.
+            multi-input models), split into batches of `batch_size`; or any
+            iterable of `(x, y)` batches (a list, a generator, a
+            `tf.data.Dataset` on TensorFlow).
         variables: the variables to score, as `keras.Variable`s or path keys
             (matched like `masks=` keys); default all trainable variables.
         loss: `(y_true, y_pred) -> loss` (a `keras.losses.Loss`, a function
@@ -506,13 +521,28 @@ def fisher_scores(
         batch_size: examples per batch for array data.
         num_batches: stop after this many batches (default: all).
 
-    Per-example gradients of a batch are computed at once
-    (`tf.vectorized_map` over the examples of a GradientTape); peak memory is
-    about `batch_size` times the size of the scored variables, so lower
-    `batch_size` for large models. Requires the TensorFlow backend.
+    Per-example gradients are computed with the active backend, a batch at
+    a time:
+
+    * TensorFlow: `tf.vectorized_map` over the examples of a `GradientTape`,
+      in a `tf.function`;
+    * JAX: `jax.vmap(jax.grad(...))` of the model called statelessly (in a
+      `keras.StatelessScope`, as `model.stateless_call` does), under
+      `jax.jit` (compiled once per batch shape; a last, smaller batch
+      compiles once more);
+    * torch: `torch.func.vmap(torch.func.grad(...))` of the model called
+      statelessly. Layers whose torch kernels `torch.func.vmap`
+      cannot batch (e.g. `Conv2D`, whose channels-last copy it rejects) make
+      it fall back, for the rest of the call, to a loop over the examples
+      with one `torch.autograd.grad` each: same result, slower.
+
+    The vectorised paths hold every per-example gradient of a batch at once:
+    peak memory is about `batch_size` times the size of the scored
+    variables, so lower `batch_size` for large models. The model's
+    variables are read when `fisher_scores` is called; on JAX, inside a
+    callback during `fit`, read `self.model` first (it syncs the trainer's
+    state back into the variables).
     """
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError("`fisher_scores` runs on the TensorFlow backend only, for now.")
     if (
         not isinstance(batch_size, numbers.Integral)
         or isinstance(batch_size, bool)
@@ -536,14 +566,22 @@ def fisher_scores(
     first = next(batches, None)
     if first is None:
         raise ValueError("`fisher_scores`: `data` holds no examples.")
+    for v in model.variables:
+        _check_attached(v)
     _check_fits(model, first, loss_fn)  # also builds an unbuilt model
     chosen = _resolve_variables(model, variables)
-    step = _squared_grad_sums(model, loss_fn, [v for _, v in chosen])
+    if _backend.BACKEND not in _SQUARED_GRAD_SUMS:
+        raise NotImplementedError(
+            "`fisher_scores` computes per-example gradients on the TensorFlow, "
+            f"JAX and torch backends; the active backend is '{_backend.BACKEND}'. "
+            "Set KERAS_BACKEND to one of those."
+        )
+    step = _SQUARED_GRAD_SUMS[_backend.BACKEND](model, loss_fn, [v for _, v in chosen])
     sums = [np.zeros(_shape(v), np.float64) for _, v in chosen]
     n = 0
     for x, y in itertools.chain([first], batches):
         for acc, part in zip(sums, step(x, y)):
-            acc += part.numpy()
+            acc += keras.ops.convert_to_numpy(part)
         n += _num_examples(x)
     if n == 0:
         raise ValueError("`fisher_scores`: `data` holds no examples.")
@@ -710,16 +748,24 @@ def _resolve_variables(model: keras.Model, variables: Any) -> list[tuple[str, ke
     return [(v.path, v) for v in chosen]
 
 
-def _squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
-    """A `tf.function (x, y) -> [sum over the batch of squared per-example grads]`."""
+# Per-example gradients, one implementation per backend. Each returns
+# `step(x, y) -> [sum over the batch of squared per-example gradients]`, one
+# float32 tensor per variable in `variables` (trainable variables of `model`).
+
+
+def _one(tree: Any) -> Any:
+    """One example as a batch of one."""
+    return keras.tree.map_structure(lambda t: t[None], tree)
+
+
+def _squared_grad_sums_tensorflow(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """A `tf.function`: `tf.vectorized_map` over one GradientTape per example."""
     import tensorflow as tf
 
     def one_example(example):
         xi, yi = example
-        xi = keras.tree.map_structure(lambda t: t[None], xi)
-        yi = keras.tree.map_structure(lambda t: t[None], yi)
         with tf.GradientTape() as tape:
-            value = keras.ops.mean(loss_fn(yi, model(xi, training=False)))
+            value = keras.ops.mean(loss_fn(_one(yi), model(_one(xi), training=False)))
         grads = tape.gradient(value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return [keras.ops.square(tf.convert_to_tensor(g)) for g in grads]
 
@@ -729,3 +775,124 @@ def _squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -
         return [keras.ops.sum(g, axis=0) for g in per_example]
 
     return step
+
+
+def _stateless_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`loss(chosen, trainable, non_trainable, xi, yi)`: one example's loss as
+    a pure function of the values of `variables` (`chosen`): the model is
+    called in a `keras.StatelessScope` (as `model.stateless_call` does, but
+    through `model(...)`, which drops `training` for a `call` without it).
+    `trainable` holds the values of all trainable variables, the chosen ones
+    replaced by `chosen`."""
+    trainable = list(model.trainable_variables)
+    non_trainable = list(model.non_trainable_variables)
+    positions = [next(i for i, t in enumerate(trainable) if t is v) for v in variables]
+
+    def loss(chosen, trainable_values, non_trainable_values, xi, yi):
+        values = list(trainable_values)
+        for i, value in zip(positions, chosen):
+            values[i] = value
+        mapping = list(zip(trainable, values)) + list(zip(non_trainable, non_trainable_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            y_pred = model(_one(xi), training=False)
+        return keras.ops.mean(loss_fn(_one(yi), y_pred))
+
+    return loss
+
+
+def _squared_grad_sums_jax(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`jax.vmap(jax.grad(loss))` over the examples of a batch, under `jax.jit`."""
+    import jax
+    import jax.numpy as jnp
+
+    loss = _stateless_loss(model, loss_fn, variables)
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, None, None, 0, 0))
+
+    @jax.jit
+    def sums(chosen, trainable_values, non_trainable_values, x, y):
+        grads = per_example(chosen, trainable_values, non_trainable_values, x, y)
+        return [jnp.sum(jnp.square(g), axis=0) for g in grads]
+
+    def step(x, y):
+        return sums(
+            [v.value for v in variables],
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            _as_tensors(x),
+            _as_tensors(y),
+        )
+
+    return step
+
+
+class _SquaredGradSumsTorch:
+    """`torch.func.vmap(torch.func.grad(loss))` over the examples of a batch.
+
+    Where `torch.func` cannot batch a layer's kernels (it raises a
+    `RuntimeError` or `NotImplementedError`, e.g. for the channels-last copy
+    in `Conv2D`), this falls back, for this and every later batch, to a loop
+    with one `torch.autograd.grad` per example; a genuine error is raised
+    again by the loop. `vectorised` says which path is in use.
+    """
+
+    def __init__(self, model: keras.Model, loss_fn: Callable, variables: list):
+        import torch
+
+        self.model, self.loss_fn, self.variables = model, loss_fn, variables
+        self.vectorised = True
+        loss = _stateless_loss(model, loss_fn, variables)
+        self._per_example = torch.func.vmap(
+            torch.func.grad(loss), in_dims=(None, None, None, 0, 0)
+        )
+
+    def __call__(self, x: Any, y: Any) -> list:
+        x, y = _as_tensors(x), _as_tensors(y)
+        if self.vectorised:
+            try:
+                return self._batched(x, y)
+            except (RuntimeError, NotImplementedError):
+                self.vectorised = False
+        return self._looped(x, y)
+
+    def _batched(self, x: Any, y: Any) -> list:
+        import torch
+
+        def values(variables):
+            return [v.value.detach() for v in variables]
+
+        grads = self._per_example(
+            values(self.variables),
+            values(self.model.trainable_variables),
+            values(self.model.non_trainable_variables),
+            x,
+            y,
+        )
+        return [torch.sum(torch.square(g), dim=0) for g in grads]
+
+    def _looped(self, x: Any, y: Any) -> list:
+        import torch
+
+        targets = [v.value for v in self.variables]
+        sums = [torch.zeros_like(t.detach()) for t in targets]
+        with torch.enable_grad():
+            for i in range(_num_examples(x)):
+                xi = keras.tree.map_structure(lambda t: t[i], x)
+                yi = keras.tree.map_structure(lambda t: t[i], y)
+                y_pred = self.model(_one(xi), training=False)
+                value = keras.ops.mean(self.loss_fn(_one(yi), y_pred))
+                grads = torch.autograd.grad(value, targets, allow_unused=True)
+                for acc, g in zip(sums, grads):
+                    if g is not None:
+                        acc += torch.square(g.detach())
+        return sums
+
+
+def _as_tensors(tree: Any) -> Any:
+    return keras.tree.map_structure(keras.ops.convert_to_tensor, tree)
+
+
+_SQUARED_GRAD_SUMS = {
+    "tensorflow": _squared_grad_sums_tensorflow,
+    "jax": _squared_grad_sums_jax,
+    "torch": _SquaredGradSumsTorch,
+}

@@ -115,3 +115,16 @@ class CompiledStep:
         if IS_TF:
             return self._fn.experimental_get_tracing_count()
         return self._count
+
+
+def synced(model):
+    """`model`, with JAX's trainer state written back into its variables.
+
+    During `fit` on JAX the variables are detached until `jax_state_sync()`
+    (which `Callback.model` calls); a callback that holds the model in a
+    closure (a `LambdaCallback`) must sync before reading weights or masks.
+    A no-op on the other backends.
+    """
+    if IS_JAX:
+        model.jax_state_sync()
+    return model

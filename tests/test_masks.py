@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras
+from backends import IS_JAX, IS_TF, IS_TORCH, gradients, jax_only, tensor, tf_only, torch_only
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 
@@ -26,10 +26,9 @@ def _mask_variables(opt):
 
 def _train_steps(model, opt, x, y, steps=3):
     """Eager custom loop: a few MSE steps through `opt.apply`."""
+    x, y = tensor(x, "float32"), tensor(y, "float32")
     for _ in range(steps):
-        with tf.GradientTape() as tape:
-            loss = keras.ops.mean((model(x) - y) ** 2)
-        grads = tape.gradient(loss, model.trainable_variables)
+        grads = gradients(lambda: keras.ops.mean((model(x) - y) ** 2), model.trainable_variables)
         opt.apply(grads, model.trainable_variables)
 
 
@@ -348,13 +347,15 @@ def test_builder_masks_compose_with_freeze_and_unfreeze():
 
 
 def _loop_fisher(model, x, y, loss_fn):
-    """Slow reference: one GradientTape per example."""
-    sums = [np.zeros(v.shape) for v in model.trainable_variables]
+    """Slow reference: one eager gradient per example (the active backend's
+    autodiff, not the vectorised path under test)."""
+    variables = model.trainable_variables
+    sums = [np.zeros(v.shape) for v in variables]
     for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            value = keras.ops.mean(loss_fn(y[i : i + 1], model(x[i : i + 1])))
-        for s, g in zip(sums, tape.gradient(value, model.trainable_variables)):
-            s += np.square(np.asarray(tf.convert_to_tensor(g), np.float64))
+        xi, yi = tensor(x[i : i + 1]), tensor(y[i : i + 1])
+        grads = gradients(lambda: keras.ops.mean(loss_fn(yi, model(xi))), variables)
+        for s, g in zip(sums, grads):
+            s += np.square(keras.ops.convert_to_numpy(g).astype(np.float64))
     return [s / len(x) for s in sums]
 
 
@@ -434,7 +435,23 @@ def test_fisher_mask_has_exact_global_count_and_top_scores(rng):
     assert flat[chosen].min() >= flat[~chosen].max()
 
 
-def test_fisher_scores_from_dataset_and_num_batches(rng):
+def test_fisher_scores_from_iterable_of_batches_and_num_batches(rng):
+    model = _dense_model()
+    x = rng.normal(size=(12, 4)).astype("float32")
+    y = rng.normal(size=(12, 2)).astype("float32")
+    ref = M.fisher_scores(model, (x, y), loss="mse", batch_size=12)
+    batches = M.fisher_scores(model, [(x[:5], y[:5]), (x[5:], y[5:])], loss="mse")
+    first = M.fisher_scores(model, [(x[:4], y[:4]), (x[4:], y[4:])], loss="mse", num_batches=1)
+    only4 = M.fisher_scores(model, (x[:4], y[:4]), loss="mse")
+    for p in ref:
+        np.testing.assert_allclose(batches[p], ref[p], rtol=1e-5)
+        np.testing.assert_allclose(first[p], only4[p], rtol=1e-6)
+
+
+@tf_only  # a tf.data pipeline yields TensorFlow tensors
+def test_fisher_scores_from_tf_data_dataset(rng):
+    import tensorflow as tf
+
     model = _dense_model()
     x = rng.normal(size=(12, 4)).astype("float32")
     y = rng.normal(size=(12, 2)).astype("float32")
@@ -442,11 +459,82 @@ def test_fisher_scores_from_dataset_and_num_batches(rng):
     from_ds = M.fisher_scores(
         model, tf.data.Dataset.from_tensor_slices((x, y)).batch(6), loss="mse"
     )
-    first = M.fisher_scores(model, [(x[:4], y[:4]), (x[4:], y[4:])], loss="mse", num_batches=1)
-    only4 = M.fisher_scores(model, (x[:4], y[:4]), loss="mse")
     for p in ref:
         np.testing.assert_allclose(from_ds[p], ref[p], rtol=1e-5)
-        np.testing.assert_allclose(first[p], only4[p], rtol=1e-6)
+
+
+def _record_torch_steps(monkeypatch):
+    """On torch, the per-example gradient objects `fisher_scores` creates."""
+    made = []
+    if IS_TORCH:
+        cls = M._SQUARED_GRAD_SUMS["torch"]
+
+        def make(*args):
+            made.append(cls(*args))
+            return made[-1]
+
+        monkeypatch.setitem(M._SQUARED_GRAD_SUMS, "torch", make)
+    return made
+
+
+def test_fisher_scores_of_conv_model_match_per_example_loop(rng, monkeypatch):
+    # On torch, torch.func.vmap rejects Conv2D's channels-last copy: the
+    # per-example loop takes over (and must give the same numbers).
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            keras.layers.Conv2D(3, 3, activation="tanh"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
+    x = rng.normal(size=(6, 5, 5, 2)).astype("float32")
+    y = rng.integers(0, 2, size=(6,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    made = _record_torch_steps(monkeypatch)
+    scores = M.fisher_scores(model, (x, y), loss=loss)  # one batch: one XLA compile on JAX
+    expected = _loop_fisher(model, x, y, loss)
+    for v, e in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(scores[v.path], e, rtol=1e-4, atol=1e-9)
+    if IS_TORCH:
+        assert [m.vectorised for m in made] == [False]
+
+
+@torch_only
+def test_fisher_scores_on_torch_are_vectorised_for_dense_layers(rng, monkeypatch):
+    model = _dense_model(units=(5, 2), activation="relu")
+    made = _record_torch_steps(monkeypatch)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    M.fisher_scores(model, (x, y), loss="mse")
+    assert [m.vectorised for m in made] == [True]
+
+
+@jax_only
+def test_builders_on_detached_jax_variables_say_to_sync_first(rng):
+    # During a JAX `fit` the trainer holds the weights; a callback that reads
+    # the model from a closure (not `self.model`) sees detached variables.
+    model = _dense_model()
+    model.compile(optimizer="sgd", loss="mse")
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    calls = {
+        "fisher_scores": lambda: M.fisher_scores(model, (x, y)),
+        "magnitude": lambda: M.magnitude(0.5)(model.trainable_variables[0]),
+    }
+    for name, call in calls.items():
+        cb = keras.callbacks.LambdaCallback(
+            on_train_batch_begin=lambda batch, logs: call() if batch == 1 else None
+        )
+        with pytest.raises(RuntimeError, match=r"'sequential/dense/kernel' is held by JAX's trainer.*self\.model"):
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    synced = []
+    cb = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: synced.append(M.fisher_scores(cb.model, (x, y)))
+    )
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    assert len(synced) == 2
 
 
 def test_fisher_scores_build_unbuilt_subclassed_model(rng):
