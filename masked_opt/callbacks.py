@@ -19,6 +19,15 @@ def begin(batch, logs):
 
 model.fit(x, y, callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=begin)])
 ```
+
+Backends: all of this works on TensorFlow, JAX and torch. On JAX, `fit` keeps
+the weights, optimizer state and masks in the trainer and detaches them from
+the variables until `model.jax_state_sync()`; `Callback.model` syncs (on
+every access), and so do `set_mask`/`freeze`/`unfreeze`/`get_mask` once the
+optimizer has run a step. A callback that reads weights from a model it
+holds in a closure must sync first (`model.jax_state_sync()`). The callbacks
+here sync only at the steps where they change masks: they read the step
+from the trainer's state without reattaching it.
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ import numpy as np
 
 import keras
 
+from masked_opt import _backend
 from masked_opt.optimizer import MaskedOptimizer
 from masked_opt.registry import Key, MaskValue, check_key, describe_key, match_key
 
-__all__ = ["DynamicMask", "GradualUnfreezing", "MaskUpdateFn", "masked_optimizer"]
+__all__ = ["DynamicMask", "GradualUnfreezing", "MaskUpdateFn", "current_step", "masked_optimizer"]
 
 MaskUpdateFn = Callable[[keras.Model, MaskedOptimizer, int], Union[Mapping[Key, MaskValue], None]]
 """`fn(model, optimizer, step) -> {key: mask}`, or None for "no change"."""
@@ -74,6 +84,34 @@ def masked_optimizer(model: keras.Model, *, build: bool = True) -> MaskedOptimiz
     return optimizer
 
 
+def current_step(model: keras.Model) -> int:
+    """`model.optimizer.iterations` as an int, read cheaply during `fit`.
+
+    On JAX, while `fit` holds the state (the variables detached), the value
+    is read from the trainer's optimizer state without reattaching the
+    model: syncing on every batch would cost a pass over every variable per
+    step. Elsewhere, and if that state cannot be read, it is the variable's
+    value (after a sync on JAX).
+    """
+    optimizer = model.optimizer
+    variables = list(optimizer.variables)
+    # `iterations` may be computed from several scalars (gradient
+    # accumulation divides it); they are few.
+    scalars = [i for i, v in enumerate(variables) if len(v.shape) == 0]
+    if any(_backend.is_purged(variables[i]) for i in scalars):
+        state = getattr(model, "_jax_state", None) or {}
+        values = state.get("optimizer_variables")
+        if values is not None and len(values) == len(variables):
+            mapping = [(variables[i], values[i]) for i in scalars]
+            try:
+                with keras.StatelessScope(state_mapping=mapping):
+                    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+            except (TypeError, ValueError, AttributeError):
+                pass
+        model.jax_state_sync()
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}.")
@@ -87,7 +125,9 @@ class DynamicMask(keras.callbacks.Callback):
     None for "no change"; each mask is applied with `optimizer.set_mask`. It is
     called before the step (or epoch) it first applies to, starting at step 0,
     so a change takes effect at the very next step and never retraces. `step`
-    is `optimizer.iterations`, which carries over between `fit` calls.
+    is `optimizer.iterations`, which carries over between `fit` calls. `fn`
+    sees the model's current weights on every backend (on JAX the trainer's
+    state is synced into the variables just before, and only then).
 
     Args:
         fn: the mask function.
@@ -147,21 +187,22 @@ class DynamicMask(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0:
-            optimizer = masked_optimizer(self.model)
-            self._update(optimizer, int(optimizer.iterations.numpy()))
+            model = self.model  # syncs JAX's trainer state
+            self._update(model, masked_optimizer(model), current_step(model))
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.every_n_steps is None:
             return
-        optimizer = masked_optimizer(self.model)
-        step = int(optimizer.iterations.numpy())
+        # `self._model`, not `self.model`: no JAX state sync unless `fn` runs.
+        step = current_step(self._model)
         bucket = step // self.every_n_steps
         if bucket != self._last_bucket:
-            self._update(optimizer, step)
+            model = self.model
+            self._update(model, masked_optimizer(model), step)
             self._last_bucket = bucket
 
-    def _update(self, optimizer: MaskedOptimizer, step: int) -> None:
-        masks = self.fn(self.model, optimizer, step)
+    def _update(self, model: keras.Model, optimizer: MaskedOptimizer, step: int) -> None:
+        masks = self.fn(model, optimizer, step)
         if masks is None:
             return
         if not isinstance(masks, Mapping):

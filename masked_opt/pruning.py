@@ -31,7 +31,7 @@ import numpy as np
 
 import keras
 
-from masked_opt.callbacks import masked_optimizer
+from masked_opt.callbacks import current_step, masked_optimizer
 from masked_opt.masks import count
 from masked_opt.optimizer import MaskedOptimizer
 from masked_opt.registry import Key, check_key, match_key
@@ -164,9 +164,13 @@ def prune_variable(
     The `n = size - count(1 - sparsity, size)` elements with the smallest |w|
     (already `pruned` ones first, ties to the lower flat index) are set to
     exactly 0 and frozen; pruning never regrows. Other mask entries are kept.
+
+    Callable from any callback during `fit`: on JAX, reading the mask first
+    syncs the trainer's state once the optimizer has run a step.
     """
     sparsity = _check_sparsity(sparsity, "sparsity")
-    w = keras.ops.convert_to_numpy(variable.value)
+    mask = optimizer.get_mask(variable)  # first: on JAX it syncs a detached state
+    w = np.array(keras.ops.convert_to_numpy(variable.value))
     size = w.size
     pruned = np.zeros(w.shape, bool) if pruned is None else np.asarray(pruned, bool)
     n_prune = max(size - count(1.0 - sparsity, size), int(np.count_nonzero(pruned)))
@@ -176,7 +180,7 @@ def prune_variable(
     new[np.argsort(scores, kind="stable")[:n_prune]] = True
     new = new.reshape(w.shape)
     variable.assign(np.where(new, np.zeros((), w.dtype), w))
-    optimizer.set_mask(variable, optimizer.get_mask(variable) & ~new)
+    optimizer.set_mask(variable, mask & ~new)
     return new
 
 
@@ -191,6 +195,10 @@ class MagnitudePruning(keras.callbacks.Callback):
 
     The targeted variables need full-shape masks: compile with
     `MaskedOptimizer(inner, masks=prunable_masks(keys))`.
+
+    Works on TensorFlow, JAX and torch. On JAX the trainer's state is synced
+    into the variables only before the steps that prune (the step is read
+    from the trainer's state, see `masked_opt.callbacks.current_step`).
 
     Args:
         schedule: a `PruningSchedule` (`PolynomialSparsity`, `ConstantSparsity`).
@@ -217,8 +225,9 @@ class MagnitudePruning(keras.callbacks.Callback):
         self.last_pruned_step: int | None = None
 
     def on_train_begin(self, logs=None):
-        optimizer = masked_optimizer(self.model)
-        variables = self.model.trainable_variables
+        model = self.model  # syncs JAX's trainer state
+        optimizer = masked_optimizer(model)
+        variables = model.trainable_variables
         targets: list[keras.Variable] = []
         for key in self.keys:
             for i in match_key(key, variables, argument="MagnitudePruning(keys)"):
@@ -246,10 +255,12 @@ class MagnitudePruning(keras.callbacks.Callback):
         return repr(keys[0]) if len(keys) == 1 else repr(keys)
 
     def on_train_batch_begin(self, batch, logs=None):
-        optimizer = masked_optimizer(self.model)
-        step = int(optimizer.iterations.numpy())
+        # `self._model`, not `self.model`: on JAX, sync the trainer's state
+        # only at the steps that prune.
+        step = current_step(self._model)
         if step == self.last_pruned_step or not self.schedule.should_prune(step):
             return
+        optimizer = masked_optimizer(self.model)
         sparsity = self.schedule.sparsity(step)
         self._pruned = [
             prune_variable(optimizer, v, sparsity, pruned)

@@ -4,8 +4,9 @@ import keras
 import numpy as np
 import pytest
 
+from backends import IS_JAX, IS_TORCH, jax_only, synced
 from masked_opt import MaskedOptimizer
-from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer
+from masked_opt.callbacks import DynamicMask, GradualUnfreezing, current_step, masked_optimizer
 
 
 class TraceCounter(keras.layers.Layer):
@@ -114,6 +115,56 @@ def test_dynamic_mask_every_n_epochs_calls_at_epoch_starts():
     assert steps == [0, 8, 16]  # epochs 0, 2, 4 at 4 steps per epoch
 
 
+def test_current_step_is_the_optimizer_iterations_at_every_batch():
+    # With gradient accumulation `iterations` is the raw step count // 2;
+    # on JAX `current_step` reads it from the trainer's state, unsynced.
+    x, y = data(n=40)
+    model = compile_(mlp(), keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+                     {"hidden_0/kernel": True})
+    seen = []
+
+    def begin(batch, logs):
+        cheap = current_step(model)
+        seen.append((cheap, int(keras.ops.convert_to_numpy(synced(model).optimizer.iterations))))
+
+    cb = keras.callbacks.LambdaCallback(on_train_batch_begin=begin)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[cb])
+    assert [cheap for cheap, _ in seen] == [full for _, full in seen]
+    assert [cheap for cheap, _ in seen] == [i // 2 for i in range(20)]
+
+
+@jax_only
+def test_dynamic_mask_on_jax_syncs_the_trainer_state_only_when_fn_runs(monkeypatch):
+    x, y = data(n=32)
+    model = compile_(mlp(), keras.optimizers.SGD(0.1), {"hidden_0/kernel": np.ones((6, 5), bool)})
+    real_syncs = []
+    sync = model.jax_state_sync
+
+    def counting_sync():
+        if not model._jax_state_synced:
+            real_syncs.append(1)
+        sync()
+
+    monkeypatch.setattr(model, "jax_state_sync", counting_sync)
+    frozen = np.ones((6, 5), bool)
+    frozen[0] = False
+    steps = []
+
+    def fn(model, optimizer, step):
+        steps.append(step)
+        return {"hidden_0/kernel": frozen}
+
+    kernel = model.get_layer("hidden_0").kernel
+    before = kernel.numpy().copy()
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+              callbacks=[DynamicMask(fn, every_n_steps=3)])  # 16 steps
+    assert steps == [0, 3, 6, 9, 12, 15]
+    # One sync per call of `fn` (none at step 0: nothing detached yet) plus
+    # the trainer's own at each epoch end; not one per batch.
+    assert len(real_syncs) <= len(steps) + 2 < 16
+    assert np.array_equal(kernel.numpy()[0], before[0])
+
+
 def test_dynamic_mask_wrong_shape_names_variable_path_and_shape():
     x, y = data()
     model = compile_(mlp(), keras.optimizers.SGD(0.1), {"hidden_0/kernel": np.ones((6, 5), bool)})
@@ -187,21 +238,22 @@ def test_masks_set_from_on_train_batch_begin_act_at_that_step_without_retracing(
     log = []
 
     def begin(batch, logs):
-        opt = masked_optimizer(model)
+        opt = masked_optimizer(synced(model))  # the closure's model: sync on JAX
         step = int(opt.iterations.numpy())
         for key, mask in schedule[step].items():
             opt.set_mask(key, mask)
         log.append([step, snapshot(model), None, counter.count])
 
     def end(batch, logs):
-        log[-1][2] = snapshot(model)
+        log[-1][2] = snapshot(synced(model))
 
     cb = keras.callbacks.LambdaCallback(on_train_batch_begin=begin, on_train_batch_end=end)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
 
     assert len(log) == 12
-    traces = {entry[3] for entry in log[1:]}
-    assert traces == {counter.count}, "mask changes must not retrace the train function"
+    if not IS_TORCH:  # eager torch runs `call` every step: nothing is traced
+        traces = {entry[3] for entry in log[1:]}
+        assert traces == {counter.count}, "mask changes must not retrace the train function"
     for step, before, after, _ in log:
         for key, mask in schedule[step].items():
             path = "net/" + key
@@ -219,7 +271,7 @@ def test_element_frozen_mid_training_keeps_its_value_from_freeze_time_until_unfr
     seen = {}
 
     def begin(batch, logs):
-        opt = masked_optimizer(model)
+        opt = masked_optimizer(synced(model))
         step = int(opt.iterations.numpy())
         if step == 2:
             opt.freeze("hidden_0/kernel", where)
@@ -248,7 +300,7 @@ def test_gradual_unfreezing_unfreezes_groups_last_to_first_per_stage():
     compile_(model, keras.optimizers.AdamW(0.05, weight_decay=0.1), unfreeze.masks())
     snaps = []
     cb = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda e, logs: snaps.append(snapshot(model)))
+        on_epoch_begin=lambda e, logs: snaps.append(snapshot(synced(model))))
     model.fit(x, y, batch_size=8, epochs=6, verbose=0, callbacks=[unfreeze, cb])
     snaps.append(snapshot(model))
 

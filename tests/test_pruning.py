@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from backends import synced
 from masked_opt import MaskedOptimizer
 from masked_opt.callbacks import masked_optimizer
 from masked_opt.pruning import (
@@ -114,7 +115,7 @@ def test_schedule_drives_sparsity_at_each_pruning_step_during_fit():
     zeros = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda b, logs: zeros.append(
-            [int(np.count_nonzero(k.numpy() == 0)) for k in kernels(model)]))
+            [int(np.count_nonzero(k.numpy() == 0)) for k in kernels(synced(model))]))
     model.fit(x, y, batch_size=4, epochs=1, verbose=0,
               callbacks=[MagnitudePruning(schedule, keys=".*kernel"), record])  # 16 steps
 
@@ -146,6 +147,32 @@ def test_pruned_weights_stay_exactly_zero_through_further_training(name):
         assert np.array_equal(after[zero], np.zeros(np.count_nonzero(zero), "float32"))
         assert np.signbit(after[zero]).sum() == 0  # +0.0, not -0.0
         assert np.all(after[~zero] != before[~zero])  # the rest keeps training
+
+
+def test_prune_variable_from_a_callback_holding_only_the_optimizer():
+    # On JAX the weights are detached during `fit`: `prune_variable` reads the
+    # mask first, which syncs the trainer's state, so the closure needs no sync.
+    x, y = data()
+    model = compiled(keras.optimizers.Adam(0.05))
+    opt = masked_optimizer(model)
+    kernel = model.get_layer("hidden").kernel
+    initial = kernel.numpy().copy()
+    seen = {}
+
+    def begin(batch, logs):
+        if batch == 3:
+            seen["pruned"] = prune_variable(opt, kernel, 0.5)
+            seen["at_prune"] = kernel.numpy().copy()
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=begin)])
+    pruned, after = seen["pruned"], kernel.numpy()
+    survivors = seen["at_prune"][~pruned]
+    assert np.all(survivors != initial[~pruned])  # the trained weights, not stale ones
+    assert np.count_nonzero(pruned) == expected_zeros(0.5, after.size)
+    assert np.array_equal(after[pruned], np.zeros(np.count_nonzero(pruned), "float32"))
+    assert np.count_nonzero(after == 0) == np.count_nonzero(pruned)
+    np.testing.assert_array_equal(opt.get_mask(kernel), ~pruned)
 
 
 def test_pruning_never_regrows_when_sparsity_target_drops():

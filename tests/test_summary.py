@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
+from backends import gradients, tensor
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 from masked_opt import summary as S
@@ -30,9 +30,9 @@ def _built(masks, inner=None, build=True):
 
 
 def _step(model, opt, x, y):
-    with tf.GradientTape() as tape:
-        loss = keras.ops.mean((model(x) - y) ** 2)
-    opt.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    x, y = tensor(x), tensor(y)
+    grads = gradients(lambda: keras.ops.mean((model(x) - y) ** 2), model.trainable_variables)
+    opt.apply(grads, model.trainable_variables)
 
 
 def _data(n=16):
@@ -299,6 +299,21 @@ def test_verify_frozen_callback_unwraps_loss_scale_optimizer():
     x, y = _data()
     with pytest.raises(S.FrozenWeightsChangedError, match="dense/kernel"):
         model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[_Tamper(), cb])
+
+
+def test_verify_frozen_between_batches_from_a_callback_holding_only_the_optimizer():
+    # On JAX the weights are detached during `fit`; `verify_frozen` reads the
+    # masks first (which syncs the trainer's state), then the weights.
+    model, opt, mask = _half_frozen(keras.optimizers.AdamW(0.05, weight_decay=0.5))
+    model.compile(opt, loss="mse")
+    ref = S.snapshot_frozen(opt)
+    checked = []
+    cb = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: checked.append(S.verify_frozen(opt, ref)))
+    x, y = _data()
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[cb])
+    assert checked == [int((~mask).sum()) + 2] * 4
+    assert S.mask_summary(opt).frozen == int((~mask).sum()) + 2
 
 
 def test_verify_frozen_callback_rejects_non_masked_optimizer():
