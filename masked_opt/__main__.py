@@ -12,6 +12,7 @@ def _usage() -> str:
     lines = ["usage: python -m masked_opt <command> [options]", "", "commands:"]
     lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
     lines.append("\n`python -m masked_opt <command> --help` for a command's options.")
+    lines.append("The Keras backend is the one KERAS_BACKEND names (tensorflow, jax or torch).")
     return "\n".join(lines)
 
 
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    # Quiet TensorFlow's C++ logging; must happen before TensorFlow is imported.
+    # Quiet TensorFlow's C++ logging (if the backend or another import loads
+    # it); must happen before TensorFlow is imported.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from masked_opt import demo
 

@@ -93,16 +93,39 @@ def test_help_lists_the_options(capsys):
         assert option in out
 
 
-def test_cli_quick_run_exits_zero_and_prints_the_table(tmp_path):
+def test_cli_quick_run_exits_zero_and_prints_the_proof(tmp_path):
+    # Runs under the test session's backend (KERAS_BACKEND is inherited).
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, "-m", "masked_opt", "demo", "--quick", "--verbose", "0",
-         "--out", str(tmp_path / "cli.png")],
+        [sys.executable, "-m", "masked_opt", "demo", "--quick", "--epochs", "1",
+         "--verbose", "0", "--out", str(tmp_path / "cli.png")],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "frozen weights unchanged" in proc.stdout
+    table = proc.stdout.split("frozen weights unchanged", 1)[1]
+    assert [line.rsplit("  ", 1)[-1] for line in table.splitlines()[2:5]] == [
+        "n/a (none frozen)", "yes", "yes"]
     assert (tmp_path / "cli.png").exists()
+
+
+def test_shuffled_batches_are_full_seeded_and_reshuffled_each_epoch():
+    x = np.arange(10, dtype="float32")[:, None] * 2
+    y = np.arange(10)
+    batches = demo.shuffled_batches(x, y, 4, seed=0)
+    assert len(batches) == 2  # the last, partial batch is dropped
+
+    def epoch(ds):
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        assert all(b.shape == (4, 1) for b in xs)
+        np.testing.assert_array_equal(np.concatenate(xs)[:, 0], 2 * np.concatenate(ys))
+        return np.concatenate(ys)
+
+    first = epoch(batches)
+    assert len(set(first.tolist())) == 8
+    np.testing.assert_array_equal(epoch(demo.shuffled_batches(x, y, 4, seed=0)), first)
+    assert not np.array_equal(epoch(demo.shuffled_batches(x, y, 4, seed=1)), first)
+    batches.on_epoch_end()
+    assert not np.array_equal(epoch(batches), first)
 
 
 def test_cli_without_command_prints_usage_and_unknown_command_fails(capsys):
