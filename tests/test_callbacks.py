@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from backends import IS_JAX, IS_TORCH, jax_only, synced
+from backends import IS_TORCH, jax_only, synced
 from masked_opt import MaskedOptimizer
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, current_step, masked_optimizer
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras
-from backends import IS_JAX, IS_TF, IS_TORCH, gradients, jax_only, tensor, tf_only, torch_only
+from backends import IS_TORCH, gradients, jax_only, tensor, tf_only, torch_only
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 
