@@ -27,7 +27,8 @@ every access), and so do `set_mask`/`freeze`/`unfreeze`/`get_mask` once the
 optimizer has run a step. A callback that reads weights from a model it
 holds in a closure must sync first (`model.jax_state_sync()`). The callbacks
 here sync only at the steps where they change masks: they read the step
-from the trainer's state without reattaching it.
+from the trainer's state without reattaching it (`current_step(self)`, also
+for your own callbacks).
 """
 
 from __future__ import annotations
@@ -84,15 +85,27 @@ def masked_optimizer(model: keras.Model, *, build: bool = True) -> MaskedOptimiz
     return optimizer
 
 
-def current_step(model: keras.Model) -> int:
+def _unsynced_model(callback: keras.callbacks.Callback) -> keras.Model:
+    """The callback's model without the JAX state sync that `Callback.model`
+    performs on every access (elsewhere `callback.model`, which also unwraps
+    torch's DistributedDataParallel)."""
+    if _backend.IS_JAX:
+        return callback._model
+    return callback.model
+
+
+def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
     """`model.optimizer.iterations` as an int, read cheaply during `fit`.
 
-    On JAX, while `fit` holds the state (the variables detached), the value
-    is read from the trainer's optimizer state without reattaching the
-    model: syncing on every batch would cost a pass over every variable per
-    step. Elsewhere, and if that state cannot be read, it is the variable's
-    value (after a sync on JAX).
+    Pass the model, or, in a callback, the callback itself (`current_step(self)`:
+    `self.model` would sync JAX's trainer state first). On JAX, while `fit`
+    holds the state (the variables detached), the value is read from the
+    trainer's optimizer state without reattaching the model: syncing on every
+    batch would cost a pass over every variable per step. Elsewhere, and if
+    that state cannot be read, it is the variable's value (after a sync on JAX).
     """
+    if isinstance(model, keras.callbacks.Callback):
+        model = _unsynced_model(model)
     optimizer = model.optimizer
     variables = list(optimizer.variables)
     # `iterations` may be computed from several scalars (gradient
@@ -193,8 +206,8 @@ class DynamicMask(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.every_n_steps is None:
             return
-        # `self._model`, not `self.model`: no JAX state sync unless `fn` runs.
-        step = current_step(self._model)
+        # No JAX state sync unless `fn` runs.
+        step = current_step(self)
         bucket = step // self.every_n_steps
         if bucket != self._last_bucket:
             model = self.model

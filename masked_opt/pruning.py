@@ -255,9 +255,8 @@ class MagnitudePruning(keras.callbacks.Callback):
         return repr(keys[0]) if len(keys) == 1 else repr(keys)
 
     def on_train_batch_begin(self, batch, logs=None):
-        # `self._model`, not `self.model`: on JAX, sync the trainer's state
-        # only at the steps that prune.
-        step = current_step(self._model)
+        # On JAX, sync the trainer's state only at the steps that prune.
+        step = current_step(self)
         if step == self.last_pruned_step or not self.schedule.should_prune(step):
             return
         optimizer = masked_optimizer(self.model)
