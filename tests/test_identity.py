@@ -3,8 +3,15 @@
 With no masks, and with all-True masks (a scalar True, a full-shape all-True
 array, an all-True column mask), MaskedOptimizer leaves weights *and* the inner
 optimizer's state bit-identical to the bare inner optimizer, for every optimizer
-in the table, through `model.fit` and through a custom loop. And no inner state
-goes missing from the wrapper's `variables` (what Keras saves and restores).
+in the table, through `model.fit` and through a custom loop, on every backend.
+And no inner state goes missing from the wrapper's `variables` (what Keras
+saves and restores).
+
+Bit-identity holds where both sides run as one kind of program: eagerly (the
+custom loop, torch's `fit`) or in TensorFlow graph mode (TF's `fit`). JAX's
+`fit` compiles the masked and the bare train step as two separate XLA
+programs, which may round differently in the last bit: there the comparison
+allows a stated ulp bound (`JAX_FIT_MAX_ULP`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ import re
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
+from backends import IS_JAX, assert_max_ulp, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
@@ -46,17 +53,28 @@ def _model() -> keras.Model:
 
 
 def _state(optimizer) -> list[np.ndarray]:
-    return [np.array(v.numpy()) for v in optimizer.variables]
+    return [to_numpy(v) for v in optimizer.variables]
 
 
-def _assert_identical(got_weights, got_state, want_weights, want_state, label: str) -> None:
+def _assert_identical(
+    got_weights, got_state, want_weights, want_state, label: str, maxulp: int = 0
+) -> None:
+    """Bit-identical weights and inner state (`maxulp=0`), or within `maxulp`
+    ulp (two separately compiled programs)."""
     for path, g, w in zip(PATHS, got_weights, want_weights):
-        assert np.array_equal(g, w), f"{label}: weights {path} differ from the bare optimizer's"
+        if maxulp:
+            assert_max_ulp(g, w, maxulp, f"{label}: weights {path}")
+        else:
+            assert np.array_equal(g, w), f"{label}: weights {path} differ from the bare optimizer's"
     assert len(got_state) == len(want_state), (
         f"{label}: {len(got_state)} vs {len(want_state)} inner variables"
     )
     for i, (g, w) in enumerate(zip(got_state, want_state)):
-        assert g.shape == w.shape and np.array_equal(g, w), f"{label}: inner variable {i} differs"
+        assert g.shape == w.shape, f"{label}: inner variable {i}: {g.shape} vs {w.shape}"
+        if maxulp:
+            assert_max_ulp(g, w, maxulp, f"{label}: inner variable {i}")
+        else:
+            assert np.array_equal(g, w), f"{label}: inner variable {i} differs"
 
 
 # ------------------------------------------------------------------ model.fit
@@ -70,8 +88,8 @@ def _fit(opt_id: str, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
     x = rng.normal(size=(16, 5)).astype("float32")
     y = rng.normal(size=(16, 4)).astype("float32")
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
-    assert int(inner.iterations.numpy()) == 4
-    return [np.array(v.numpy()) for v in model.trainable_variables], _state(inner)
+    assert int(to_numpy(inner.iterations)) == 4
+    return [to_numpy(v) for v in model.trainable_variables], _state(inner)
 
 
 @functools.cache
@@ -86,12 +104,21 @@ FIT_CASES = [(o, "all_true") for o in OPT_IDS] + [
 ]
 
 
+# JAX's `fit` runs the masked and the bare step as two separately compiled XLA
+# programs (TF's runs both in graph mode, torch's eagerly: bitwise there).
+# Measured on an AMD EPYC CPU (AVX-512): Adam's and Adam-amsgrad's inner state
+# 1 ulp (XLA fuses the all-True masking into the update differently), every
+# other optimizer and all weights 0. Allowed: 2.
+JAX_FIT_MAX_ULP = 2
+
+
 @pytest.mark.parametrize("opt_id,masking", FIT_CASES)
 def test_fit_without_frozen_elements_equals_bare_optimizer(opt_id, masking):
     want = _bare_fit(opt_id)
     keras.backend.clear_session(free_memory=False)
     got = _fit(opt_id, MASKINGS[masking])
-    _assert_identical(*got, *want, f"{opt_id}/{masking} fit")
+    maxulp = JAX_FIT_MAX_ULP if IS_JAX else 0
+    _assert_identical(*got, *want, f"{opt_id}/{masking} fit", maxulp=maxulp)
 
 
 # ---------------------------------------------------------------- custom loop
@@ -107,10 +134,10 @@ FEATURES = {
 LOOP_STEPS = 4
 
 
-def _grads(seed: int = 11) -> list[list[tf.Tensor]]:
+def _grads(seed: int = 11) -> list[list]:
     rng = np.random.default_rng(seed)
     return [
-        [tf.constant(rng.normal(size=s).astype("float32")) for s in SHAPES]
+        [tensor(rng.normal(size=s).astype("float32")) for s in SHAPES]
         for _ in range(LOOP_STEPS)
     ]
 
@@ -124,7 +151,7 @@ def _loop(opt_id: str, masks, *, features: bool = True):
     for g in _grads():
         opt.apply_gradients(zip(g, variables))
     opt.finalize_variable_values(variables)
-    return [np.array(v.numpy()) for v in variables], _state(inner)
+    return [to_numpy(v) for v in variables], _state(inner)
 
 
 @functools.cache
@@ -151,7 +178,7 @@ def test_all_true_masked_variables_match_bare_while_another_variable_is_frozen()
     for i in (0, 2):
         assert np.array_equal(got[0][i], want[0][i]), PATHS[i]
     assert not np.array_equal(got[0][1], want[0][1])  # the frozen element made a difference
-    assert got[0][1][1] == _model().trainable_variables[1].numpy()[1]
+    assert got[0][1][1] == to_numpy(_model().trainable_variables[1])[1]
 
 
 # ------------------------------------------------------- no state goes missing
@@ -174,7 +201,7 @@ def test_wrapper_variables_hold_all_inner_state(opt_id):
     bare = OPTIMIZERS[opt_id](**STATE_KWARGS)
     bare.build(variables)
     masked = MaskedOptimizer(OPTIMIZERS[opt_id](**STATE_KWARGS), ALL_TRUE)
-    masked.apply_gradients(zip([tf.zeros(s) for s in SHAPES], variables))
+    masked.apply_gradients(zip([tensor(np.zeros(s, "float32")) for s in SHAPES], variables))
     inner = masked.inner_optimizer
     # Same inner variables as a bare optimizer of the same config (Nadam's
     # `_u_product`, Adafactor's placeholders, EMA, accumulators included).

@@ -1,19 +1,33 @@
 """`MaskedOptimizer(..., jit_compile=True)`: the whole masked update as one XLA function.
 
-Its promise: frozen elements bit-identical, and everything else bit-identical to the
-bare inner optimizer compiled with XLA (not to graph mode: XLA rounds differently).
+TensorFlow only; on JAX and torch the constructor refuses it (their trainers
+compile the masked update with the train step).
+
+Its promise: frozen elements bit-identical (asserted with `np.array_equal`),
+and everything else as the bare inner optimizer compiled with XLA computes it
+(not graph mode: XLA rounds differently). The masked update and the bare one
+are two separately compiled XLA programs, which XLA may fuse and round
+differently in the last bit, depending on the CPU: they are compared within
+`JIT_MAX_ULP`.
 """
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras
+from backends import BACKEND, IS_TF, assert_max_ulp, tf_only
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
+if IS_TF:
+    import tensorflow as tf
+
 SHAPES = [(5, 4), (4,), (4, 3)]
-ROUNDS_DIFFERENTLY = {"schedule_free_adamw": 1}  # max ulps; every other optimizer is bitwise
+# Max ulps between the masked XLA update and a separately compiled bare XLA
+# update, for every optimizer. Measured on an AMD EPYC with AVX-512: Ftrl
+# (weight decay, frozen elements present) 1 ulp, ScheduleFreeAdamW 1 ulp,
+# every other optimizer 0. Frozen elements are exact regardless.
+JIT_MAX_ULP = 2
 
 
 def _setup(seed=0, steps=3):
@@ -40,8 +54,9 @@ def _bare_under_xla(optimizer, init):
     return variables, optimizer, step
 
 
+@tf_only
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_all_true_jit_matches_the_bare_optimizer_under_xla_bitwise(name):
+def test_all_true_jit_matches_the_bare_optimizer_under_xla(name):
     init, grads, _ = _setup()
     bare_vars, bare, bare_step = _bare_under_xla(OPTIMIZERS[name](weight_decay=0.01), init)
 
@@ -56,13 +71,14 @@ def test_all_true_jit_matches_the_bare_optimizer_under_xla_bitwise(name):
         bare_step(gs)
         opt.apply(gs, vs)
     for a, b in zip(bare_vars, vs):
-        assert np.array_equal(a.numpy(), b.numpy()), (name, a.path)
+        assert_max_ulp(b.numpy(), a.numpy(), JIT_MAX_ULP, f"{name}: {a.path}")
     inner = opt.inner_optimizer.variables
     assert len(inner) == len(bare.variables)
     for a, b in zip(bare.variables, inner):
-        assert np.array_equal(a.numpy(), b.numpy()), (name, a.path)
+        assert_max_ulp(b.numpy(), a.numpy(), JIT_MAX_ULP, f"{name}: {a.path}")
 
 
+@tf_only
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_jit_keeps_frozen_exact_and_matches_an_xla_oracle(name):
     # Oracle: the bare optimizer under XLA fed np.where(mask, g, 0), frozen elements
@@ -84,17 +100,14 @@ def test_jit_keeps_frozen_exact_and_matches_an_xla_oracle(name):
         for v, a, m in zip(vs, init, full):
             assert np.array_equal(v.numpy()[~m], a[~m]), (name, step, v.path)
         for a, b in zip(ref_vars, vs):
-            if name in ROUNDS_DIFFERENTLY:
-                # Fused into one XLA cluster with the restore, its interpolation
-                # rounds differently in the last bits from the separately
-                # compiled bare update; frozen elements are still exact (above).
-                np.testing.assert_array_max_ulp(a.numpy(), b.numpy(), maxulp=ROUNDS_DIFFERENTLY[name])
-            else:
-                assert np.array_equal(a.numpy(), b.numpy()), (name, step, a.path)
+            # Two XLA programs (the masked update fuses the restore in): within
+            # JIT_MAX_ULP. The oracle's frozen elements are NumPy copies, exact.
+            assert_max_ulp(b.numpy(), a.numpy(), JIT_MAX_ULP, f"{name}: step {step} {a.path}")
     moved = [np.any(v.numpy()[m] != a[m]) for v, a, m in zip(vs, init, full) if m.any()]
     assert all(moved), name
 
 
+@tf_only
 def test_jit_fit_keeps_frozen_exact_with_adamw():
     model = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
@@ -116,6 +129,7 @@ def test_jit_fit_keeps_frozen_exact_with_adamw():
     assert len(opt._jit_functions) == 1  # one compiled update, reused
 
 
+@tf_only
 def test_jit_with_sparse_gradients_falls_back_and_keeps_rows_exact():
     # IndexedSlices (Embedding) take the default path; frozen rows stay exact.
     model = keras.Sequential(
@@ -134,3 +148,20 @@ def test_jit_with_sparse_gradients_falls_back_and_keeps_rows_exact():
     e1 = model.layers[0].embeddings.numpy()
     assert np.array_equal(e1[:15], e0[:15])
     assert np.any(e1[15:] != e0[15:])
+
+
+@pytest.mark.skipif(IS_TF, reason="jit_compile=True is supported on TensorFlow")
+def test_jit_compile_is_refused_off_tensorflow_naming_the_backend():
+    with pytest.raises(ValueError, match=f"TensorFlow backend only; the active backend is '{BACKEND}'"):
+        MaskedOptimizer(keras.optimizers.SGD(0.1), jit_compile=True)
+    assert MaskedOptimizer(keras.optimizers.SGD(0.1), jit_compile=False).jit_compile is False
+
+
+@pytest.mark.skipif(IS_TF, reason="jit_compile=True is supported on TensorFlow")
+def test_config_saved_with_jit_compile_loads_without_it_off_tensorflow():
+    # A model saved on TensorFlow with jit_compile=True still loads here.
+    config = MaskedOptimizer(keras.optimizers.SGD(0.1)).get_config()
+    config["jit_compile"] = True
+    with pytest.warns(UserWarning, match=f"loading it on '{BACKEND}' with jit_compile=False"):
+        opt = MaskedOptimizer.from_config(config)
+    assert opt.jit_compile is False
