@@ -5,6 +5,10 @@ live in the optimizer's bool variables, which Keras saves by position. Keras
 only *warns* when the saved variable count differs and assigns by position
 when it matches, so the weights file also carries a small JSON record of
 which masks it holds, and loading refuses a file whose masks differ.
+
+The inner optimizer's config names public Keras classes only, so a file
+saved under one backend rebuilds the loading backend's optimizer
+(`inner_config` / `inner_from_config`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
 
 if TYPE_CHECKING:
@@ -73,6 +78,52 @@ def specs_from_config(entries: list[dict]) -> list[tuple[str, Any]]:
             shape = None if shape is None else tuple(shape)
             specs.append((entry["key"], ConfigMask(shape, entry.get("index"), j)))
     return specs
+
+
+# ------------------------------------------------------- inner optimizer
+
+_BACKEND_MODULES = "keras.src.backend."
+
+
+def inner_config(inner: keras.optimizers.Optimizer) -> dict:
+    """The `keras.saving` config of the inner optimizer, with every built-in
+    Keras optimizer in it (a MultiOptimizer's too) named by its public class.
+
+    On torch, `keras.optimizers.AdamW(...)` returns a subclass from
+    `keras.src.backend.torch.optimizers`, and `keras.saving` records that
+    private module: loaded under another backend, the file would rebuild
+    torch's optimizer there (torch being installed), which fails at the first
+    step with a TypeError from `torch._foreach_*`. Named `keras.optimizers.AdamW`,
+    it becomes the loading backend's own AdamW (torch's again on torch).
+    """
+    return _public_optimizer_classes(keras.saving.serialize_keras_object(inner))
+
+
+def inner_from_config(config: dict, custom_objects: Any = None) -> keras.optimizers.Optimizer:
+    """The inner optimizer rebuilt from `inner_config`'s output, or from a
+    config that still names a backend's private class (a file saved on torch
+    by an earlier version)."""
+    return keras.saving.deserialize_keras_object(
+        _public_optimizer_classes(config), custom_objects=custom_objects
+    )
+
+
+def _public_optimizer_classes(config: Any) -> Any:
+    if isinstance(config, list):
+        return [_public_optimizer_classes(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: _public_optimizer_classes(v) for k, v in config.items()}
+    module, name = out.get("module"), out.get("class_name")
+    if isinstance(module, str) and module.startswith(_BACKEND_MODULES) and isinstance(name, str):
+        public = getattr(keras.optimizers, name, None)
+        if isinstance(public, type) and issubclass(public, keras.optimizers.Optimizer):
+            out["module"] = "keras.optimizers"
+            out["registered_name"] = None
+    return out
+
+
+# ------------------------------------------------------------ weights file
 
 
 def _meta(opt: MaskedOptimizer) -> dict:

@@ -171,3 +171,63 @@ def assert_max_ulp(got, want, maxulp: int, label: str = "") -> None:
             f"{label}: {int(np.sum(dist > maxulp))} of {dist.size} elements differ by more "
             f"than {maxulp} ulp; worst {dist[i]:.0f} ulp at {i}: {got[i]!r} vs {want[i]!r}"
         )
+
+
+# Where a masked model and its oracle each get their own compiled train step
+# (JAX's `fit` jits each model's step), the two are separate XLA programs,
+# which XLA may fuse and round differently in the last bit. TensorFlow (graph
+# mode) and torch (eager) run the same kernels op by op there: to the bit.
+# The bound is in ulp at the array's scale (the spacing of its largest
+# magnitude): elementwise ulp would blow up where an optimizer state
+# cancels towards 0 (Adam's momentum of a gradient that changes sign).
+XLA_MAX_ULP = 4
+
+
+def assert_within_ulp(actual, expected, max_ulp: int = XLA_MAX_ULP, err_msg: str = "") -> None:
+    """|actual - expected| <= max_ulp ulp of the arrays' largest magnitude,
+    elementwise (non-float arrays: equal)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, err_msg
+    if not np.issubdtype(actual.dtype, np.floating):
+        assert np.array_equal(actual, expected), err_msg
+        return
+    assert np.array_equal(np.isfinite(actual), np.isfinite(expected)), err_msg
+    finite = np.isfinite(actual)
+    scale = max(np.max(np.abs(actual[finite]), initial=0), np.max(np.abs(expected[finite]), initial=0))
+    bound = max_ulp * np.spacing(actual.dtype.type(scale))
+    worst = np.max(np.abs(actual[finite] - expected[finite]), initial=0)
+    assert worst <= bound, f"{err_msg}: differ by {worst} > {max_ulp} ulp at scale {scale} ({bound})"
+
+
+def assert_equal_across_programs(actual, expected, err_msg: str = "") -> None:
+    """`actual == expected` to the bit on TensorFlow and torch; within
+    `XLA_MAX_ULP` ulp (at the array's scale) on JAX, where each side is its
+    own XLA program."""
+    if IS_JAX:
+        assert_within_ulp(actual, expected, XLA_MAX_ULP, err_msg)
+    else:
+        actual, expected = np.asarray(actual), np.asarray(expected)
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype, err_msg
+        assert np.array_equal(actual, expected), err_msg
+
+
+def grad_masked(optimizer, masks: dict):
+    """Independent oracle: `optimizer` applied to gradients zeroed where
+    `masks[key]` is False (keys are variable path suffixes). Its class is
+    swapped for a subclass of its own class (not of `keras.optimizers.Adam`),
+    so on torch the oracle keeps the fused `torch._foreach` implementation
+    that `keras.optimizers.Adam(...)` returns there."""
+
+    class GradMasked(type(optimizer)):
+        def apply(self, grads, trainable_variables=None):
+            variables = trainable_variables or self._trainable_variables
+            out = []
+            for g, v in zip(grads, variables):
+                for key, mask in masks.items():
+                    if g is not None and v.path.endswith(key):
+                        g = keras.ops.where(mask, g, keras.ops.zeros_like(g))
+                out.append(g)
+            return super().apply(out, trainable_variables)
+
+    optimizer.__class__ = GradMasked
+    return optimizer

@@ -3,11 +3,13 @@ raised by masked_opt itself (never a backend traceback), naming the variable
 path or key, the offending value or shape, and saying how to fix it."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
 
 import keras
+from backends import BACKEND, IS_JAX, IS_TF, IS_TORCH, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 
 O = keras.optimizers
@@ -317,3 +319,99 @@ def test_jit_compile_must_be_a_bool():
     with raises(TypeError, "`jit_compile`", "'yes'") as excinfo:
         MaskedOptimizer(O.Adam(), jit_compile="yes")
     assert_raised_by_masked_opt(excinfo, TypeError)
+
+
+# ----------------------------------------------------------------- backends
+
+
+@pytest.mark.skipif(IS_TF, reason="jit_compile=True is TensorFlow's XLA path (tested in test_jit.py)")
+def test_jit_compile_true_off_tensorflow_names_the_backend_and_the_alternative():
+    alternative = "jit_compile=True)` (torch.compile)" if IS_TORCH else "already compiles the whole train step"
+    with raises(ValueError, "`MaskedOptimizer(jit_compile=True)`", f"'{BACKEND}'", alternative,
+                "drop the argument") as e:
+        MaskedOptimizer(O.Adam(), jit_compile=True)
+    assert_raised_by_masked_opt(e, ValueError)
+
+
+def test_config_saved_with_jit_compile_loads_off_tensorflow_with_a_warning():
+    config = MaskedOptimizer(O.Adam(0.1), {"dense_1/bias": False}, name="m").get_config()
+    config["jit_compile"] = True  # as saved on TensorFlow
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = MaskedOptimizer.from_config(config)
+    messages = [str(w.message) for w in caught]
+    if IS_TF:
+        assert opt.jit_compile is True and not messages
+        return
+    assert opt.jit_compile is False
+    (message,) = messages
+    for fragment in ("'m'", "`jit_compile=True`", "TensorFlow backend only", f"'{BACKEND}'", "jit_compile=False"):
+        assert fragment in message, message
+    opt.build(net_variables())
+    assert not opt.get_mask("dense_1/bias").any()
+
+
+class LossExploded(Exception):
+    pass
+
+
+def exploding_loss():
+    """A loss that raises inside the train step (its first call is Keras's
+    symbolic build of the loss, before `fit`'s loop)."""
+    calls = []
+
+    def loss(y_true, y_pred):
+        calls.append(1)
+        if len(calls) > 1:
+            raise LossExploded("the loss exploded at step 1")
+        return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+    return loss
+
+
+FINALIZE_XFAIL = pytest.mark.xfail(
+    IS_JAX,
+    strict=True,
+    raises=TypeError,
+    reason="core: on JAX `fit`'s `finally` calls finalize_variable_values while the variables "
+    "are still detached (the step failed before the trainer state was synced back); with an "
+    "EMA inner optimizer MaskedOptimizer forwards to inner.finalize_variable_values, which "
+    "reads the detached averages: TypeError 'NoneType' object is not callable hides the error",
+)
+
+
+@pytest.mark.parametrize(
+    "inner, policy",
+    [
+        pytest.param(lambda: O.Adam(0.1), "float32", id="plain"),
+        pytest.param(lambda: O.Adam(0.1, use_ema=True), "float32", marks=FINALIZE_XFAIL, id="ema"),
+        pytest.param(lambda: O.AdamW(0.1, use_ema=True), "mixed_float16", marks=FINALIZE_XFAIL, id="ema_lso"),
+    ],
+)
+def test_an_error_inside_the_train_step_surfaces_from_fit(inner, policy):
+    keras.config.set_dtype_policy(policy)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="dense_1")], name="seq")
+    model.compile(MaskedOptimizer(inner(), {"dense_1/kernel": np.ones((1, 4), bool)}), exploding_loss())
+    with pytest.raises(LossExploded, match="exploded at step 1"):
+        model.fit(np.ones((8, 3)), np.ones((8, 4)), batch_size=4, verbose=0)
+
+
+@pytest.mark.xfail(
+    IS_TORCH,
+    strict=True,
+    raises=TypeError,
+    reason="core: on torch MaskedOptimizer.apply hands NumPy gradients of unmasked variables "
+    "to the inner optimizer as they are, and torch._foreach_* inside Keras raises "
+    "'expected Tensor as element 0 in argument 1, but got numpy.ndarray'",
+)
+def test_numpy_gradients_are_applied_like_tensors():
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 2)]]
+    results = []
+    for as_tensors in (True, False):
+        variables = net_variables()
+        opt = MaskedOptimizer(O.Adam(0.1), {"dense_1/kernel": np.ones((1, 4), bool)})
+        opt.apply([tensor(g) if as_tensors else g for g in grads], variables)
+        results.append([to_numpy(v) for v in variables])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

@@ -1,14 +1,20 @@
 """Serialization of `MaskedOptimizer`: keras.saving registration, JSON config
 without arrays, from_config, `model.save` / `load_model`, `save_weights` /
-`load_weights`, refusing to load state saved with other masks."""
+`load_weights`, refusing to load state saved with other masks, and `.keras`
+files carried between backends (subprocesses under the other backends)."""
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import keras
-from masked_opt import MaskedOptimizer
+from backends import BACKEND, IS_TF, IS_TORCH, XLA_MAX_ULP, assert_within_ulp, tensor, to_numpy
+from masked_opt import MaskedOptimizer, _saving
 
 O = keras.optimizers
 
@@ -43,7 +49,7 @@ def steps(model, n=2, seed=0):
     """`n` eager optimizer steps with fixed pseudo-random gradients (no tracing)."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        grads = [tensor(rng.normal(size=v.shape), "float32") for v in model.trainable_variables]
         model.optimizer.apply(grads, model.trainable_variables)
 
 
@@ -121,7 +127,8 @@ def test_from_config_round_trip_keeps_inner_optimizer_and_mask_layout():
     opt.build(variables)
     clone = MaskedOptimizer.from_config(json.loads(json.dumps(opt.get_config())))
     assert type(clone) is MaskedOptimizer and clone.name == opt.name
-    assert type(clone.inner_optimizer) is O.AdamW
+    assert type(clone.inner_optimizer) is type(opt.inner_optimizer)  # torch's AdamW on torch
+    assert isinstance(clone.inner_optimizer, O.AdamW)
     assert clone.inner_optimizer.get_config() == opt.inner_optimizer.get_config()
     clone.build(variables)
     assert [v.path for v in clone.masked_variables] == [v.path for v in opt.masked_variables]
@@ -147,7 +154,7 @@ def test_serialize_and_deserialize_through_keras_optimizers():
     opt = MaskedOptimizer("sgd", {"dense_1/bias": False}, name="m")
     restored = O.deserialize(O.serialize(opt))
     assert type(restored) is MaskedOptimizer and restored.name == "m"
-    assert type(restored.inner_optimizer) is O.SGD
+    assert type(restored.inner_optimizer) is type(O.SGD())
     restored.build(make_model().trainable_variables)
     assert not restored.get_mask("dense_1/bias").any()
 
@@ -174,7 +181,7 @@ def test_load_model_restores_masks_and_state_and_continues_bit_for_bit(kind, tmp
     loaded = keras.models.load_model(path)
 
     assert type(loaded.optimizer) is MaskedOptimizer
-    assert type(loaded.optimizer.inner_optimizer) is O.AdamW
+    assert type(loaded.optimizer.inner_optimizer) is type(model.optimizer.inner_optimizer)
     assert len(loaded.optimizer.masked_variables) == 3
     assert_same_masks(model, loaded)
     assert_same_state(model, loaded)
@@ -329,3 +336,194 @@ def test_model_saved_before_training_loads_with_its_masks(masks, tmp_path):
     np.testing.assert_array_equal(
         loaded.optimizer.get_mask(variable), np.broadcast_to(value, variable.shape)
     )
+
+
+# ------------------------------------------------- inner optimizer's config
+
+# Until `MaskedOptimizer.get_config` / `from_config` use `_saving.inner_config`
+# / `_saving.inner_from_config`, a file saved on torch names torch's private
+# optimizer class (see those helpers).
+INNER_CLASS_XFAIL = (
+    "core: MaskedOptimizer.get_config serializes the inner optimizer with "
+    "keras.saving.serialize_keras_object, which on torch names the private "
+    "'keras.src.backend.torch.optimizers.torch_adamw' module; another backend then "
+    "rebuilds torch's AdamW and fails at the first step (TypeError from torch._foreach_*). "
+    "Fix: get_config -> _saving.inner_config(self.inner_optimizer), "
+    "from_config -> _saving.inner_from_config(config.pop('inner_optimizer'), custom_objects)"
+)
+
+
+def _multi():
+    return O.MultiOptimizer(
+        O.OptimizerMap(default_optimizer=O.SGD(0.1), optimizer_map={".*kernel": O.AdamW(0.1)})
+    )
+
+
+def _optimizer_entries(config):
+    """(module, class_name) of every optimizer-like entry in a keras.saving config."""
+    return [(d["module"], d["class_name"]) for d in walk(config) if isinstance(d, dict) and "class_name" in d]
+
+
+@pytest.mark.parametrize("make", [lambda: O.AdamW(0.1), _multi], ids=["adamw", "multi_optimizer"])
+def test_inner_config_names_public_keras_classes_only(make):
+    entries = _optimizer_entries(_saving.inner_config(make()))
+    assert ("keras.optimizers", "AdamW") in entries
+    assert all(module == "keras.optimizers" for module, _ in entries), entries
+
+
+@pytest.mark.parametrize("make", [lambda: O.AdamW(0.1), _multi], ids=["adamw", "multi_optimizer"])
+def test_inner_config_saved_with_a_private_torch_class_rebuilds_this_backends_optimizer(make):
+    config = _saving.inner_config(make())
+    for entry in walk(config):  # as stock keras.saving writes it on torch
+        if isinstance(entry, dict) and entry.get("class_name") in ("AdamW", "SGD"):
+            name = entry["class_name"].lower()
+            entry.update(module=f"keras.src.backend.torch.optimizers.torch_{name}", registered_name=entry["class_name"])
+    inner = _saving.inner_from_config(config)
+    leaves = inner.optimizers if isinstance(inner, O.MultiOptimizer) else [inner]
+    for leaf in leaves:  # what `keras.optimizers.X()` gives on this backend
+        assert type(leaf) is type(getattr(O, type(leaf).__name__)())
+        assert IS_TORCH or "torch" not in type(leaf).__module__
+    assert any(isinstance(leaf, O.AdamW) for leaf in leaves)
+
+
+@pytest.mark.xfail(IS_TORCH, strict=True, reason=INNER_CLASS_XFAIL)
+def test_get_config_names_the_public_inner_optimizer_class():
+    config = MaskedOptimizer(_multi(), {"dense_1/bias": False}).get_config()
+    entries = _optimizer_entries(config["inner_optimizer"])
+    assert all(module == "keras.optimizers" for module, _ in entries), entries
+
+
+# ------------------------------------------------------ across backends
+
+BACKENDS = ("tensorflow", "jax", "torch")
+OTHERS = [b for b in BACKENDS if b != BACKEND]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+CROSS_MASKS = {"dense_1/kernel": KERNEL_1, "dense_1/bias": False, "dense_2/kernel": KERNEL_2}
+
+
+def _cross_grads():
+    rng = np.random.default_rng(7)
+    return [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 2), (2,)]]
+
+
+def _save_here(path):
+    """Trains a masked model under this backend (with a mask edit after build;
+    with `jit_compile=True` on TensorFlow), saves it to `path`, and writes
+    what a loader must find: masks, weights, optimizer state, and the weights
+    after one more step with `_cross_grads()`."""
+    x, y = data()
+    model = make_model()
+    opt = MaskedOptimizer(O.AdamW(0.05, weight_decay=0.1), CROSS_MASKS, jit_compile=IS_TF)
+    model.compile(opt, "mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    opt.freeze("dense_2/kernel", np.s_[0, 0])
+    model.save(path)
+    record = {f"mask_{i}": opt.get_mask(v) for i, v in enumerate(model.trainable_variables)}
+    record.update({f"weight_{i}": to_numpy(v) for i, v in enumerate(model.weights)})
+    record.update({f"state_{i}": to_numpy(v) for i, v in enumerate(opt.variables)})
+    opt.apply([tensor(g) for g in _cross_grads()], model.trainable_variables)
+    record.update({f"stepped_{i}": to_numpy(v) for i, v in enumerate(model.trainable_variables)})
+    np.savez(path + ".npz", **record)
+
+
+def _check_load(path, saved_by):
+    """Loads `path` (saved under `saved_by`) here and checks it against the
+    saver's record: masks, weights and optimizer state to the bit, the
+    jit_compile warning, and a step that keeps frozen elements exact and
+    matches the saver's step within XLA_MAX_ULP ulp (two backends)."""
+    record = np.load(path + ".npz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = keras.models.load_model(path)
+    opt = model.optimizer
+    assert type(opt) is MaskedOptimizer
+    assert type(opt.inner_optimizer) is type(O.AdamW()), "not this backend's AdamW"
+    jit_warnings = [w for w in caught if "jit_compile=True" in str(w.message)]
+    assert len(jit_warnings) == (saved_by == "tensorflow" and not IS_TF), [str(w.message) for w in caught]
+    assert opt.jit_compile is (saved_by == "tensorflow" and IS_TF)
+    variables = model.trainable_variables
+    masks = [np.asarray(record[f"mask_{i}"]) for i in range(len(variables))]
+    for i, v in enumerate(variables):
+        assert np.array_equal(opt.get_mask(v), masks[i]), f"mask of {v.path}"
+    for i, v in enumerate(model.weights):
+        assert np.array_equal(to_numpy(v), record[f"weight_{i}"]), f"weight {v.path}"
+    assert len(opt.variables) == len([k for k in record.files if k.startswith("state_")])
+    for i, v in enumerate(opt.variables):
+        assert np.array_equal(to_numpy(v), record[f"state_{i}"]), f"optimizer variable {v.path}"
+    opt.apply([tensor(g) for g in _cross_grads()], variables)
+    for i, v in enumerate(variables):
+        now, before = to_numpy(v), record[f"weight_{i}"]
+        assert np.array_equal(now[~masks[i]], before[~masks[i]]), f"frozen elements of {v.path} moved"
+        assert_within_ulp(now, record[f"stepped_{i}"], XLA_MAX_ULP, f"{v.path} after a step")
+    assert int(opt.iterations.numpy()) == 3
+    return model
+
+
+def _child_main(backend_saved_here, here_path, own_path, report_path):
+    """Runs in a subprocess under another backend: checks the file saved by
+    the parent, then saves its own for the parent to load."""
+    import traceback
+
+    report = {}
+    try:
+        _check_load(here_path, backend_saved_here)
+        report["load"] = "ok"
+    except Exception:  # noqa: BLE001 -- reported to the parent, which fails with it
+        report["load"] = traceback.format_exc()
+    _save_here(own_path)
+    with open(report_path, "w") as f:
+        json.dump(report, f)
+
+
+@pytest.fixture(scope="module")
+def cross_backend(tmp_path_factory):
+    """Saves a model here, then runs one subprocess per other backend (in
+    parallel): each loads this file and saves its own."""
+    folder = tmp_path_factory.mktemp("cross_backend")
+    here = str(folder / f"saved_by_{BACKEND}.keras")
+    keras.config.set_dtype_policy("float32")
+    _save_here(here)
+    procs = {}
+    for other in OTHERS:
+        code = (
+            f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import test_saving; "
+            f"test_saving._child_main({BACKEND!r}, {here!r}, "
+            f"{str(folder / f'saved_by_{other}.keras')!r}, {str(folder / f'report_{other}.json')!r})"
+        )
+        env = dict(os.environ, KERAS_BACKEND=other, TF_CPP_MIN_LOG_LEVEL="3")
+        procs[other] = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, cwd=TESTS_DIR,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    results = {}
+    for other, proc in procs.items():
+        output, _ = proc.communicate(timeout=600)
+        report_path = folder / f"report_{other}.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        results[other] = (proc.returncode, output[-4000:], report, str(folder / f"saved_by_{other}.keras"))
+    return results
+
+
+def _torch_saved(saver):
+    return pytest.mark.xfail(saver == "torch", strict=True, reason=INNER_CLASS_XFAIL)
+
+
+@pytest.mark.parametrize(
+    "other", [pytest.param(o, marks=_torch_saved(BACKEND)) for o in OTHERS]
+)
+def test_keras_file_saved_here_loads_under_the_other_backend(cross_backend, other):
+    code, output, report, _ = cross_backend[other]
+    assert code == 0, f"the {other} subprocess failed:\n{output}"
+    assert report.get("load") == "ok", f"loading under {other} (saved under {BACKEND}):\n{report.get('load')}"
+
+
+@pytest.mark.parametrize("other", [pytest.param(o, marks=_torch_saved(o)) for o in OTHERS])
+def test_keras_file_saved_under_the_other_backend_loads_here(cross_backend, other):
+    code, output, _, path = cross_backend[other]
+    assert code == 0, f"the {other} subprocess failed:\n{output}"
+    model = _check_load(path, saved_by=other)
+    # and it trains on: a fit keeps the frozen elements exact
+    frozen = [(v, ~model.optimizer.get_mask(v), to_numpy(v)) for v in model.trainable_variables]
+    model.fit(*data(), batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for v, where, before in frozen:
+        assert np.array_equal(to_numpy(v)[where], before[where]), v.path
