@@ -336,3 +336,25 @@ def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
         _merged(strategy, targets)
     else:
         tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, targets)
+
+
+# ------------------------------------------------------------ compact state
+
+
+def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
+    """`variable.flat[indices] = values`, touching only those elements where the
+    backend allows (duplicate indices must carry equal values)."""
+    if IS_TF and not tf.distribute.has_strategy():
+        shape = tf.shape(variable.value, out_type=indices.dtype)
+        nd = tf.transpose(tf.unravel_index(indices, shape))
+        variable.value.scatter_nd_update(nd, values)
+        return
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            flat = variable.value.view(-1)
+            flat.index_copy_(0, indices.long(), values.to(flat.dtype))
+        return
+    flat = ops.reshape(variable.value, (-1,))
+    variable.assign(ops.reshape(ops.scatter_update(flat, ops.expand_dims(indices, -1), values), variable.shape))
