@@ -117,6 +117,49 @@ class CompiledStep:
         return self._count
 
 
+def ulp_distance(a, b) -> np.ndarray:
+    """Elementwise distance between two float arrays of one dtype in units in
+    the last place (0 for equal values, +0 vs -0 and NaN vs NaN included; inf
+    where exactly one side is NaN)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise ValueError(f"ulp_distance needs equal dtypes and shapes: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"ulp_distance needs float arrays. Received: {a.dtype}")
+    bits = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    wide = np.int64 if a.dtype.itemsize < 8 else object
+
+    def ordered(x):  # integers in the order of the floats, -0 and +0 both 0
+        i = x.view(bits).astype(wide)
+        return np.where(i < 0, int(np.iinfo(bits).min) - i, i)
+
+    dist = np.array(np.abs(ordered(a) - ordered(b)), dtype=np.float64)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    dist[nan_a & nan_b] = 0
+    dist[nan_a ^ nan_b] = np.inf
+    return dist
+
+
+def assert_within_ulp(got, want, maxulp: int, label: str = "") -> None:
+    """`got` equals `want` within `maxulp` units in the last place (floats),
+    or exactly (other dtypes). For results of two separately compiled
+    programs, which may round differently in the last bits."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (
+        f"{label}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    )
+    if not np.issubdtype(got.dtype, np.floating):
+        assert np.array_equal(got, want), f"{label}: values differ"
+        return
+    dist = ulp_distance(got, want)
+    if dist.size and dist.max() > maxulp:
+        i = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        raise AssertionError(
+            f"{label}: {int(np.sum(dist > maxulp))} of {dist.size} elements differ by more "
+            f"than {maxulp} ulp; worst {dist[i]:.0f} ulp at {i}: {got[i]!r} vs {want[i]!r}"
+        )
+
+
 def synced(model):
     """`model`, with JAX's trainer state written back into its variables.
 
@@ -128,3 +171,46 @@ def synced(model):
     if IS_JAX:
         model.jax_state_sync()
     return model
+
+
+# Where a masked model and its oracle each get their own compiled train step
+# (JAX's `fit` jits each model's step), the two are separate XLA programs,
+# which XLA may fuse and round differently in the last bit. TensorFlow (graph
+# mode) and torch (eager) run the same kernels op by op there: to the bit.
+XLA_MAX_ULP = 4
+
+
+def assert_equal_across_programs(actual, expected, err_msg: str = "") -> None:
+    """`actual == expected` to the bit on TensorFlow and torch; within
+    `XLA_MAX_ULP` ulp on JAX (two separately compiled XLA programs)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, err_msg
+    if IS_JAX:
+        try:
+            np.testing.assert_array_max_ulp(actual, expected, maxulp=XLA_MAX_ULP)
+        except AssertionError as e:
+            raise AssertionError(f"{err_msg}: {e}") from None
+    else:
+        assert np.array_equal(actual, expected), err_msg
+
+
+def grad_masked(optimizer, masks: dict):
+    """Independent oracle: `optimizer` applied to gradients zeroed where
+    `masks[key]` is False (keys are variable path suffixes). Its class is
+    swapped for a subclass of its own class (not of `keras.optimizers.Adam`),
+    so on torch the oracle keeps the fused `torch._foreach` implementation
+    that `keras.optimizers.Adam(...)` returns there."""
+
+    class GradMasked(type(optimizer)):
+        def apply(self, grads, trainable_variables=None):
+            variables = trainable_variables or self._trainable_variables
+            out = []
+            for g, v in zip(grads, variables):
+                for key, mask in masks.items():
+                    if g is not None and v.path.endswith(key):
+                        g = keras.ops.where(mask, g, keras.ops.zeros_like(g))
+                out.append(g)
+            return super().apply(out, trainable_variables)
+
+    optimizer.__class__ = GradMasked
+    return optimizer
