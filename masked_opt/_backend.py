@@ -345,9 +345,13 @@ def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
     """`variable.flat[indices] = values`, touching only those elements where the
     backend allows (duplicate indices must carry equal values)."""
     if IS_TF and not tf.distribute.has_strategy():
-        shape = tf.shape(variable.value, out_type=indices.dtype)
-        nd = tf.transpose(tf.unravel_index(indices, shape))
-        variable.value.scatter_nd_update(nd, values)
+        # Flat positions -> coordinates (tf.unravel_index has no XLA kernel).
+        coords, rest = [], indices
+        for dim in reversed(tuple(variable.shape)[1:]):
+            coords.append(rest % dim)
+            rest = rest // dim
+        coords.append(rest)
+        variable.value.scatter_nd_update(tf.stack(coords[::-1], axis=1), values)
         return
     if BACKEND == "torch":
         import torch
