@@ -69,6 +69,19 @@ def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) ->
     return None
 
 
+class _HostCache:
+    """A dict-like cache that TensorFlow's attribute tracking leaves alone."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def get(self, key, default=None):
+        return self._items.get(key, default)
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+
 def _uses_ema(inner: keras.optimizers.Optimizer) -> bool:
     return any(getattr(o, "use_ema", False) for o in getattr(inner, "optimizers", None) or [inner])
 
@@ -161,17 +174,33 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             a callable `variable -> array`; True means trainable. Keys are
             resolved when the optimizer is built. Variables no key matches are
             trained as by the inner optimizer alone, at no cost.
-        jit_compile: if True, each masked update (masking, the inner
-            optimizer's update, the restore) runs as one XLA-compiled function
-            on TensorFlow: several times faster on CPU, but the inner update is
-            then rounded as XLA rounds it, which can differ in the last bit
-            from graph mode (it matches the bare optimizer compiled with XLA;
-            ScheduleFreeAdamW's trainable elements can differ by 1 ulp, the
-            restore being fused into the same cluster). Frozen elements stay
-            bit-identical either way. Falls back to the default path under a
+        jit_compile: TensorFlow only. "auto" (default): inside a traced
+            train step (`fit`, a `tf.function`), if some element is frozen when
+            the step is traced, the masked update (masking, the inner
+            optimizer's update, the restore) runs as one XLA-compiled function,
+            several times faster on CPU than graph mode; with no element frozen
+            at trace time, and in eager calls, it runs as the bare optimizer
+            would (the identity law). True: always XLA (eager calls too).
+            False: never. Under XLA the inner update is rounded as XLA rounds
+            it, which can differ in the last bits from graph mode (it matches
+            the bare optimizer compiled with XLA). Frozen elements stay
+            bit-identical either way. Falls back to graph mode under a
             `tf.distribute` strategy and for sparse (`IndexedSlices`)
-            gradients. Defaults to False: results bit-identical to the bare
-            inner optimizer in graph mode.
+            gradients. Other backends compile the whole train step anyway
+            (JAX: `jax.jit`; torch: `model.compile(jit_compile=True)`): there
+            only "auto" and False are accepted.
+        compact_state: if True, the inner optimizer keeps state (slots, EMA,
+            accumulators) only for the trainable elements of each masked
+            variable: optimizer memory and update work proportional to the
+            trainable count. Element-wise optimizers only (SGD, RMSprop, Adam,
+            AdamW, Adamax, Nadam, Adagrad, Adadelta, Ftrl, Lion); no
+            constraints on masked variables. A mask edit keeps the state of
+            elements that stay trainable, gives newly trainable ones a fresh
+            optimizer's state and drops the rest.
+        compact_capacity: with `compact_state`, how many trainable elements
+            each masked variable's state can hold (fixed at build): None (the
+            trainable count at build), an int, or a float in (0, 1] (a
+            fraction of each variable).
         name: the optimizer's name.
 
     Example:
@@ -190,7 +219,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: keras.optimizers.Optimizer | str | dict,
         masks: Mapping[str, MaskValue] | Sequence[tuple[Key, MaskValue]] | None = None,
         *,
-        jit_compile: bool = False,
+        jit_compile: bool | str = "auto",
         compact_state: bool = False,
         compact_capacity: int | float | None = None,
         name: str | None = None,
@@ -220,11 +249,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                     "`compact_capacity` is only used with `compact_state=True`. "
                     f"Received: compact_capacity={compact_capacity!r}, compact_state=False."
                 )
-        if not isinstance(jit_compile, bool):
+        if not (isinstance(jit_compile, bool) or jit_compile == "auto"):
             raise TypeError(
-                f"`jit_compile` must be True or False. Received: {jit_compile!r}."
+                f"`jit_compile` must be True, False or 'auto'. Received: {jit_compile!r}."
             )
-        if jit_compile and not _backend.IS_TF:
+        if jit_compile is True and not _backend.IS_TF:
             raise ValueError(
                 "`MaskedOptimizer(jit_compile=True)` compiles the masked update "
                 "with XLA on the TensorFlow backend only; the active backend is "
@@ -261,7 +290,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def _set_host_state(self, registry: MaskRegistry, config_masks: list | None) -> None:
         # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
         self._registry = registry
-        self._jit_functions: dict[tuple, Any] = {}
+        # XLA-compiled updates by variable list. Held in a plain object: TF's
+        # AutoTrackable would wrap a dict attribute and try to checkpoint it.
+        self._jit_functions = _HostCache()
         self._owner: Any = None  # weakref to the model whose JAX trainer drives us
         self._slots: dict[Any, _Slot] = {}
         self._unset_paths: list[str] = []  # masks from a config awaiting their values
@@ -435,23 +466,37 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 "`model.load_weights`), or give them with `set_mask`, before training."
             )
         grads = list(grads)
-        if self.jit_compile and _backend.can_jit(grads):
+        if self._use_xla(grads):
             key = tuple(self._var_key(v) for v in trainable_variables)
             fn = self._jit_functions.get(key)
             if fn is None:
-                fn = _backend.jit_function(self._masked_apply_always, list(trainable_variables))
+                fn = _backend.jit_function(self._masked_apply, list(trainable_variables))
                 self._jit_functions[key] = fn
             fn(grads)
         else:
             self._masked_apply(grads, trainable_variables)
 
-    def _masked_apply_always(self, grads, trainable_variables):
-        # Under XLA a `cond` whose branches both update every variable keeps
-        # the updates from happening in place (measured ~2.5x slower).
-        self._masked_apply(grads, trainable_variables, skip_when_all_true=False)
+    def _use_xla(self, grads) -> bool:
+        if self.jit_compile is False or not _backend.can_jit(grads):
+            return False
+        if self.jit_compile is True:
+            return True
+        # "auto": in a traced step, if some element is frozen at trace time
+        # (read eagerly from the mask variables). No element frozen: the
+        # masked path in graph mode is bit-identical to the bare optimizer.
+        return _backend.in_traced_function() and _backend.eagerly(self._any_frozen)
+
+    def _any_frozen(self) -> bool:
+        for slot in self._slots.values():
+            if slot.compact is not None:
+                if int(slot.compact.count.numpy()) < slot.compact.size:
+                    return True
+            elif not bool(np.all(slot.mask.numpy())):
+                return True
+        return False
 
     @_backend.no_autograph
-    def _masked_apply(self, grads, trainable_variables, skip_when_all_true=True):
+    def _masked_apply(self, grads, trainable_variables):
         masked = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
             slot = self._slots.get(self._var_key(variable))
@@ -465,30 +510,20 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             self._compact_apply(grads, trainable_variables, masked)
             return
 
-        def with_masks():
-            masked_grads = _backend.local_copies(grads)
-            restore = []
-            for i, slot in masked:
-                variable, mask = trainable_variables[i], slot.mask.value
-                masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-                old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
-                restore.extend(self._restore_items(slot, mask, old))
-            self.inner_optimizer.apply(masked_grads, trainable_variables)
-            _backend.restore_frozen(restore)
-
-        if not (skip_when_all_true and _backend.can_branch()):
-            with_masks()
-            return
-        # Skipping work that cannot matter: while every mask is all-True (e.g.
-        # masks registered for later changes), run the bare inner update.
-        any_frozen = keras.ops.any(
-            keras.ops.stack([keras.ops.logical_not(keras.ops.all(s.mask.value)) for _, s in masked])
-        )
-        _backend.cond(
-            any_frozen,
-            with_masks,
-            lambda: self.inner_optimizer.apply(_backend.local_copies(grads), trainable_variables),
-        )
+        # No conditionals: with an all-True mask every step below is exact
+        # (`where` with a True mask returns its input), so the result is the
+        # bare optimizer's. A `cond` shortcut would trace the inner update
+        # twice (time to the first step), leak tracers on JAX and sync the
+        # host on torch.
+        masked_grads = list(grads)
+        restore = []
+        for i, slot in masked:
+            variable, mask = trainable_variables[i], slot.mask.value
+            masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
+            old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
+            restore.extend(self._restore_items(slot, mask, old))
+        self.inner_optimizer.apply(masked_grads, trainable_variables)
+        _backend.restore_frozen(restore)
 
     def _compact_apply(self, grads, trainable_variables, masked) -> None:
         grads, variables = list(grads), list(trainable_variables)
@@ -747,7 +782,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         # The base implementation runs `apply` in a StatelessScope, in which
         # masks are read from `optimizer_variables` (never baked in) and the
-        # masked path runs without conditionals (see `_backend.can_branch`).
+        # masked path runs without conditionals (see `_masked_apply`).
         if self._owner is None:
             self._find_owner()
         return super().stateless_apply(optimizer_variables, grads, trainable_variables)
