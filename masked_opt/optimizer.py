@@ -305,6 +305,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         var_list = list(var_list)
+        if self._owner is None:
+            self._find_owner()
         # Float8 scale variables are overwritten with their gradient; never mask them.
         maskable = [v for v in var_list if not _overwrites_with_gradient(self, v)]
         _backend.check_strategy_support(self.inner_optimizer, var_list)
@@ -368,7 +370,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             targets[value.entry] = [self._var_key(variables[i]) for i in hits]
         registry.specs = specs
         self._config_targets.update(targets)
-        return registry.resolve(variables), unset
+        # The model (found when it builds us) names its non-trainable
+        # variables, for a clearer error when a key selects only those.
+        model = self._owner() if self._owner is not None else None
+        others = list(getattr(model, "non_trainable_variables", []) or [])
+        return registry.resolve(variables, others=others), unset
 
     def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
         # Values go in through the initializer: an `assign` inside a build that
