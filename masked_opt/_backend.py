@@ -1,12 +1,13 @@
 """Backend-specific pieces, kept in one place.
 
 Everything TensorFlow-specific in masked_opt lives here: `tf.IndexedSlices`
-gradients (masked without densifying), the all-True shortcut (a `tf.cond`),
-XLA compilation of the masked update and the `tf.distribute`-aware restore of
-frozen elements. JAX and torch take the `keras.ops` paths with no
-conditionals: JAX's trainer runs `stateless_apply` inside `jax.jit`, where a
-`cond` whose branches assign variables leaks tracers, and on torch a `cond`
-is a Python `if` (a host sync each step, a graph break under torch.compile).
+gradients (masked without densifying), XLA compilation of the masked update,
+the `tf.distribute`-aware restore of frozen elements, in-place scatters for
+compact state. JAX and torch take the `keras.ops` paths. No backend uses a
+stateful conditional: JAX's trainer runs `stateless_apply` inside `jax.jit`,
+where a `cond` whose branches assign variables leaks tracers; on torch a
+`cond` is a Python `if` (a host sync each step, a graph break under
+torch.compile); on TensorFlow it traces the update twice.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
 def can_jit(grads: list) -> bool:
     """Whether the XLA-compiled masked update can run here: TensorFlow, the
     default strategy (merge_call cannot be compiled), no sparse gradients."""
-    return IS_TF and can_branch() and not any(is_sparse(g) for g in grads)
+    return no_strategy() and not any(is_sparse(g) for g in grads)
 
 
 def no_autograph(fn: Any) -> Any:
@@ -71,29 +72,19 @@ def no_autograph(fn: Any) -> Any:
     return fn
 
 
-def local_copies(grads: list) -> list:
-    """The gradients as tensors of the graph being built (inside a `cond`
-    branch, the replica all-reduce rejects tensors captured from outside)."""
-    if not IS_TF:
-        return list(grads)
-    return [
-        None if g is None else tf.nest.map_structure(tf.identity, g, expand_composites=True)
-        for g in grads
-    ]
+def in_traced_function() -> bool:
+    """Whether a TensorFlow function (`fit`'s train step, a `tf.function`) is
+    being traced."""
+    return IS_TF and tf.inside_function()
 
 
-def cond(pred: Any, true_fn: Any, false_fn: Any) -> None:
-    """Runs one of two stateful branches that return nothing (TensorFlow only:
-    see `can_branch`)."""
-
-    def run(fn):
-        def branch():
-            fn()
-            return tf.constant(True)
-
-        return branch
-
-    tf.cond(pred, run(true_fn), run(false_fn))
+def eagerly(fn: Any) -> Any:
+    """`fn()` run eagerly (outside the graph being traced): reads variables'
+    current values at trace time."""
+    if IS_TF:
+        with tf.init_scope():
+            return fn()
+    return fn()
 
 
 def is_purged(variable: Any) -> bool:
@@ -119,11 +110,9 @@ def mask_layout(variable: Any, mask_shape: tuple[int, ...]) -> Any:
     return keras.distribution.TensorLayout([None] * len(mask_shape), distribution.device_mesh)
 
 
-def can_branch() -> bool:
-    """Whether the update may sit inside a stateful `cond`: TensorFlow only,
-    and not in a replica context of a `tf.distribute` strategy, where the
-    inner update calls `merge_call`. (The all-True shortcut is only a speed-up:
-    with an all-True mask the masked path is bit-identical anyway.)"""
+def no_strategy() -> bool:
+    """TensorFlow without a `tf.distribute` strategy in a replica context
+    (where the inner update calls `merge_call`, which XLA cannot compile)."""
     return IS_TF and not tf.distribute.has_strategy()
 
 
@@ -336,3 +325,29 @@ def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
         _merged(strategy, targets)
     else:
         tf.__internal__.distribute.interim.maybe_merge_call(_merged, strategy, targets)
+
+
+# ------------------------------------------------------------ compact state
+
+
+def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
+    """`variable.flat[indices] = values`, touching only those elements where the
+    backend allows (duplicate indices must carry equal values)."""
+    if IS_TF and not tf.distribute.has_strategy():
+        # Flat positions -> coordinates (tf.unravel_index has no XLA kernel).
+        coords, rest = [], indices
+        for dim in reversed(tuple(variable.shape)[1:]):
+            coords.append(rest % dim)
+            rest = rest // dim
+        coords.append(rest)
+        variable.value.scatter_nd_update(tf.stack(coords[::-1], axis=1), values)
+        return
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            flat = variable.value.view(-1)
+            flat.index_copy_(0, indices.long(), values.to(flat.dtype))
+        return
+    flat = ops.reshape(variable.value, (-1,))
+    variable.assign(ops.reshape(ops.scatter_update(flat, ops.expand_dims(indices, -1), values), variable.shape))

@@ -15,7 +15,7 @@ import numpy as np
 import keras
 from keras.src.utils import tracking
 
-from masked_opt import _backend, _saving
+from masked_opt import _backend, _compact, _saving
 from masked_opt.registry import (
     Key,
     MaskRegistry,
@@ -47,9 +47,10 @@ class _Slot:
     """One masked model variable and the bool variable holding its mask."""
 
     variable: keras.Variable
-    mask: keras.Variable
+    mask: keras.Variable | None  # None in compact mode (see `compact`)
     shape: tuple[int, ...]  # storage shape, fixed at build
     ema: keras.Variable | None = None  # the inner optimizer's EMA of `variable`
+    compact: _compact.CompactSlot | None = None  # compact_state=True
 
 
 def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) -> Any:
@@ -68,6 +69,19 @@ def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) ->
     return None
 
 
+class _HostCache:
+    """A dict-like cache that TensorFlow's attribute tracking leaves alone."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def get(self, key, default=None):
+        return self._items.get(key, default)
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+
 def _uses_ema(inner: keras.optimizers.Optimizer) -> bool:
     return any(getattr(o, "use_ema", False) for o in getattr(inner, "optimizers", None) or [inner])
 
@@ -79,6 +93,29 @@ def _overwrites_with_gradient(optimizer: keras.optimizers.Optimizer, variable: A
     if check is not None:
         return bool(check(variable))
     return bool(getattr(variable, "overwrite_with_gradient", False))
+
+
+def _scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any):
+    """An untracked scratch `keras.Variable` of zeros with path `scope/.../name`."""
+    if not scopes:
+        kwargs = {} if layout is None else {"layout": layout}
+        return keras.Variable(
+            "zeros", shape=shape, dtype=dtype, name=name, trainable=False, **kwargs
+        )
+    with keras.name_scope(scopes[0]):
+        return _scoped_variable(scopes[1:], name, shape, dtype, layout)
+
+
+def _share_weight_decay_exclusions(inner: Any, slots: dict) -> None:
+    """`exclude_from_weight_decay(var_list=...)` keys variables by identity:
+    the proxy of an excluded variable is excluded too."""
+    for opt in _backend._leaf_optimizers(inner) + [inner]:
+        excluded = getattr(opt, "_exclude_from_weight_decay", None)
+        if not excluded:
+            continue
+        for slot in slots.values():
+            if slot.compact is not None and opt._var_key(slot.variable) in excluded:
+                excluded.add(opt._var_key(slot.compact.proxy))
 
 
 def _resolve_inner(inner_optimizer: Any) -> keras.optimizers.Optimizer:
@@ -137,17 +174,33 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             a callable `variable -> array`; True means trainable. Keys are
             resolved when the optimizer is built. Variables no key matches are
             trained as by the inner optimizer alone, at no cost.
-        jit_compile: if True, each masked update (masking, the inner
-            optimizer's update, the restore) runs as one XLA-compiled function
-            on TensorFlow: several times faster on CPU, but the inner update is
-            then rounded as XLA rounds it, which can differ in the last bit
-            from graph mode (it matches the bare optimizer compiled with XLA;
-            ScheduleFreeAdamW's trainable elements can differ by 1 ulp, the
-            restore being fused into the same cluster). Frozen elements stay
-            bit-identical either way. Falls back to the default path under a
+        jit_compile: TensorFlow only. "auto" (default): inside a traced
+            train step (`fit`, a `tf.function`), if some element is frozen when
+            the step is traced, the masked update (masking, the inner
+            optimizer's update, the restore) runs as one XLA-compiled function,
+            several times faster on CPU than graph mode; with no element frozen
+            at trace time, and in eager calls, it runs as the bare optimizer
+            would (the identity law). True: always XLA (eager calls too).
+            False: never. Under XLA the inner update is rounded as XLA rounds
+            it, which can differ in the last bits from graph mode (it matches
+            the bare optimizer compiled with XLA). Frozen elements stay
+            bit-identical either way. Falls back to graph mode under a
             `tf.distribute` strategy and for sparse (`IndexedSlices`)
-            gradients. Defaults to False: results bit-identical to the bare
-            inner optimizer in graph mode.
+            gradients. Other backends compile the whole train step anyway
+            (JAX: `jax.jit`; torch: `model.compile(jit_compile=True)`): there
+            only "auto" and False are accepted.
+        compact_state: if True, the inner optimizer keeps state (slots, EMA,
+            accumulators) only for the trainable elements of each masked
+            variable: optimizer memory and update work proportional to the
+            trainable count. Element-wise optimizers only (SGD, RMSprop, Adam,
+            AdamW, Adamax, Nadam, Adagrad, Adadelta, Ftrl, Lion); no
+            constraints on masked variables. A mask edit keeps the state of
+            elements that stay trainable, gives newly trainable ones a fresh
+            optimizer's state and drops the rest.
+        compact_capacity: with `compact_state`, how many trainable elements
+            each masked variable's state can hold (fixed at build): None (the
+            trainable count at build), an int, or a float in (0, 1] (a
+            fraction of each variable).
         name: the optimizer's name.
 
     Example:
@@ -166,16 +219,41 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: keras.optimizers.Optimizer | str | dict,
         masks: Mapping[str, MaskValue] | Sequence[tuple[Key, MaskValue]] | None = None,
         *,
-        jit_compile: bool = False,
+        jit_compile: bool | str = "auto",
+        compact_state: bool = False,
+        compact_capacity: int | float | None = None,
         name: str | None = None,
         **kwargs: Any,
     ):
         config_masks = kwargs.pop("mask_entries", None)
-        if not isinstance(jit_compile, bool):
+        if not isinstance(compact_state, bool):
             raise TypeError(
-                f"`jit_compile` must be True or False. Received: {jit_compile!r}."
+                f"`compact_state` must be True or False. Received: {compact_state!r}."
             )
-        if jit_compile and not _backend.IS_TF:
+        if compact_capacity is not None:
+            ok = (
+                isinstance(compact_capacity, float) and 0.0 < compact_capacity <= 1.0
+            ) or (
+                isinstance(compact_capacity, int)
+                and not isinstance(compact_capacity, bool)
+                and compact_capacity >= 0
+            )
+            if not ok:
+                raise ValueError(
+                    "`compact_capacity` must be None (the trainable count at build), "
+                    "an int >= 0 (elements per masked variable) or a float in (0, 1] "
+                    f"(a fraction of each masked variable). Received: {compact_capacity!r}."
+                )
+            if not compact_state:
+                raise ValueError(
+                    "`compact_capacity` is only used with `compact_state=True`. "
+                    f"Received: compact_capacity={compact_capacity!r}, compact_state=False."
+                )
+        if not (isinstance(jit_compile, bool) or jit_compile == "auto"):
+            raise TypeError(
+                f"`jit_compile` must be True, False or 'auto'. Received: {jit_compile!r}."
+            )
+        if jit_compile is True and not _backend.IS_TF:
             raise ValueError(
                 "`MaskedOptimizer(jit_compile=True)` compiles the masked update "
                 "with XLA on the TensorFlow backend only; the active backend is "
@@ -204,13 +282,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.jit_compile = jit_compile
+        self.compact_state = compact_state
+        self.compact_capacity = compact_capacity
         self._set_host_state(registry, config_masks)
 
     @tracking.no_automatic_dependency_tracking
     def _set_host_state(self, registry: MaskRegistry, config_masks: list | None) -> None:
         # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
         self._registry = registry
-        self._jit_functions: dict[tuple, Any] = {}
+        # XLA-compiled updates by variable list. Held in a plain object: TF's
+        # AutoTrackable would wrap a dict attribute and try to checkpoint it.
+        self._jit_functions = _HostCache()
         self._owner: Any = None  # weakref to the model whose JAX trainer drives us
         self._slots: dict[Any, _Slot] = {}
         self._unset_paths: list[str] = []  # masks from a config awaiting their values
@@ -223,22 +305,47 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         var_list = list(var_list)
+        if self._owner is None:
+            self._find_owner()
         # Float8 scale variables are overwritten with their gradient; never mask them.
         maskable = [v for v in var_list if not _overwrites_with_gradient(self, v)]
         _backend.check_strategy_support(self.inner_optimizer, var_list)
         resolved, unset = self._resolve_masks(maskable)
         slots = {}
-        for i, mask in sorted(resolved.items()):
+        for j, (i, mask) in enumerate(sorted(resolved.items())):
             variable = maskable[i]
+            if self.compact_state:
+                slots[self._var_key(variable)] = _Slot(
+                    variable=variable,
+                    mask=None,
+                    shape=tuple(mask.shape),
+                    compact=self._add_compact_slot(variable, mask, j),
+                )
+                continue
             slots[self._var_key(variable)] = _Slot(
                 variable=variable,
                 mask=self._add_mask_variable(variable, mask),
                 shape=tuple(mask.shape),
             )
-        if not self.inner_optimizer.built:
-            self.inner_optimizer.build(var_list)
+        inner_vars = var_list
+        if self.compact_state:
+            _compact.check_inner(
+                self.inner_optimizer, _backend._leaf_optimizers(self.inner_optimizer, var_list)
+            )
+            inner_vars = [self._inner_variable(v, slots) for v in var_list]
+            _share_weight_decay_exclusions(self.inner_optimizer, slots)
+        if self.inner_optimizer.built:
+            if self.compact_state:
+                raise ValueError(
+                    "`compact_state=True` needs an inner optimizer that is not built "
+                    f"yet: '{self.inner_optimizer.name}' is already built on full-size "
+                    "variables. Pass a fresh optimizer."
+                )
+        else:
+            self.inner_optimizer.build(inner_vars)
         for slot in slots.values():
-            slot.ema = _ema_average(self.inner_optimizer, slot.variable)
+            if slot.compact is None:
+                slot.ema = _ema_average(self.inner_optimizer, slot.variable)
         self._store_slots(slots, unset)
         super().build(var_list)
 
@@ -263,7 +370,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             targets[value.entry] = [self._var_key(variables[i]) for i in hits]
         registry.specs = specs
         self._config_targets.update(targets)
-        return registry.resolve(variables), unset
+        # The model (found when it builds us) names its non-trainable
+        # variables, for a clearer error when a key selects only those.
+        model = self._owner() if self._owner is not None else None
+        others = list(getattr(model, "non_trainable_variables", []) or [])
+        return registry.resolve(variables, others=others), unset
 
     def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
         # Values go in through the initializer: an `assign` inside a build that
@@ -281,6 +392,48 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             name=variable.path.replace("/", "_") + "_mask",
             **kwargs,
         )
+
+    def _add_compact_slot(self, variable: keras.Variable, mask: np.ndarray, j: int):
+        _compact.check_variable(variable)
+        full = np.broadcast_to(mask, tuple(variable.shape))
+        size = int(full.size)
+        count = int(np.count_nonzero(full))
+        capacity = _compact.capacity_for(self.compact_capacity, count, size, variable.path)
+        indices, count = _compact.padded_indices(full, capacity, variable.path, "masks")
+        base = variable.path.replace("/", "_")
+        layout = _backend.mask_layout(variable, (capacity,))
+        kwargs = {} if layout is None else {"layout": layout}
+        index_var = self.add_variable(
+            shape=(capacity,),
+            initializer=lambda shape, dtype=None: indices,
+            dtype="int32",
+            aggregation="only_first_replica",
+            name=base + "_compact_indices",
+            **kwargs,
+        )
+        count_var = self.add_variable(
+            shape=(),
+            initializer=lambda shape, dtype=None: np.array(count, np.int32),
+            dtype="int32",
+            aggregation="only_first_replica",
+            name=base + "_compact_count",
+        )
+        # The proxy: what the inner optimizer sees and builds its slots from.
+        # Its path ends with the variable's own path, so MultiOptimizer maps and
+        # `exclude_from_weight_decay(var_names=...)` select it as they would the
+        # variable. It is scratch space (re-gathered every step), not state.
+        proxy = _scoped_variable(
+            [f"masked_compact_{j}", *variable.path.split("/")[:-1]],
+            variable.path.split("/")[-1],
+            (capacity,),
+            variable.dtype,
+            layout,
+        )
+        return _compact.CompactSlot(variable, proxy, index_var, count_var, capacity)
+
+    def _inner_variable(self, variable: keras.Variable, slots: dict) -> keras.Variable:
+        slot = slots.get(self._var_key(variable))
+        return variable if slot is None or slot.compact is None else slot.compact.proxy
 
     @tracking.no_automatic_dependency_tracking
     def _store_slots(self, slots: dict, unset: list[str]) -> None:
@@ -319,23 +472,37 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 "`model.load_weights`), or give them with `set_mask`, before training."
             )
         grads = list(grads)
-        if self.jit_compile and _backend.can_jit(grads):
+        if self._use_xla(grads):
             key = tuple(self._var_key(v) for v in trainable_variables)
             fn = self._jit_functions.get(key)
             if fn is None:
-                fn = _backend.jit_function(self._masked_apply_always, list(trainable_variables))
+                fn = _backend.jit_function(self._masked_apply, list(trainable_variables))
                 self._jit_functions[key] = fn
             fn(grads)
         else:
             self._masked_apply(grads, trainable_variables)
 
-    def _masked_apply_always(self, grads, trainable_variables):
-        # Under XLA a `cond` whose branches both update every variable keeps
-        # the updates from happening in place (measured ~2.5x slower).
-        self._masked_apply(grads, trainable_variables, skip_when_all_true=False)
+    def _use_xla(self, grads) -> bool:
+        if self.jit_compile is False or not _backend.can_jit(grads):
+            return False
+        if self.jit_compile is True:
+            return True
+        # "auto": in a traced step, if some element is frozen at trace time
+        # (read eagerly from the mask variables). No element frozen: the
+        # masked path in graph mode is bit-identical to the bare optimizer.
+        return _backend.in_traced_function() and _backend.eagerly(self._any_frozen)
+
+    def _any_frozen(self) -> bool:
+        for slot in self._slots.values():
+            if slot.compact is not None:
+                if int(slot.compact.count.numpy()) < slot.compact.size:
+                    return True
+            elif not bool(np.all(slot.mask.numpy())):
+                return True
+        return False
 
     @_backend.no_autograph
-    def _masked_apply(self, grads, trainable_variables, skip_when_all_true=True):
+    def _masked_apply(self, grads, trainable_variables):
         masked = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
             slot = self._slots.get(self._var_key(variable))
@@ -345,30 +512,35 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, trainable_variables)
             return
 
-        def with_masks():
-            masked_grads = _backend.local_copies(grads)
-            restore = []
-            for i, slot in masked:
-                variable, mask = trainable_variables[i], slot.mask.value
-                masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-                old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
-                restore.extend(self._restore_items(slot, mask, old))
-            self.inner_optimizer.apply(masked_grads, trainable_variables)
-            _backend.restore_frozen(restore)
-
-        if not (skip_when_all_true and _backend.can_branch()):
-            with_masks()
+        if self.compact_state:
+            self._compact_apply(grads, trainable_variables, masked)
             return
-        # Skipping work that cannot matter: while every mask is all-True (e.g.
-        # masks registered for later changes), run the bare inner update.
-        any_frozen = keras.ops.any(
-            keras.ops.stack([keras.ops.logical_not(keras.ops.all(s.mask.value)) for _, s in masked])
-        )
-        _backend.cond(
-            any_frozen,
-            with_masks,
-            lambda: self.inner_optimizer.apply(_backend.local_copies(grads), trainable_variables),
-        )
+
+        # No conditionals: with an all-True mask every step below is exact
+        # (`where` with a True mask returns its input), so the result is the
+        # bare optimizer's. A `cond` shortcut would trace the inner update
+        # twice (time to the first step), leak tracers on JAX and sync the
+        # host on torch.
+        masked_grads = list(grads)
+        restore = []
+        for i, slot in masked:
+            variable, mask = trainable_variables[i], slot.mask.value
+            masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
+            old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
+            restore.extend(self._restore_items(slot, mask, old))
+        self.inner_optimizer.apply(masked_grads, trainable_variables)
+        _backend.restore_frozen(restore)
+
+    def _compact_apply(self, grads, trainable_variables, masked) -> None:
+        grads, variables = list(grads), list(trainable_variables)
+        pending = []
+        for i, slot in masked:
+            grads[i], old, valid = _compact.gather(slot.compact, grads[i])
+            variables[i] = slot.compact.proxy
+            pending.append((slot.compact, old, valid))
+        self.inner_optimizer.apply(grads, variables)
+        for compact, old, valid in pending:
+            _compact.scatter(compact, old, valid)
 
     def finalize_variable_values(self, var_list):
         var_list = list(var_list)
@@ -377,9 +549,26 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # `finally` in which the variables may still be detached after an
         # error, and reading them would hide that error.
         if not _uses_ema(self.inner_optimizer) or any(
-            _backend.is_purged(s.mask) for s in self._slots.values()
+            _backend.is_purged(s.mask if s.compact is None else s.compact.indices)
+            for s in self._slots.values()
         ):
             self.inner_optimizer.finalize_variable_values(var_list)
+            return
+        if self.compact_state:
+            # The EMA of the trainable elements lives on the proxies: swap it in
+            # there, then write the trainable elements back.
+            pending, inner_vars = [], []
+            for variable in var_list:
+                slot = self._slots.get(self._var_key(variable))
+                if slot is None:
+                    inner_vars.append(variable)
+                    continue
+                _, old, valid = _compact.gather(slot.compact, keras.ops.zeros(variable.shape, variable.dtype))
+                pending.append((slot.compact, old, valid))
+                inner_vars.append(slot.compact.proxy)
+            self.inner_optimizer.finalize_variable_values(inner_vars)
+            for compact, old, valid in pending:
+                _compact.scatter(compact, old, valid)
             return
         restore = []
         for variable in var_list:
@@ -442,6 +631,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             current = self._mask_numpy(slot)
             new = apply_op(kind, payload, variable, current if kind != "set" else None)
             what = f"{kind}('{path}')"
+            if slot.compact is not None:
+                self._relayout(slot.compact, np.broadcast_to(new, tuple(variable.shape)), what)
+                continue
             if np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
                 stored = np.broadcast_to(new, slot.shape)
             else:
@@ -479,9 +671,47 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return np.array(np.broadcast_to(mask, shape))
 
     def _mask_numpy(self, slot: _Slot) -> np.ndarray:
-        if _backend.is_purged(slot.mask):
+        """The stored mask (full shape in compact mode)."""
+        if _backend.is_purged(slot.mask if slot.compact is None else slot.compact.indices):
             self._sync_jax_state(slot)
-        return np.array(slot.mask.numpy())
+        if slot.compact is None:
+            return np.array(slot.mask.numpy())
+        c = slot.compact
+        return _compact.full_mask(c, np.asarray(c.indices.numpy()), int(c.count.numpy()))
+
+    def _relayout(self, c: _compact.CompactSlot, new_full: np.ndarray, what: str) -> None:
+        """Compact mode: a mask edit. Elements that stay trainable keep their
+        state; newly trainable ones get a fresh optimizer's state (the EMA
+        starts at the weight); dropped ones lose theirs."""
+        path = c.variable.path
+        old_idx = np.asarray(c.indices.numpy())[: int(c.count.numpy())]
+        new_idx, new_count = _compact.padded_indices(new_full, c.capacity, path, what)
+        valid = new_idx[:new_count]
+        loc = np.searchsorted(old_idx, valid)  # both sorted (np.flatnonzero)
+        kept = loc < len(old_idx)
+        kept[kept] = old_idx[loc[kept]] == valid[kept]
+        flat_w = np.asarray(keras.ops.convert_to_numpy(c.variable.value)).reshape(-1)
+        fresh = self._fresh_state(c, flat_w[new_idx])
+        for suffix, var in _compact.state_variables(self.inner_optimizer.variables, c.proxy).items():
+            values = np.array(fresh[suffix])
+            values[:new_count][kept] = np.asarray(var.numpy())[loc[kept]]
+            var.assign(values)
+        c.indices.assign(new_idx)
+        c.count.assign(np.array(new_count, np.int32))
+
+    def _fresh_state(self, c: _compact.CompactSlot, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """The state a fresh copy of the inner optimizer would give elements
+        with these `weights`, by slot name suffix."""
+        leaf = _backend._optimizer_for(self.inner_optimizer, c.proxy) or self.inner_optimizer
+        clone = type(leaf).from_config(leaf.get_config())
+        temp = keras.Variable(weights, dtype=c.proxy.dtype, name="fresh", trainable=False)
+        clone.build([temp])
+        fresh = {
+            k: np.asarray(v.numpy()) for k, v in _compact.state_variables(clone.variables, temp).items()
+        }
+        if "average" in fresh:  # EMA: a fresh optimizer's first step copies the weight
+            fresh["average"] = np.asarray(weights, fresh["average"].dtype)
+        return fresh
 
     def _sync_jax_state(self, slot: _Slot) -> None:
         # During a JAX `fit` the trainer holds the state and has detached the
@@ -558,7 +788,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         # The base implementation runs `apply` in a StatelessScope, in which
         # masks are read from `optimizer_variables` (never baked in) and the
-        # masked path runs without conditionals (see `_backend.can_branch`).
+        # masked path runs without conditionals (see `_masked_apply`).
         if self._owner is None:
             self._find_owner()
         return super().stateless_apply(optimizer_variables, grads, trainable_variables)
@@ -583,12 +813,16 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------- saving
 
     def get_config(self) -> dict:
-        return {
+        config = {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "mask_entries": _saving.config_entries(self),
             "jit_compile": self.jit_compile,
         }
+        if self.compact_state:
+            config["compact_state"] = True
+            config["compact_capacity"] = self.compact_capacity
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

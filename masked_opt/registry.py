@@ -6,8 +6,13 @@ shape here, and the optimizer only copies the result into bool variables.
 
 Vocabulary used throughout:
 
-* a *key* is a `keras.Variable` or a string matched against `variable.path`:
-  the exact path, else a suffix at a "/" boundary, else a regex (`re.fullmatch`);
+* a *key* is a `keras.Variable`, a `keras.layers.Layer` (all its trainable
+  variables), or a string matched against `variable.path` (see `match_key`):
+  the exact path; else a suffix at a "/" boundary ("dense_1/kernel",
+  "kernel"); else a layer, i.e. a "/"-bounded run of the path before the
+  variable's name ("dense_1", "encoder/dense_1"), selecting all its variables;
+  else the same two as a regex (`re.fullmatch` of a "/"-bounded suffix, then
+  of a layer run);
 * a *mask* is a bool array (True = trainable) broadcastable to the variable;
 * the *storage shape* of a variable's mask is fixed when the optimizer is
   built: the shape the user gave (a `(1, units)` column mask stays
@@ -28,8 +33,9 @@ import keras
 
 __all__ = ["Key", "MaskValue", "Where"]
 
-Key = Union[str, keras.Variable]
-"""A `keras.Variable`, or a string matched against `variable.path`."""
+Key = Union[str, keras.Variable, keras.layers.Layer]
+"""A `keras.Variable`, a `keras.layers.Layer`, or a string matched against
+`variable.path`."""
 
 MaskValue = Union[bool, int, np.ndarray, Sequence, Any, Callable[[keras.Variable], Any]]
 """A bool scalar, an array-like of bools (or 0/1 integers) broadcastable to the
@@ -44,17 +50,20 @@ def describe_key(key: Key) -> str:
     """`'dense_1/kernel'` for a string key, the path for a variable key."""
     if isinstance(key, str):
         return repr(key)
+    if isinstance(key, keras.layers.Layer):
+        return f"<{type(key).__name__} layer {key.name!r}>"
     return f"<Variable path={getattr(key, 'path', key)!r}>"
 
 
 def check_key(key: Any, *, argument: str) -> None:
     if isinstance(key, str):
         return
-    if isinstance(key, keras.Variable):
+    if isinstance(key, (keras.Variable, keras.layers.Layer)):
         return
     raise TypeError(
-        f"`{argument}` keys must be a `keras.Variable` or a string matched "
-        "against `variable.path` (exact path, '/'-suffix, or regex). "
+        f"`{argument}` keys must be a `keras.Variable`, a `keras.layers.Layer` or "
+        "a string matched against `variable.path` (exact path, '/'-suffix, "
+        "layer name or path, or a regex of those). "
         f"Received: {key!r} of type {type(key).__name__}."
     )
 
@@ -131,40 +140,103 @@ def _near_paths(key: str, paths: list[str]) -> str:
     return ", ".join(repr(p) for p in shown) + more
 
 
+def _suffixes(path: str) -> list[str]:
+    """'a/b/kernel' -> ['a/b/kernel', 'b/kernel', 'kernel']."""
+    parts = path.split("/")
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def _layer_runs(path: str) -> list[str]:
+    """The "/"-bounded runs of the path before the variable's name:
+    'model/enc/dense_1/kernel' -> ['model', 'model/enc', 'enc', 'dense_1', ...]."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+
+
 def match_key(
-    key: Key, variables: Sequence[keras.Variable], *, argument: str
+    key: Key,
+    variables: Sequence[keras.Variable],
+    *,
+    argument: str,
+    others: Sequence[keras.Variable] = (),
 ) -> list[int]:
-    """Indices of `variables` that `key` selects; raises if it selects none."""
+    """Indices of `variables` that `key` selects; raises if it selects none.
+
+    A string key selects, by the first rule that selects anything: the
+    variable whose path it is; the variables whose path ends with it at a "/"
+    boundary; the variables of the layer it names (a "/"-bounded run of the
+    path before the variable name: a layer name or path); then the same two
+    with the key as a regex (`re.fullmatch`). `others` (e.g. the model's
+    non-trainable variables) only improve the error message.
+    """
+    if isinstance(key, keras.layers.Layer):
+        own = list(key.trainable_variables)
+        hits = [i for i, v in enumerate(variables) if any(v is w for w in own)]
+        if not hits:
+            why = (
+                "it has no trainable variables (`trainable=False`, or not built yet)"
+                if not own
+                else "none of its trainable variables is among those this optimizer is built on"
+            )
+            raise ValueError(
+                f"`{argument}`: layer {key.name!r} ({type(key).__name__}) selects no "
+                f"variable: {why}. Pass a layer of the model being trained."
+            )
+        return hits
     if isinstance(key, keras.Variable):
         hits = [i for i, v in enumerate(variables) if v is key]
         if not hits:
             raise ValueError(
                 f"`{argument}`: variable '{key.path}' is not one of the "
-                "trainable variables this optimizer is built on. Pass a "
-                "trainable variable of the model (or its path)."
+                "trainable variables this optimizer is built on"
+                + (
+                    " (it is not trainable: optimizers never update it, so it needs no mask)"
+                    if not getattr(key, "trainable", True)
+                    else ""
+                )
+                + ". Pass a trainable variable of the model (or its path)."
             )
         return hits
     paths = [v.path for v in variables]
-    hits = [i for i, p in enumerate(paths) if p == key]
-    if hits:
-        return hits
-    hits = [i for i, p in enumerate(paths) if p.endswith("/" + key)]
-    if hits:
-        return hits
+    rules = [
+        lambda p: p == key,
+        lambda p: key in _suffixes(p)[1:],
+        lambda p: key in _layer_runs(p),
+    ]
+    pattern = None
     try:
         pattern = re.compile(key)
-    except re.error as e:
+    except re.error:
+        pass
+    if pattern is not None:
+        rules += [
+            lambda p: any(pattern.fullmatch(s) for s in _suffixes(p)),
+            lambda p: any(pattern.fullmatch(r) for r in _layer_runs(p)),
+        ]
+    for rule in rules:
+        hits = [i for i, p in enumerate(paths) if rule(p)]
+        if hits:
+            return hits
+    frozen = [v.path for v in others if any(rule(v.path) for rule in rules)]
+    if frozen:
         raise ValueError(
-            f"`{argument}` key {key!r} matches no variable path exactly or as a "
-            f"'/'-suffix, and is not a valid regex either ({e})."
-        ) from None
-    hits = [i for i, p in enumerate(paths) if pattern.fullmatch(p)]
-    if hits:
-        return hits
+            f"`{argument}` key {key!r} names non-trainable variable(s) "
+            f"{frozen[:5]}{' ...' if len(frozen) > 5 else ''}: optimizers never "
+            "update non-trainable variables (BatchNormalization moving statistics, "
+            "layers with `trainable=False`), so they stay fixed without a mask. "
+            "Drop the key, or set `layer.trainable = True` before compiling to train them."
+        )
+    if pattern is None:
+        raise ValueError(
+            f"`{argument}` key {key!r} matches no variable path exactly, as a "
+            "'/'-suffix or as a layer, and is not a valid regex either. "
+            f"Trainable variable paths: {_near_paths(key, paths)}."
+        )
     raise ValueError(
         f"`{argument}` key {key!r} matches no trainable variable. Keys match "
-        "`variable.path` exactly, as a suffix at a '/' boundary, or as a regex "
-        f"(re.fullmatch). Trainable variable paths: {_near_paths(key, paths)}."
+        "`variable.path` exactly, as a suffix at a '/' boundary ('dense_1/kernel'), "
+        "as a layer name or path ('dense_1'), or as a regex of those (re.fullmatch). "
+        f"Trainable variable paths: {_near_paths(key, paths)}."
     )
 
 
@@ -267,7 +339,11 @@ class MaskRegistry:
         self.ops.append(_Op(kind, key, payload))
 
     def resolve(
-        self, variables: Sequence[keras.Variable], *, strict: bool = True
+        self,
+        variables: Sequence[keras.Variable],
+        *,
+        strict: bool = True,
+        others: Sequence[keras.Variable] = (),
     ) -> dict[int, np.ndarray]:
         """Maps variable index -> mask (bool, at its storage shape).
 
@@ -279,7 +355,7 @@ class MaskRegistry:
 
         def select(key, argument):
             try:
-                return match_key(key, variables, argument=argument)
+                return match_key(key, variables, argument=argument, others=others)
             except ValueError:
                 if strict:
                     raise

@@ -1,0 +1,113 @@
+"""Time to the first training step: MaskedOptimizer vs the bare optimizer.
+
+What a user waits for before training starts: building
+`keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3))`,
+`compile`, and the first `train_on_batch` (tracing, graph optimisation or
+compilation, and the first execution), then the median of the next steps.
+Variants, all with AdamW:
+
+* ``bare``: the inner optimizer alone;
+* ``whole``: every Conv2D kernel but the last block frozen whole, by one regex
+  key (scalar ``False`` masks);
+* ``element``: the same kernels with random 50 % element masks (full-shape).
+
+Each measurement runs in a fresh subprocess (no tracing cache shared between
+variants); variants are interleaved over rounds and the medians reported with
+the ratio to bare.
+
+Usage::
+
+    python benchmarks/bench_first_step.py --rounds 3
+    KERAS_BACKEND=jax python benchmarks/bench_first_step.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Conv2D kernels (not the depthwise ones) outside the last block and the head.
+FROZEN_KEY = r"(?!block_16_)(Conv1|expanded_conv_project|block_\d+_(expand|project))/kernel"
+
+_CHILD = r"""
+import json, os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+t_import = time.perf_counter()
+import numpy as np, keras
+from masked_opt import MaskedOptimizer
+variant, key = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+keras.utils.set_random_seed(0)
+model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+inner = keras.optimizers.AdamW(1e-3)
+if variant == "bare":
+    opt = inner
+elif variant == "whole":
+    opt = MaskedOptimizer(inner, {key: False})
+else:
+    rng = np.random.default_rng(0)
+    opt = MaskedOptimizer(inner, {key: lambda v: rng.random(tuple(v.shape)) < 0.5})
+model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+rng = np.random.default_rng(1)
+x = rng.random((32, 64, 64, 3), dtype=np.float32)
+y = rng.integers(0, 10, 32)
+model.train_on_batch(x, y)
+first = time.perf_counter() - t0
+steps = []
+for _ in range(5):
+    t = time.perf_counter()
+    model.train_on_batch(x, y)
+    steps.append(time.perf_counter() - t)
+masked = len(opt.masked_variables) if variant != "bare" else 0
+print(json.dumps({"first": first, "step": sorted(steps)[2], "masked": masked,
+                  "import": t0 - t_import}))
+"""
+
+
+def measure(variant: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, variant, FROZEN_KEY],
+        capture_output=True, text=True, env=dict(os.environ),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variants", default="bare,whole,element")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",")]
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        order = variants[:]
+        rng.shuffle(order)
+        for v in order:
+            results[v].append(measure(v))
+            print(f"  round {r + 1}: {v} {results[v][-1]}", file=sys.stderr, flush=True)
+    print(f"- backend: {backend}; command: `KERAS_BACKEND={backend} python "
+          f"benchmarks/bench_first_step.py {' '.join(sys.argv[1:])}`")
+    print(f"- load average at end: {os.getloadavg()}\n")
+    print("| variant | masked variables | time to first step (s) | ratio vs bare | steady step (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    bare = statistics.median(m["first"] for m in results["bare"]) if "bare" in results else None
+    for v, ms in results.items():
+        first = statistics.median(m["first"] for m in ms)
+        step = statistics.median(m["step"] for m in ms) * 1e3
+        ratio = f"**{first / bare:.2f}**" if bare else "n/a"
+        print(f"| {v} | {ms[0]['masked']} | {first:.1f} | {ratio} | {step:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""`compact_state=True`: optimizer state for the trainable elements only.
+
+1. Weights after training are bit-identical to the default (dense-state) mode
+   for every element-wise optimizer, with weight decay, clipvalue,
+   global_clipnorm, EMA + overwrite + finalize and gradient accumulation
+   (clipnorm: within 1 ulp, its per-variable norm sums the elements in
+   another order). Frozen elements are never handed to the inner optimizer.
+2. Optimizer memory is proportional to the trainable count (asserted on the
+   bytes of every optimizer variable; timings live in benchmarks/).
+3. Mask edits: kept elements keep their state, newly trainable ones start
+   from a fresh optimizer's state, dropped ones lose theirs; capacity limits.
+4. Refusals: optimizers that couple elements, constraints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import keras
+from backends import IS_TORCH, CompiledStep, tensor, to_numpy
+from masked_opt import MaskedOptimizer
+
+O = keras.optimizers
+
+ELEMENTWISE = {
+    "sgd": lambda **kw: O.SGD(0.1, **kw),
+    "sgd_momentum": lambda **kw: O.SGD(0.1, momentum=0.9, **kw),
+    "sgd_nesterov": lambda **kw: O.SGD(0.1, momentum=0.9, nesterov=True, **kw),
+    "rmsprop": lambda **kw: O.RMSprop(0.01, **kw),
+    "rmsprop_centered": lambda **kw: O.RMSprop(0.01, centered=True, momentum=0.5, **kw),
+    "adam": lambda **kw: O.Adam(0.05, **kw),
+    "adam_amsgrad": lambda **kw: O.Adam(0.05, amsgrad=True, **kw),
+    "adamw": lambda **kw: O.AdamW(0.05, **kw),
+    "adamax": lambda **kw: O.Adamax(0.05, **kw),
+    "nadam": lambda **kw: O.Nadam(0.05, **kw),
+    "adagrad": lambda **kw: O.Adagrad(0.1, **kw),
+    "adadelta": lambda **kw: O.Adadelta(1.0, **kw),
+    "ftrl": lambda **kw: O.Ftrl(0.1, l1_regularization_strength=0.01, **kw),
+    "lion": lambda **kw: O.Lion(0.01, **kw),
+}
+FEATURES = {
+    "plain": {},
+    "weight_decay": {"weight_decay": 0.1},
+    "clipvalue": {"clipvalue": 0.05},
+    "global_clipnorm": {"global_clipnorm": 0.5},
+    "ema": {"use_ema": True, "ema_overwrite_frequency": 2},
+    "accumulation": {"gradient_accumulation_steps": 2},
+    "clipnorm": {"clipnorm": 0.5},
+}
+# Where compact and dense mode compute a trainable element differently, the
+# bound in ulps (everything else is compared bitwise):
+# - clipnorm / global_clipnorm: the norm sums the elements in another order,
+#   so the clip factor can differ by an ulp; over 4 steps that reaches 2 ulps.
+# - Ftrl: its `pow(accumulator, -lr_power)` runs over a shorter array, and the
+#   backend's vectorised pow rounds an element differently depending on where
+#   it falls (SIMD body vs tail) by an ulp.
+FEATURE_ULPS = {"clipnorm": 4, "global_clipnorm": 4}
+OPTIMIZER_ULPS = {"ftrl": 4}
+
+
+def _ulps(opt_id: str, feature: str) -> int:
+    return max(FEATURE_ULPS.get(feature, 0), OPTIMIZER_ULPS.get(opt_id, 0))
+
+
+def _assert_within_ulps_of_scale(got, want, ulps):
+    # Ulps of the variable's scale (its largest magnitude): an element that
+    # cancels to near zero would otherwise count a tiny absolute error as
+    # thousands of its own ulps.
+    tol = ulps * np.spacing(np.max(np.abs(want)).astype(want.dtype))
+    assert np.max(np.abs(got - want)) <= tol, (np.max(np.abs(got - want)), tol)
+
+SHAPES = [(6, 5), (5,), (4, 5), (3,)]
+ELEM = np.random.default_rng(0).random((6, 5)) < 0.3
+COL = np.array([[True, False, True, True, False]])
+
+
+def _variables():
+    init = np.random.default_rng(3)
+    out = []
+    for j, shape in enumerate(SHAPES):
+        with keras.name_scope(f"l{j}"):
+            out.append(keras.Variable(init.normal(size=shape).astype("float32"), name="w"))
+    return out
+
+
+def _grads(steps, seed=11):
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=s).astype("float32") for s in SHAPES] for _ in range(steps)]
+
+
+def _train(opt_id, feature, compact, steps=4, jit=False):
+    variables = _variables()
+    masks = [(variables[0], ELEM), (variables[1], False), (variables[2], COL)]
+    opt = MaskedOptimizer(
+        ELEMENTWISE[opt_id](**FEATURES[feature]), masks, compact_state=compact
+    )
+    step = CompiledStep(opt, variables) if jit else (lambda g: opt.apply(g, variables))
+    history = [[to_numpy(v) for v in variables]]
+    for g in _grads(steps):
+        step([tensor(x) for x in g])
+        history.append([to_numpy(v) for v in variables])
+    if FEATURES[feature].get("use_ema"):
+        opt.finalize_variable_values(variables)
+        history.append([to_numpy(v) for v in variables])
+    return history, opt
+
+
+FULL = [ELEM, np.zeros((5,), bool), np.broadcast_to(COL, (4, 5)), np.ones((3,), bool)]
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("opt_id", list(ELEMENTWISE))
+def test_compact_matches_dense_state(opt_id, feature):
+    dense, _ = _train(opt_id, feature, compact=False)
+    compact, _ = _train(opt_id, feature, compact=True)
+    start = compact[0]
+    for k, (d_step, c_step) in enumerate(zip(dense, compact)):
+        for j, (d, c, m) in enumerate(zip(d_step, c_step, FULL)):
+            assert np.array_equal(c[~m], start[j][~m]), (opt_id, feature, k, j)  # frozen
+            if _ulps(opt_id, feature):
+                _assert_within_ulps_of_scale(c, d, _ulps(opt_id, feature))
+            else:
+                assert np.array_equal(c, d), (opt_id, feature, k, j)
+    moved = [np.any(compact[-1][j][m] != start[j][m]) for j, m in enumerate(FULL) if m.any()]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("opt_id", ["adam", "sgd_momentum", "ftrl"])
+def test_compact_under_the_trainers_compilation_matches_dense_within_an_ulp(opt_id):
+    # tf.function / jax.jit over stateless_apply (what the JAX trainer runs) /
+    # torch eager: two separately compiled programs may round differently.
+    dense, _ = _train(opt_id, "weight_decay", compact=False, jit=True)
+    compact, opt = _train(opt_id, "weight_decay", compact=True, jit=True)
+    for d_step, c_step in zip(dense, compact):
+        for j, (d, c, m) in enumerate(zip(d_step, c_step, FULL)):
+            assert np.array_equal(c[~m], compact[0][j][~m])
+            _assert_within_ulps_of_scale(c, d, 4)
+
+
+def _optimizer_bytes(opt) -> int:
+    return sum(
+        int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in opt.variables
+    )
+
+
+def test_optimizer_memory_is_proportional_to_the_trainable_count():
+    size = 2048
+    mask = np.random.default_rng(0).random((size, size)) < 0.01
+    k1 = keras.Variable(np.zeros((size, size), "float32"), name="k")
+    bare = O.Adam()
+    bare.build([k1])
+    k2 = keras.Variable(np.zeros((size, size), "float32"), name="k")
+    compact = MaskedOptimizer(O.Adam(), [(k2, mask)], compact_state=True)
+    compact.build([k2])
+    ratio = _optimizer_bytes(compact) / _optimizer_bytes(bare)
+    assert ratio <= 0.03, ratio
+    # Two slots + one int32 index per trainable element, plus a few scalars.
+    assert _optimizer_bytes(compact) < 3 * 4 * mask.sum() + 1024
+    assert ratio > 0.01  # non-vacuous: the state is there
+
+
+def test_mask_edits_keep_reset_and_drop_state():
+    w0 = np.random.default_rng(5).normal(size=(4, 3)).astype("float32")
+    w = keras.Variable(w0, name="w")
+    mask = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]], bool)
+    opt = MaskedOptimizer(O.Adam(0.1), [(w, mask)], compact_state=True, compact_capacity=6)
+    g = tensor(np.ones((4, 3), "float32"))
+    for _ in range(3):
+        opt.apply([g], [w])
+    inner = opt.inner_optimizer
+    m_var, v_var = inner._momentums[0], inner._velocities[0]
+    before_m, before_v = to_numpy(m_var), to_numpy(v_var)
+    old_positions = {int(e): p for p, e in enumerate(np.flatnonzero(mask))}
+    # keep (0,0) (0,1) (1,1); drop (2,0); add (3,2) (2,2)
+    new = mask.copy()
+    new[2, 0] = False
+    new[3, 2] = new[2, 2] = True
+    opt.set_mask(w, new)
+    assert np.array_equal(opt.get_mask(w), new)
+    after_m, after_v = to_numpy(m_var), to_numpy(v_var)
+    for p, e in enumerate(np.flatnonzero(new)):
+        if e in old_positions:  # kept: the same state, at its new position
+            assert after_m[p] == before_m[old_positions[e]] and after_v[p] == before_v[old_positions[e]]
+        else:  # new: a fresh Adam's zeros
+            assert after_m[p] == 0.0 and after_v[p] == 0.0
+    # A new element's first step is a fresh Adam's first step on it:
+    # m = 0.1 g, v = 0.001 g^2, w -= lr * m_hat / (sqrt(v_hat) + eps) with the
+    # bias correction of the optimizer's 4th step (iterations are shared).
+    before = to_numpy(w)
+    opt.apply([g], [w])
+    after = to_numpy(w)
+    t, lr, eps = 4, 0.1, 1e-7
+    m_hat = 0.1 / (1 - 0.9**t)
+    v_hat = 0.001 / (1 - 0.999**t)
+    expected = before[3, 2] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    np.testing.assert_allclose(after[3, 2], expected, rtol=1e-5)
+    assert after[2, 0] == before[2, 0]  # dropped: frozen now
+    assert np.array_equal(after[~new], before[~new])
+
+
+def test_capacity_is_fixed_at_build_with_a_clear_error():
+    w = keras.Variable(np.zeros((4, 3), "float32"), name="w")
+    mask = np.zeros((4, 3), bool)
+    mask[0] = True
+    opt = MaskedOptimizer(O.Adam(0.1), [(w, mask)], compact_state=True)
+    opt.build([w])
+    opt.set_mask(w, np.eye(4, 3, dtype=bool))  # 3 elements: fits
+    with pytest.raises(ValueError, match=r"'w'.*6 trainable.*holds 3.*compact_capacity"):
+        opt.unfreeze(w, np.s_[3])
+    assert np.array_equal(opt.get_mask(w), np.eye(4, 3, dtype=bool))  # unchanged
+    roomy = MaskedOptimizer(O.Adam(0.1), [(w, mask)], compact_state=True, compact_capacity=0.5)
+    roomy.build([w])
+    roomy.unfreeze(w, np.s_[:2])  # 6 of 12 = 0.5
+    assert roomy.get_mask(w).sum() == 6
+
+
+@pytest.mark.parametrize(
+    "factory,name",
+    [
+        (lambda: O.Lamb(0.1), "Lamb"),
+        (lambda: O.Adafactor(0.1), "Adafactor"),
+        (lambda: O.Muon(0.1), "Muon"),
+        (lambda: O.ScheduleFreeAdamW(0.1), "ScheduleFreeAdamW"),
+    ],
+)
+def test_optimizers_that_couple_elements_are_refused(factory, name):
+    w = keras.Variable(np.zeros((4, 3), "float32"), name="w")
+    opt = MaskedOptimizer(factory(), [(w, np.eye(4, 3, dtype=bool))], compact_state=True)
+    with pytest.raises(ValueError, match=rf"compact_state=True.*\({name}\).*compact_state=False"):
+        opt.build([w])
+
+
+def test_constraints_on_masked_variables_are_refused():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="d", kernel_constraint="non_neg")]
+    )
+    opt = MaskedOptimizer(O.Adam(), {"d/kernel": np.eye(3, 2, dtype=bool)}, compact_state=True)
+    with pytest.raises(ValueError, match=r"'sequential/d/kernel'.*constraint.*NonNeg"):
+        opt.build(model.trainable_variables)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"compact_state": 1}, "compact_state"),
+        ({"compact_state": True, "compact_capacity": -1}, "compact_capacity"),
+        ({"compact_state": True, "compact_capacity": 1.5}, "compact_capacity"),
+        ({"compact_capacity": 10}, "only used with `compact_state=True`"),
+    ],
+)
+def test_bad_compact_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MaskedOptimizer(O.Adam(), **kwargs)
+
+
+def test_fit_keeps_frozen_exact_and_edits_from_a_callback_without_retracing(monkeypatch):
+    traced = []
+    original = MaskedOptimizer._compact_apply
+
+    def counting(self, *args):
+        traced.append(1)  # Python runs once per trace (TF, JAX); every step on torch
+        return original(self, *args)
+
+    monkeypatch.setattr(MaskedOptimizer, "_compact_apply", counting)
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
+    )
+    elem = np.random.default_rng(1).random((6, 5)) < 0.4
+    opt = MaskedOptimizer(
+        O.AdamW(0.05, weight_decay=0.1),
+        {"d1/kernel": elem, "d1/bias": False},
+        compact_state=True,
+        compact_capacity=1.0,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    start = [to_numpy(v) for v in model.trainable_variables]
+
+    class Grow(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                self.traces_before = len(traced)
+                opt.unfreeze("d1/kernel", np.s_[0])
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    grow = Grow()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[grow])
+    end = [to_numpy(v) for v in model.trainable_variables]
+    final = elem.copy()
+    final[0] = True
+    assert np.array_equal(opt.get_mask(model.trainable_variables[0]), final)
+    assert np.array_equal(end[0][~final], start[0][~final])
+    assert np.array_equal(end[1], start[1])
+    assert np.any(end[0][0] != start[0][0]) and np.any(end[2] != start[2])
+    if not IS_TORCH:  # the mask edit needed no retrace
+        assert len(traced) == grow.traces_before, (len(traced), grow.traces_before)
