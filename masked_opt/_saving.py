@@ -35,6 +35,7 @@ class ConfigMask:
     shape: tuple[int, ...] | None
     index: int | None = None  # position among the trainable variables
     entry: int = 0  # position in the config's mask entries
+    capacity: int | None = None  # compact_state: the saved capacity
 
 
 def paths_compatible(a: str, b: str) -> bool:
@@ -45,14 +46,17 @@ def paths_compatible(a: str, b: str) -> bool:
 def config_entries(opt: MaskedOptimizer) -> list[dict]:
     if opt.built:
         index = {opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)}
-        return [
-            {
+        entries = []
+        for slot in opt._slots.values():
+            entry = {
                 "key": slot.variable.path,
                 "shape": list(slot.shape),
                 "index": index[opt._var_key(slot.variable)],
             }
-            for slot in opt._slots.values()
-        ]
+            if slot.compact is not None:
+                entry["capacity"] = slot.compact.capacity
+            entries.append(entry)
+        return entries
     entries = []
     for key, value in opt._registry.specs:
         key = key if isinstance(key, str) else key.path
@@ -76,7 +80,9 @@ def specs_from_config(entries: list[dict]) -> list[tuple[str, Any]]:
         else:
             shape = entry.get("shape")
             shape = None if shape is None else tuple(shape)
-            specs.append((entry["key"], ConfigMask(shape, entry.get("index"), j)))
+            specs.append(
+                (entry["key"], ConfigMask(shape, entry.get("index"), j, entry.get("capacity")))
+            )
     return specs
 
 
@@ -130,6 +136,9 @@ def _meta(opt: MaskedOptimizer) -> dict:
     return {
         "built": bool(opt.built),
         "masks": [[slot.variable.path, list(slot.shape)] for slot in opt._slots.values()],
+        "capacities": [
+            None if slot.compact is None else slot.compact.capacity for slot in opt._slots.values()
+        ],
         "num_variables": len(opt.variables),
     }
 
@@ -196,12 +205,14 @@ def load_state(opt: MaskedOptimizer, store: Any) -> None:
         paths_compatible(p1, p2) and s1 == s2
         for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
     )
+    same = same and saved.get("capacities", own["capacities"]) == own["capacities"]
     if not same or saved["num_variables"] != own["num_variables"]:
         _skip_next_load(opt.inner_optimizer)
         raise ValueError(_mismatch_message(opt, saved, own))
     for i, variable in enumerate(opt.variables):
         variable.assign(store[str(i)])
     opt._unset_paths.clear()
+    opt._refresh_frozen_flag()
 
 
 def _load_unbuilt(opt: MaskedOptimizer, store: Any) -> None:
@@ -232,6 +243,10 @@ def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
             )
     if not lines and [p for p, _ in saved["masks"]] != [p for p, _ in own["masks"]]:
         lines.append("same masks in a different order")
+    if saved.get("capacities", own["capacities"]) != own["capacities"]:
+        lines.append(
+            f"compact_state capacities saved {saved.get('capacities')}, here {own['capacities']}"
+        )
     if saved["num_variables"] != own["num_variables"]:
         lines.append(
             f"{saved['num_variables']} optimizer variables saved, "

@@ -294,9 +294,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # AutoTrackable would wrap a dict attribute and try to checkpoint it.
         self._jit_functions = _HostCache()
         self._owner: Any = None  # weakref to the model whose JAX trainer drives us
+        self._frozen_somewhere = False  # host-side: some mask has a False element
         self._slots: dict[Any, _Slot] = {}
         self._unset_paths: list[str] = []  # masks from a config awaiting their values
         self._config_targets: dict[int, list] = {}  # config entry -> variable keys
+        self._config_capacities: dict[Any, int | None] = {}  # compact: saved capacities
         registry.specs.extend(_saving.specs_from_config(config_masks or []))
 
     # ------------------------------------------------------------------ build
@@ -347,6 +349,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             if slot.compact is None:
                 slot.ema = _ema_average(self.inner_optimizer, slot.variable)
         self._store_slots(slots, unset)
+        self._refresh_frozen_flag([m for m in resolved.values()])
         super().build(var_list)
 
     def _resolve_masks(self, variables):
@@ -367,6 +370,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             specs[j] = (key, lambda v, s=shape: np.zeros(v.shape if s is None else s, bool))
             hits = match_key(key, variables, argument="masks")
             unset.extend(variables[i].path for i in hits)
+            for i in hits:
+                self._config_capacities[self._var_key(variables[i])] = value.capacity
             targets[value.entry] = [self._var_key(variables[i]) for i in hits]
         registry.specs = specs
         self._config_targets.update(targets)
@@ -398,7 +403,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         full = np.broadcast_to(mask, tuple(variable.shape))
         size = int(full.size)
         count = int(np.count_nonzero(full))
-        capacity = _compact.capacity_for(self.compact_capacity, count, size, variable.path)
+        capacity = self._config_capacities.get(self._var_key(variable))
+        if capacity is None:
+            capacity = _compact.capacity_for(self.compact_capacity, count, size, variable.path)
         indices, count = _compact.padded_indices(full, capacity, variable.path, "masks")
         base = variable.path.replace("/", "_")
         layout = _backend.mask_layout(variable, (capacity,))
@@ -471,7 +478,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 "saved weights. Load them (`keras.models.load_model` or "
                 "`model.load_weights`), or give them with `set_mask`, before training."
             )
-        grads = list(grads)
+        grads = [
+            g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g)
+            for g in grads
+        ]
         if self._use_xla(grads):
             key = tuple(self._var_key(v) for v in trainable_variables)
             fn = self._jit_functions.get(key)
@@ -490,16 +500,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # "auto": in a traced step, if some element is frozen at trace time
         # (read eagerly from the mask variables). No element frozen: the
         # masked path in graph mode is bit-identical to the bare optimizer.
-        return _backend.in_traced_function() and _backend.eagerly(self._any_frozen)
+        # Read from a host-side flag: at the first trace the mask variables
+        # may not be initialized yet (they are created inside the trace).
+        return _backend.in_traced_function() and self._frozen_somewhere
 
-    def _any_frozen(self) -> bool:
-        for slot in self._slots.values():
-            if slot.compact is not None:
-                if int(slot.compact.count.numpy()) < slot.compact.size:
-                    return True
-            elif not bool(np.all(slot.mask.numpy())):
-                return True
-        return False
+    @tracking.no_automatic_dependency_tracking
+    def _refresh_frozen_flag(self, masks: list[np.ndarray] | None = None) -> None:
+        """Whether some element is frozen, from host values (the masks just
+        resolved or edited), or from the mask variables when called eagerly."""
+        if masks is None:
+            masks = [self._mask_numpy(slot) for slot in self._slots.values()]
+        self._frozen_somewhere = any(not bool(np.all(m)) for m in masks)
 
     @_backend.no_autograph
     def _masked_apply(self, grads, trainable_variables):
@@ -548,10 +559,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # to hold, and nothing is read: on JAX, `fit` calls this from a
         # `finally` in which the variables may still be detached after an
         # error, and reading them would hide that error.
-        if not _uses_ema(self.inner_optimizer) or any(
+        if any(_backend.is_purged(v) for v in var_list) or any(
             _backend.is_purged(s.mask if s.compact is None else s.compact.indices)
             for s in self._slots.values()
         ):
+            return  # JAX state still detached after a failed step: read nothing
+        if not _uses_ema(self.inner_optimizer):
             self.inner_optimizer.finalize_variable_values(var_list)
             return
         if self.compact_state:
@@ -633,15 +646,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             what = f"{kind}('{path}')"
             if slot.compact is not None:
                 self._relayout(slot.compact, np.broadcast_to(new, tuple(variable.shape)), what)
-                continue
-            if np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
-                stored = np.broadcast_to(new, slot.shape)
+            elif np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
+                slot.mask.assign(np.array(np.broadcast_to(new, slot.shape), dtype=bool))
             else:
                 full = np.broadcast_to(new, tuple(variable.shape))
                 stored = fit_to_storage(full, slot.shape, path=path, what=what)
-            slot.mask.assign(np.array(stored, dtype=bool).reshape(slot.shape))
+                slot.mask.assign(np.array(stored, dtype=bool).reshape(slot.shape))
             if path in self._unset_paths:
                 self._unset_paths.remove(path)
+        self._refresh_frozen_flag()
 
     def get_mask(self, variable: Key) -> np.ndarray:
         """The variable's mask as a bool array of its full shape (True = trainable)."""
@@ -799,7 +812,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         trace time), so that mask edits from a callback that holds only the
         optimizer can sync JAX's trainer state first."""
         frame = inspect.currentframe()
-        for _ in range(12):
+        for _ in range(64):  # trace time only; a LossScaleOptimizer cond adds ~10
             frame = frame.f_back if frame is not None else None
             if frame is None:
                 return
@@ -815,7 +828,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def get_config(self) -> dict:
         config = {
             "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "inner_optimizer": _saving.inner_config(self.inner_optimizer),
             "mask_entries": _saving.config_entries(self),
             "jit_compile": self.jit_compile,
         }
@@ -836,9 +849,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 stacklevel=2,
             )
             config["jit_compile"] = False
-        inner = keras.saving.deserialize_keras_object(
-            config.pop("inner_optimizer"), custom_objects=custom_objects
-        )
+        inner = _saving.inner_from_config(config.pop("inner_optimizer"), custom_objects)
         return cls(inner, **config)
 
     def save_own_variables(self, store):

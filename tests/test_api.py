@@ -416,18 +416,7 @@ class OptimizerOnlyEdits(keras.callbacks.Callback):
         self._edit(self.edits_end, batch)
 
 
-OWNER_DEPTH_XFAIL = pytest.mark.xfail(
-    IS_JAX,
-    strict=True,
-    raises=RuntimeError,
-    reason="core: under LossScaleOptimizer on JAX, MaskedOptimizer._find_owner walks only 12 "
-    "frames up from stateless_apply, and the model's train step is ~15 frames up (LSO's "
-    "lax.cond adds ~10), so no model is remembered and an edit from a callback that holds "
-    "only the optimizer raises 'held by JAX's trainer'",
-)
-
-
-@pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_float16", marks=OWNER_DEPTH_XFAIL)])
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_mask_edits_from_a_callback_holding_only_the_optimizer_reach_the_next_step(policy):
     # The fit below must equal a reference that takes the same batches one
     # `fit` at a time and edits the masks between them, outside any fit.

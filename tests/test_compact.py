@@ -295,3 +295,64 @@ def test_fit_keeps_frozen_exact_and_edits_from_a_callback_without_retracing(monk
     assert np.any(end[0][0] != start[0][0]) and np.any(end[2] != start[2])
     if not IS_TORCH:  # the mask edit needed no retrace
         assert len(traced) == grow.traces_before, (len(traced), grow.traces_before)
+
+
+def test_save_load_round_trip_continues_bit_identically(tmp_path):
+    def model_fn():
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")],
+            name="net",
+        )
+
+    elem = np.random.default_rng(1).random((6, 5)) < 0.4
+    model = model_fn()
+    opt = MaskedOptimizer(
+        O.Adam(0.05, use_ema=True),
+        {"d1/kernel": elem, "d2/bias": False},
+        compact_state=True,
+        compact_capacity=0.8,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(16, 6)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    opt.unfreeze("d1/kernel", np.s_[0])  # an edit after training, saved too
+    path = str(tmp_path / "compact.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    lopt = loaded.optimizer
+    assert lopt.compact_state and lopt.compact_capacity == 0.8
+    for v, w in zip(model.trainable_variables, loaded.trainable_variables):
+        assert np.array_equal(to_numpy(v), to_numpy(w))
+        assert np.array_equal(opt.get_mask(v), lopt.get_mask(w))
+    assert len(opt.variables) == len(lopt.variables)
+    for a, b in zip(opt.variables, lopt.variables):
+        assert np.array_equal(to_numpy(a), to_numpy(b)), a.path
+    # Continue both with the same eager steps: bit-identical.
+    grads = _grads(2, seed=5)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    g_rng = np.random.default_rng(6)
+    for _ in range(2):
+        g = [tensor(g_rng.normal(size=s).astype("float32")) for s in shapes]
+        opt.apply(g, model.trainable_variables)
+        lopt.apply(g, loaded.trainable_variables)
+    for v, w in zip(model.trainable_variables, loaded.trainable_variables):
+        assert np.array_equal(to_numpy(v), to_numpy(w)), v.path
+    del grads
+
+
+def test_loading_into_other_capacities_is_refused(tmp_path):
+    w = keras.Variable(np.zeros((4, 3), "float32"), name="w")
+    mask = np.eye(4, 3, dtype=bool)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    a = MaskedOptimizer(O.Adam(), {"d/kernel": mask}, compact_state=True)
+    model.compile(optimizer=a, loss="mse")
+    a.build(model.trainable_variables)
+    path = str(tmp_path / "a.weights.h5")
+    model.save_weights(path)
+    b = MaskedOptimizer(O.Adam(), {"d/kernel": mask}, compact_state=True, compact_capacity=6)
+    model.compile(optimizer=b, loss="mse")
+    b.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="capacities saved"):
+        model.load_weights(path)
+    del w

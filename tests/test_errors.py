@@ -369,23 +369,12 @@ def exploding_loss():
     return loss
 
 
-FINALIZE_XFAIL = pytest.mark.xfail(
-    IS_JAX,
-    strict=True,
-    raises=TypeError,
-    reason="core: on JAX `fit`'s `finally` calls finalize_variable_values while the variables "
-    "are still detached (the step failed before the trainer state was synced back); with an "
-    "EMA inner optimizer MaskedOptimizer forwards to inner.finalize_variable_values, which "
-    "reads the detached averages: TypeError 'NoneType' object is not callable hides the error",
-)
-
-
 @pytest.mark.parametrize(
     "inner, policy",
     [
         pytest.param(lambda: O.Adam(0.1), "float32", id="plain"),
-        pytest.param(lambda: O.Adam(0.1, use_ema=True), "float32", marks=FINALIZE_XFAIL, id="ema"),
-        pytest.param(lambda: O.AdamW(0.1, use_ema=True), "mixed_float16", marks=FINALIZE_XFAIL, id="ema_lso"),
+        pytest.param(lambda: O.Adam(0.1, use_ema=True), "float32", id="ema"),
+        pytest.param(lambda: O.AdamW(0.1, use_ema=True), "mixed_float16", id="ema_lso"),
     ],
 )
 def test_an_error_inside_the_train_step_surfaces_from_fit(inner, policy):
@@ -396,14 +385,6 @@ def test_an_error_inside_the_train_step_surfaces_from_fit(inner, policy):
         model.fit(np.ones((8, 3)), np.ones((8, 4)), batch_size=4, verbose=0)
 
 
-@pytest.mark.xfail(
-    IS_TORCH,
-    strict=True,
-    raises=TypeError,
-    reason="core: on torch MaskedOptimizer.apply hands NumPy gradients of unmasked variables "
-    "to the inner optimizer as they are, and torch._foreach_* inside Keras raises "
-    "'expected Tensor as element 0 in argument 1, but got numpy.ndarray'",
-)
 def test_numpy_gradients_are_applied_like_tensors():
     rng = np.random.default_rng(0)
     grads = [rng.normal(size=s).astype("float32") for s in [(3, 4), (4,), (4, 2)]]

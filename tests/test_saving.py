@@ -340,17 +340,6 @@ def test_model_saved_before_training_loads_with_its_masks(masks, tmp_path):
 
 # ------------------------------------------------- inner optimizer's config
 
-# Until `MaskedOptimizer.get_config` / `from_config` use `_saving.inner_config`
-# / `_saving.inner_from_config`, a file saved on torch names torch's private
-# optimizer class (see those helpers).
-INNER_CLASS_XFAIL = (
-    "core: MaskedOptimizer.get_config serializes the inner optimizer with "
-    "keras.saving.serialize_keras_object, which on torch names the private "
-    "'keras.src.backend.torch.optimizers.torch_adamw' module; another backend then "
-    "rebuilds torch's AdamW and fails at the first step (TypeError from torch._foreach_*). "
-    "Fix: get_config -> _saving.inner_config(self.inner_optimizer), "
-    "from_config -> _saving.inner_from_config(config.pop('inner_optimizer'), custom_objects)"
-)
 
 
 def _multi():
@@ -386,7 +375,6 @@ def test_inner_config_saved_with_a_private_torch_class_rebuilds_this_backends_op
     assert any(isinstance(leaf, O.AdamW) for leaf in leaves)
 
 
-@pytest.mark.xfail(IS_TORCH, strict=True, reason=INNER_CLASS_XFAIL)
 def test_get_config_names_the_public_inner_optimizer_class():
     config = MaskedOptimizer(_multi(), {"dense_1/bias": False}).get_config()
     entries = _optimizer_entries(config["inner_optimizer"])
@@ -504,12 +492,10 @@ def cross_backend(tmp_path_factory):
     return results
 
 
-def _torch_saved(saver):
-    return pytest.mark.xfail(saver == "torch", strict=True, reason=INNER_CLASS_XFAIL)
 
 
 @pytest.mark.parametrize(
-    "other", [pytest.param(o, marks=_torch_saved(BACKEND)) for o in OTHERS]
+    "other", OTHERS
 )
 def test_keras_file_saved_here_loads_under_the_other_backend(cross_backend, other):
     code, output, report, _ = cross_backend[other]
@@ -517,7 +503,7 @@ def test_keras_file_saved_here_loads_under_the_other_backend(cross_backend, othe
     assert report.get("load") == "ok", f"loading under {other} (saved under {BACKEND}):\n{report.get('load')}"
 
 
-@pytest.mark.parametrize("other", [pytest.param(o, marks=_torch_saved(o)) for o in OTHERS])
+@pytest.mark.parametrize("other", OTHERS)
 def test_keras_file_saved_under_the_other_backend_loads_here(cross_backend, other):
     code, output, _, path = cross_backend[other]
     assert code == 0, f"the {other} subprocess failed:\n{output}"
