@@ -24,9 +24,10 @@ if IS_TF:
 
 SHAPES = [(5, 4), (4,), (4, 3)]
 # Max ulps between the masked XLA update and a separately compiled bare XLA
-# update, for every optimizer. Measured on an AMD EPYC with AVX-512: Ftrl
-# (weight decay, frozen elements present) 1 ulp, ScheduleFreeAdamW 1 ulp,
-# every other optimizer 0. Frozen elements are exact regardless.
+# update, for every optimizer. Measured on an AMD EPYC with AVX-512, 3 steps:
+# Ftrl 1 ulp (weight decay, frozen elements present), every other optimizer 0
+# (ScheduleFreeAdamW differed by 1 ulp on another CPU). Allowed: 2. Frozen
+# elements are exact regardless.
 JIT_MAX_ULP = 2
 
 
