@@ -75,6 +75,9 @@ class _HostCache:
     def __init__(self):
         self._items: dict = {}
 
+    def __len__(self):
+        return len(self._items)
+
     def get(self, key, default=None):
         return self._items.get(key, default)
 

@@ -115,14 +115,48 @@ def test_suffix_key_does_not_match_inside_a_path_component():
         opt.build(net_variables())
 
 
-def test_regex_key_uses_fullmatch():
+def test_regex_key_uses_fullmatch_of_a_slash_bounded_suffix_or_layer():
     variables = net_variables()
     opt = MaskedOptimizer(O.SGD(0.1), {r".*/kernel": False})
     opt.build(variables)
     assert masked_paths(opt) == ["net/dense_1/kernel", "net/dense_2/kernel"]
-    # re.search would find "dense_2" in "net/dense_2/kernel"; fullmatch does not.
+    # Like plain keys, a regex matches at a "/" boundary: no ".*" prefix needed.
+    opt = MaskedOptimizer(O.SGD(0.1), {r"dense_\d/kernel": False})
+    opt.build(net_variables())
+    assert masked_paths(opt) == ["net/dense_1/kernel", "net/dense_2/kernel"]
+    # A regex of a layer selects all its variables.
+    opt = MaskedOptimizer(O.SGD(0.1), {r"dense_[1]": False})
+    opt.build(net_variables())
+    assert masked_paths(opt) == ["net/dense_1/kernel", "net/dense_1/bias"]
+    # fullmatch, not search: "ense_2" is inside "dense_2" but is no segment run.
     with pytest.raises(ValueError, match="matches no trainable variable"):
-        MaskedOptimizer(O.SGD(0.1), {"dense_2": False}).build(net_variables())
+        MaskedOptimizer(O.SGD(0.1), {"ense_2": False}).build(net_variables())
+    with pytest.raises(ValueError, match="matches no trainable variable"):
+        MaskedOptimizer(O.SGD(0.1), {r"ense_\d": False}).build(net_variables())
+
+
+def test_layer_keys_select_all_trainable_variables_of_the_layer():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="dense_1"),
+         keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(2, name="dense_2")],
+        name="seq",
+    )
+    for key in ("dense_1", "seq/dense_1", model.layers[0]):
+        opt = MaskedOptimizer(O.SGD(0.1), [(key, False)])
+        opt.build(model.trainable_variables)
+        assert masked_paths(opt) == ["seq/dense_1/kernel", "seq/dense_1/bias"], key
+    model.layers[0].trainable = False
+    with pytest.raises(ValueError, match=r"layer 'dense_1'.*no trainable variables"):
+        MaskedOptimizer(O.SGD(0.1), [(model.layers[0], False)]).build(model.trainable_variables)
+
+
+def test_key_naming_a_non_trainable_variable_says_so():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(2, name="d")]
+    )
+    model.compile(optimizer=MaskedOptimizer(O.SGD(0.1), {"bn/moving_mean": False}), loss="mse")
+    with pytest.raises(ValueError, match=r"non-trainable variable.*bn/moving_mean.*never update"):
+        model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
 
 
 def test_exact_path_takes_priority_over_suffix():

@@ -129,7 +129,7 @@ def test_invalid_regex_key_says_so():
 
 @pytest.mark.parametrize("key", [3, 1.5, None, ("dense_1", "kernel")], ids=repr)
 def test_key_of_the_wrong_type_raises_type_error(key):
-    with raises(TypeError, "keys must be a `keras.Variable` or a string", repr(key)) as e:
+    with raises(TypeError, "keys must be a `keras.Variable`, a `keras.layers.Layer` or a string", repr(key)) as e:
         MaskedOptimizer(O.SGD(0.1), [(key, True)])
     assert_raised_by_masked_opt(e, TypeError)
     with raises(TypeError, repr(key)) as e:

@@ -411,12 +411,16 @@ FUNCTION_CASES = [
 ]
 if IS_JAX:  # "everything" for every optimizer (eagerly only for a subset there)
     FUNCTION_CASES += [(o, "everything") for o in OPT_IDS if (o, "everything") not in FUNCTION_CASES]
-# The masked step and the oracle's bare step are two separately compiled
-# programs (graph or XLA), which may round differently in the last bit (an
-# XLA Ftrl update did, by 1 ulp, on an AVX-512 CPU). Measured on JAX and TF
-# (CPU): 0 ulp for every optimizer and case; allowed: 2. On torch both run
-# eagerly, the same kernels one by one: bitwise.
-COMPILED_MAX_ULP = 0 if IS_TORCH else 2
+# On JAX the masked step and the oracle's bare step are two separately
+# compiled XLA programs, which XLA may fuse and round differently in the last
+# bit (TF's XLA Ftrl update did, by 1 ulp, on an AVX-512 CPU): measured 0 ulp
+# for every optimizer in "plain", "everything", "nan", "weight_decay" and the
+# mask-change cases; allowed: 2. TensorFlow's graph mode runs the same kernels
+# op by op as eager mode, torch runs eagerly: bitwise (as in test_identity).
+# On TensorFlow a traced step with frozen elements runs the masked update
+# under XLA by default (jit_compile="auto") and the oracle in graph mode:
+# Adafactor measured 3 ulp there. Allowed: 4 on both.
+COMPILED_MAX_ULP = 0 if IS_TORCH else 4
 
 
 @pytest.mark.parametrize("opt_id,feature", FUNCTION_CASES)
@@ -430,12 +434,18 @@ def test_compiled_step_keeps_frozen_exact_and_mask_edits_need_no_retrace(opt_id,
     # Trainable elements and inner state: the bare optimizer's compiled update.
     ref = run_oracle(opt_id, feature, mode="function")
     assert len(run.history) == len(ref.history)
+    def same(got, want, label):
+        if COMPILED_MAX_ULP:
+            assert_max_ulp(got, want, COMPILED_MAX_ULP, label)
+        else:
+            assert got.shape == want.shape and np.array_equal(got, want), f"{label} differs"
+
     for k, (got, want) in enumerate(zip(run.history, ref.history)):
         for path, g, w in zip(PATHS, got, want):
-            assert_max_ulp(g, w, COMPILED_MAX_ULP, f"{opt_id}/{feature}: {path} after step {k}")
+            same(g, w, f"{opt_id}/{feature}: {path} after step {k}")
     assert len(run.inner_state) == len(ref.inner_state), (run.inner_paths, ref.inner_paths)
     for path, s, r in zip(run.inner_paths, run.inner_state, ref.inner_state):
-        assert_max_ulp(s, r, COMPILED_MAX_ULP, f"{opt_id}/{feature}: inner state {path}")
+        same(s, r, f"{opt_id}/{feature}: inner state {path}")
 
 
 # --------------------------------------------------------- through model.fit
