@@ -63,6 +63,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     from masked_opt import MaskedOptimizer
 
     out = sys.argv[1]
+    COMPACT = len(sys.argv) > 2 and sys.argv[2] == "compact"
     rng = np.random.default_rng(0)
     VOCAB = 20
     ids = rng.integers(0, VOCAB, size=(32, 3))
@@ -84,7 +85,8 @@ MIRRORED_SCRIPT = textwrap.dedent(
         e = keras.layers.Flatten()(keras.layers.Embedding(VOCAB, 2, name="emb")(a))
         h = keras.layers.Dense(10, activation="tanh", name="hidden")(keras.layers.Concatenate()([e, b]))
         model = keras.Model([a, b], keras.layers.Dense(2, name="out")(h), name="net")
-        opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), masks=MASKS)
+        extra = {"compact_state": True, "compact_capacity": 1.0} if COMPACT else {}
+        opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), masks=MASKS, **extra)
         model.compile(optimizer=opt, loss="mse")
         return model, opt
 
@@ -111,7 +113,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     single, _, (single_start, _, _) = run(None)
     result = {"replicas": strategy.num_replicas_in_sync, "paths": [], "frozen_exact": {},
               "trainable_moved": {}, "max_abs_diff_vs_single": {}, "mask_copies_equal": {}}
-    mask_vars = [v for v in opt.variables if v.path.endswith("_mask")]
+    mask_vars = [v for v in opt.variables if v.path.endswith(("_mask", "_compact_indices"))]
     result["mask_vars_mirrored"] = [isinstance(v.value, tf.distribute.DistributedValues) for v in mask_vars]
     result["mask_copies_equal"] = [
         all(np.array_equal(c.numpy(), v.value.values[0].numpy()) for c in v.value.values)
@@ -139,14 +141,14 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
+@pytest.fixture(scope="module", params=["dense", "compact"])
+def mirrored(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("mirrored")
     script = folder / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
     out = str(folder / "arrays.npz")
     proc = subprocess.run(
-        [sys.executable, str(script), out],
+        [sys.executable, str(script), out, request.param],
         env=_env(),
         capture_output=True,
         text=True,

@@ -166,3 +166,43 @@ def test_config_saved_with_jit_compile_loads_without_it_off_tensorflow():
     with pytest.warns(UserWarning, match=f"loading it on '{BACKEND}' with jit_compile=False"):
         opt = MaskedOptimizer.from_config(config)
     assert opt.jit_compile is False
+
+
+# ------------------------------------------- jit_compile="auto" (the default)
+def _auto_fit(masks, jit_compile="auto"):
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
+    )
+    init = np.random.default_rng(4)
+    for v in model.trainable_variables:
+        v.assign(init.normal(size=v.shape).astype("float32"))
+    opt = MaskedOptimizer(O_ADAMW(), masks, jit_compile=jit_compile)
+    model.compile(optimizer=opt, loss="mse")
+    start = [v.numpy() for v in model.trainable_variables]
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(24, 6)).astype("float32"), rng.normal(size=(24, 3)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return opt, start, [v.numpy() for v in model.trainable_variables]
+
+
+def O_ADAMW():
+    return keras.optimizers.AdamW(0.05, weight_decay=0.1)
+
+
+def test_auto_compiles_the_masked_update_with_xla_when_an_element_is_frozen():
+    elem = np.random.default_rng(6).random((6, 5)) < 0.5
+    opt, start, end = _auto_fit({"d1/kernel": elem, "d1/bias": False})
+    assert len(opt._jit_functions) == 1  # the XLA path was traced
+    assert np.array_equal(end[0][~elem], start[0][~elem]) and np.array_equal(end[1], start[1])
+    # Graph mode (jit_compile=False) computes the same update, rounded op by op.
+    ref, _, graph_end = _auto_fit({"d1/kernel": elem, "d1/bias": False}, jit_compile=False)
+    assert len(ref._jit_functions) == 0
+    for a, b in zip(end, graph_end):
+        np.testing.assert_array_max_ulp(a, b, maxulp=4)
+
+
+def test_auto_keeps_graph_mode_while_no_element_is_frozen():
+    # The identity law: all-True masks at trace time run the graph-mode path,
+    # bit-identical to the bare optimizer (tests/test_identity.py).
+    opt, _, end = _auto_fit({"d1/kernel": np.ones((6, 5), bool)})
+    assert len(opt._jit_functions) == 0
