@@ -11,6 +11,8 @@ differently in the last bit, depending on the CPU: they are compared within
 `JIT_MAX_ULP`.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -158,6 +160,24 @@ def test_jit_compile_is_refused_off_tensorflow_naming_the_backend():
     assert MaskedOptimizer(keras.optimizers.SGD(0.1), jit_compile=False).jit_compile is False
 
 
+@pytest.mark.xfail(
+    not IS_TF,
+    strict=True,
+    reason="core: from_config treats jit_compile='auto' (truthy) as True off TensorFlow: "
+    "it warns 'saved with jit_compile=True' and sets jit_compile=False",
+)
+def test_default_config_round_trips_without_a_warning():
+    # jit_compile="auto" (the default) is valid on every backend: a model
+    # saved with it loads anywhere without a warning, and keeps "auto".
+    opt = MaskedOptimizer(keras.optimizers.SGD(0.1))
+    config = opt.get_config()
+    assert config["jit_compile"] == "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = MaskedOptimizer.from_config(config)
+    assert loaded.jit_compile == "auto"
+
+
 @pytest.mark.skipif(IS_TF, reason="jit_compile=True is supported on TensorFlow")
 def test_config_saved_with_jit_compile_loads_without_it_off_tensorflow():
     # A model saved on TensorFlow with jit_compile=True still loads here.
@@ -176,7 +196,7 @@ def _auto_fit(masks, jit_compile="auto"):
     init = np.random.default_rng(4)
     for v in model.trainable_variables:
         v.assign(init.normal(size=v.shape).astype("float32"))
-    opt = MaskedOptimizer(O_ADAMW(), masks, jit_compile=jit_compile)
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), masks, jit_compile=jit_compile)
     model.compile(optimizer=opt, loss="mse")
     start = [v.numpy() for v in model.trainable_variables]
     rng = np.random.default_rng(5)
@@ -185,10 +205,7 @@ def _auto_fit(masks, jit_compile="auto"):
     return opt, start, [v.numpy() for v in model.trainable_variables]
 
 
-def O_ADAMW():
-    return keras.optimizers.AdamW(0.05, weight_decay=0.1)
-
-
+@tf_only
 def test_auto_compiles_the_masked_update_with_xla_when_an_element_is_frozen():
     elem = np.random.default_rng(6).random((6, 5)) < 0.5
     opt, start, end = _auto_fit({"d1/kernel": elem, "d1/bias": False})
@@ -198,9 +215,12 @@ def test_auto_compiles_the_masked_update_with_xla_when_an_element_is_frozen():
     ref, _, graph_end = _auto_fit({"d1/kernel": elem, "d1/bias": False}, jit_compile=False)
     assert len(ref._jit_functions) == 0
     for a, b in zip(end, graph_end):
+        # Graph mode vs XLA: measured 2 ulp here (elementwise it can be more
+        # near 0, where XLA's fused multiply-adds round once); allowed: 4.
         np.testing.assert_array_max_ulp(a, b, maxulp=4)
 
 
+@tf_only
 def test_auto_keeps_graph_mode_while_no_element_is_frozen():
     # The identity law: all-True masks at trace time run the graph-mode path,
     # bit-identical to the bare optimizer (tests/test_identity.py).
