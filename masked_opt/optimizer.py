@@ -843,7 +843,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        if config.get("jit_compile") and not _backend.IS_TF:
+        if config.get("jit_compile") is True and not _backend.IS_TF:
             warnings.warn(
                 f"MaskedOptimizer '{config.get('name')}' was saved with "
                 "`jit_compile=True`, which applies to the TensorFlow backend only; "

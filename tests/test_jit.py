@@ -160,12 +160,6 @@ def test_jit_compile_is_refused_off_tensorflow_naming_the_backend():
     assert MaskedOptimizer(keras.optimizers.SGD(0.1), jit_compile=False).jit_compile is False
 
 
-@pytest.mark.xfail(
-    not IS_TF,
-    strict=True,
-    reason="core: from_config treats jit_compile='auto' (truthy) as True off TensorFlow: "
-    "it warns 'saved with jit_compile=True' and sets jit_compile=False",
-)
 def test_default_config_round_trips_without_a_warning():
     # jit_compile="auto" (the default) is valid on every backend: a model
     # saved with it loads anywhere without a warning, and keeps "auto".
