@@ -132,6 +132,17 @@ FEATURES = {
     "gradient_accumulation_steps": 2,
 }
 LOOP_STEPS = 4
+# On JAX, Keras's optimizer runs gradient accumulation through `lax.cond`,
+# which eager JAX compiles afresh at every call (most of this file's time
+# there). That code is the base optimizer's, the same for every optimizer:
+# on JAX it runs for these, the others run the other features.
+JAX_ACCUMULATION = ["sgd_momentum", "adam", "muon", "multi_optimizer"]
+
+
+def _features(opt_id: str) -> dict:
+    if IS_JAX and opt_id not in JAX_ACCUMULATION:
+        return {k: v for k, v in FEATURES.items() if k != "gradient_accumulation_steps"}
+    return FEATURES
 
 
 def _grads(seed: int = 11) -> list[list]:
@@ -145,7 +156,7 @@ def _grads(seed: int = 11) -> list[list]:
 def _loop(opt_id: str, masks, *, features: bool = True):
     """Weights and inner state after LOOP_STEPS `apply_gradients` + finalize."""
     variables = _model().trainable_variables
-    inner = OPTIMIZERS[opt_id](**(FEATURES if features else {}))
+    inner = OPTIMIZERS[opt_id](**(_features(opt_id) if features else {}))
     opt = inner if isinstance(masks, str) else MaskedOptimizer(inner, masks)
 
     for g in _grads():
