@@ -356,3 +356,33 @@ def test_loading_into_other_capacities_is_refused(tmp_path):
     with pytest.raises(ValueError, match="capacities saved"):
         model.load_weights(path)
     del w
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "xla"])
+def test_fit_under_mixed_precision_and_xla_keeps_frozen_exact(policy):
+    if policy == "xla" and not IS_TF:
+        pytest.skip("MaskedOptimizer(jit_compile=True) is TensorFlow's")
+    if policy == "mixed_float16":
+        keras.config.set_dtype_policy("mixed_float16")
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
+    )
+    elem = np.random.default_rng(1).random((6, 5)) < 0.4
+    opt = MaskedOptimizer(
+        O.AdamW(0.05, weight_decay=0.1),
+        {"d1/kernel": elem, "d1/bias": False},
+        compact_state=True,
+        jit_compile=policy == "xla",
+    )
+    model.compile(optimizer=opt, loss="mse")
+    if policy == "mixed_float16":
+        assert isinstance(model.optimizer, O.LossScaleOptimizer)
+    start = [to_numpy(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    end = [to_numpy(v) for v in model.trainable_variables]
+    assert np.array_equal(end[0][~elem], start[0][~elem]) and np.array_equal(end[1], start[1])
+    assert np.any(end[0][elem] != start[0][elem]) and np.any(end[2] != start[2])
+    if policy == "xla":
+        assert len(opt._jit_functions) == 1
