@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_TORCH, CompiledStep, tensor, to_numpy
+from backends import IS_TF, IS_TORCH, CompiledStep, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 
 O = keras.optimizers
