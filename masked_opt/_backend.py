@@ -12,6 +12,7 @@ torch.compile); on TensorFlow it traces the update twice.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +25,15 @@ IS_JAX = BACKEND == "jax"
 
 if IS_TF:
     import tensorflow as tf
+
+# keras.optimizers.MultiOptimizer arrived in Keras 3.15; older Keras has none.
+_MULTI_OPTIMIZER = getattr(keras.optimizers, "MultiOptimizer", None)
+
+
+def is_multi_optimizer(optimizer: Any) -> bool:
+    """Whether `optimizer` is a `keras.optimizers.MultiOptimizer` (never on a
+    Keras without one)."""
+    return _MULTI_OPTIMIZER is not None and isinstance(optimizer, _MULTI_OPTIMIZER)
 
 
 def _zero(dtype: Any) -> Any:
@@ -93,11 +103,19 @@ def is_purged(variable: Any) -> bool:
     return IS_JAX and getattr(variable, "_value", True) is None
 
 
+# `Optimizer.add_variable(layout=...)` arrived in Keras 3.10.
+_ADD_VARIABLE_TAKES_LAYOUT = "layout" in inspect.signature(keras.optimizers.Optimizer.add_variable).parameters
+
+
 def mask_layout(variable: Any, mask_shape: tuple[int, ...]) -> Any:
     """The keras.distribution layout for a mask of `variable` stored at
     `mask_shape`: the variable's own layout for a full-shape mask (sharded as
     its weight is), replicated for a broadcast mask, None without a
-    distribution (or where the backend has none)."""
+    distribution (or where the backend has none). None on Keras < 3.10, whose
+    optimizer variables take no layout: the distribution places the mask by
+    its own path, as it places Keras's own optimizer slots there."""
+    if not _ADD_VARIABLE_TAKES_LAYOUT:
+        return None
     try:
         distribution = keras.distribution.distribution()
     except (AttributeError, NotImplementedError):
@@ -138,7 +156,7 @@ def _leaf_optimizers(inner_optimizer: Any, var_list: Sequence[Any] | None = None
     """The optimizers that update variables: a MultiOptimizer's sub-optimizers
     (those it knows, plus those its map gives `var_list`), else the optimizer."""
     subs = getattr(inner_optimizer, "optimizers", None)
-    if not isinstance(inner_optimizer, keras.optimizers.MultiOptimizer) or subs is None:
+    if not is_multi_optimizer(inner_optimizer) or subs is None:
         return [inner_optimizer]
     found = list(subs)
     mapping = getattr(inner_optimizer, "_optimizer_map", None)
@@ -152,7 +170,7 @@ def _leaf_optimizers(inner_optimizer: Any, var_list: Sequence[Any] | None = None
 
 def _optimizer_for(inner_optimizer: Any, variable: Any) -> Any | None:
     """The (sub-)optimizer that updates `variable` once built, or None."""
-    if not isinstance(inner_optimizer, keras.optimizers.MultiOptimizer):
+    if not is_multi_optimizer(inner_optimizer):
         return inner_optimizer
     if not inner_optimizer.built:
         return None

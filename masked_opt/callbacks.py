@@ -108,6 +108,10 @@ def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
         model = _unsynced_model(model)
     optimizer = model.optimizer
     variables = list(optimizer.variables)
+    # The step counter: before Keras 3.9 a LossScaleOptimizer's own
+    # `iterations` never moves (3.9 made it its inner optimizer's).
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
     # `iterations` may be computed from several scalars (gradient
     # accumulation divides it); they are few.
     scalars = [i for i, v in enumerate(variables) if len(v.shape) == 0]

@@ -17,10 +17,24 @@ BACKEND = keras.backend.backend()
 IS_TF = BACKEND == "tensorflow"
 IS_JAX = BACKEND == "jax"
 IS_TORCH = BACKEND == "torch"
+KERAS_VERSION = tuple(int(p) for p in keras.__version__.split(".")[:2])
 
 tf_only = pytest.mark.skipif(not IS_TF, reason="TensorFlow-only feature")
 jax_only = pytest.mark.skipif(not IS_JAX, reason="JAX-only feature")
 torch_only = pytest.mark.skipif(not IS_TORCH, reason="torch-only feature")
+needs_multi_optimizer = pytest.mark.skipif(
+    not hasattr(keras.optimizers, "MultiOptimizer"),
+    reason=f"keras.optimizers.MultiOptimizer needs Keras 3.15 (this is {keras.__version__})",
+)
+
+
+def optimizer_class(name: str):
+    """`keras.optimizers.<name>`, or a skip of the calling test on a Keras
+    without it (Muon: Keras 3.10, ScheduleFreeAdamW: 3.14, MultiOptimizer: 3.15)."""
+    cls = getattr(keras.optimizers, name, None)
+    if cls is None:
+        pytest.skip(f"keras.optimizers.{name} is not in Keras {keras.__version__}")
+    return cls
 
 
 def tensor(x, dtype=None):

@@ -3,16 +3,39 @@
 Each entry is `id -> factory(**extra_kwargs) -> keras.optimizers.Optimizer`; factories
 accept the base-optimizer keyword arguments (weight_decay, use_ema, clipnorm, ...).
 Learning rates are large enough that a few steps move every trainable element.
+
+Entries the installed Keras cannot run (see `_missing`) skip the test that builds
+them; `AVAILABLE` holds the entries this Keras has, for tests that loop over the table.
 """
 
 import keras
+import pytest
+from backends import KERAS_VERSION
 
 O = keras.optimizers
 
 
+def _missing(name):
+    """Why this Keras cannot run `keras.optimizers.<name>`, or None."""
+    if not hasattr(O, name):  # Muon: Keras 3.10, ScheduleFreeAdamW: 3.14, MultiOptimizer: 3.15
+        return f"keras.optimizers.{name} is not in Keras {keras.__version__}"
+    if name == "Muon" and KERAS_VERSION < (3, 13) and keras.backend.backend() == "tensorflow":
+        # Stock Muon reads `variable.path` of the raw tf.Variable in its update step.
+        return f"stock keras.optimizers.Muon cannot step on TensorFlow in Keras {keras.__version__} (fixed in 3.13)"
+    return None
+
+
+def _cls(name):
+    """`keras.optimizers.<name>`, or a skip of the calling test where this Keras cannot run it."""
+    reason = _missing(name)
+    if reason:
+        pytest.skip(reason)
+    return getattr(O, name)
+
+
 def _multi(**kw):
     # MultiOptimizer: kernels by Adam, everything else by SGD with momentum.
-    return O.MultiOptimizer(
+    return _cls("MultiOptimizer")(
         O.OptimizerMap(
             default_optimizer=O.SGD(0.05, momentum=0.9, **kw),
             optimizer_map={".*kernel": O.Adam(0.05, **kw)},
@@ -37,7 +60,11 @@ OPTIMIZERS = {
     "lion": lambda **kw: O.Lion(0.01, **kw),
     "lamb": lambda **kw: O.Lamb(0.05, **kw),
     "adafactor": lambda **kw: O.Adafactor(0.1, **kw),
-    "muon": lambda **kw: O.Muon(0.05, **kw),
-    "schedule_free_adamw": lambda **kw: O.ScheduleFreeAdamW(0.05, **kw),
+    "muon": lambda **kw: _cls("Muon")(0.05, **kw),
+    "schedule_free_adamw": lambda **kw: _cls("ScheduleFreeAdamW")(0.05, **kw),
     "multi_optimizer": _multi,
 }
+
+# The class each entry needs beyond what every supported Keras has.
+_NEEDS = {"muon": "Muon", "schedule_free_adamw": "ScheduleFreeAdamW", "multi_optimizer": "MultiOptimizer"}
+AVAILABLE = {k: f for k, f in OPTIMIZERS.items() if k not in _NEEDS or not _missing(_NEEDS[k])}

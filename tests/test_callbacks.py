@@ -198,6 +198,20 @@ def test_dynamic_mask_schedule_arguments_are_validated(kwargs):
         DynamicMask(lambda m, o, s: None, **kwargs)
 
 
+def test_dynamic_mask_counts_steps_under_mixed_float16():
+    # model.optimizer is a LossScaleOptimizer, whose own `iterations` never
+    # moves before Keras 3.9: the step is read from the optimizer it wraps.
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = data(n=40)
+    model = compile_(mlp(), keras.optimizers.SGD(0.1), {"hidden_0/kernel": True})
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    steps = []
+    cb = DynamicMask(lambda m, o, step: steps.append(step), every_n_steps=3)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    assert steps == [0, 3, 6, 9]
+    assert current_step(model) == 10
+
+
 def test_masked_optimizer_unwraps_loss_scale_optimizer():
     keras.config.set_dtype_policy("mixed_float16")
     x, y = data()

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 import keras
-from backends import tf_only
+from backends import needs_multi_optimizer, tf_only
 from masked_opt import MaskedOptimizer, _backend
 
 pytestmark = tf_only  # tf.distribute is TensorFlow's
@@ -444,6 +444,7 @@ def test_masked_optimizer_refuses_unsupported_option_under_mirrored_strategy(opt
         model.fit(np.ones((4, 3)), np.ones((4, 2)), batch_size=2, verbose=0)
 
 
+@needs_multi_optimizer
 def test_strategy_check_looks_into_multi_optimizer_sub_optimizers():
     with _mirrored_one_device().scope():
         model = _tiny()
@@ -454,6 +455,7 @@ def test_strategy_check_looks_into_multi_optimizer_sub_optimizers():
             opt.build(model.trainable_variables)
 
 
+@needs_multi_optimizer
 def test_strategy_check_finds_sub_optimizers_of_a_callable_map_given_the_variables():
     # A callable map names its sub-optimizers only when asked about a variable.
     sub = O.SGD(0.1, gradient_accumulation_steps=2, name="from_callable")
@@ -500,6 +502,7 @@ def test_use_ema_without_overwrite_is_accepted_under_mirrored_strategy():
     assert np.all(end[:, 0] != start[:, 0])
 
 
+@needs_multi_optimizer
 def test_masked_optimizer_checks_callable_multi_optimizer_at_build():
     # The core passes the variables, so a callable map's sub-optimizers are found.
     sub = O.SGD(0.1, gradient_accumulation_steps=2, name="from_callable")

@@ -11,7 +11,7 @@ from backends import gradients, tensor
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 from masked_opt import summary as S
-from optimizer_table import OPTIMIZERS
+from optimizer_table import AVAILABLE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -187,7 +187,7 @@ def test_verify_frozen_passes_for_every_inner_optimizer():
     # One loop over the shared table (not a parametrization): the per-test teardown
     # (keras clear_session + gc) would cost more than the steps.
     x, y = _data(8)
-    for opt_id, factory in sorted(OPTIMIZERS.items()):
+    for opt_id, factory in sorted(AVAILABLE.items()):
         keras.backend.clear_session(free_memory=False)  # layer names restart at "dense"
         model, opt, _ = _half_frozen(factory(weight_decay=0.1, use_ema=True))
         ref = S.snapshot_frozen(opt)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_TF, IS_TORCH, CompiledStep, assert_equal_across_programs, gradients, grad_masked
+from backends import (
+    IS_TF, IS_TORCH, CompiledStep, assert_equal_across_programs, gradients, grad_masked, needs_multi_optimizer,
+)
 from masked_opt import MaskedOptimizer
 
 O = keras.optimizers
@@ -210,6 +212,7 @@ def _multi():
     ],
     ids=["LearningRateScheduler", "ReduceLROnPlateau"],
 )
+@needs_multi_optimizer
 def test_learning_rate_callbacks_reach_multi_optimizer_sub_optimizers(callback):
     opt = MaskedOptimizer(_multi(), masks=_masks())
     _fit_with(opt, [callback()])
