@@ -88,15 +88,6 @@ def in_traced_function() -> bool:
     return IS_TF and tf.inside_function()
 
 
-def eagerly(fn: Any) -> Any:
-    """`fn()` run eagerly (outside the graph being traced): reads variables'
-    current values at trace time."""
-    if IS_TF:
-        with tf.init_scope():
-            return fn()
-    return fn()
-
-
 def is_purged(variable: Any) -> bool:
     """Whether JAX's trainer has detached the variable's value (during `fit`
     it holds the state itself until `jax_state_sync()`)."""
