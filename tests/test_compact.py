@@ -20,24 +20,17 @@ import pytest
 import keras
 from backends import IS_TF, IS_TORCH, CompiledStep, optimizer_class, tensor, to_numpy
 from masked_opt import MaskedOptimizer
+from optimizer_table import OPTIMIZERS
 
 O = keras.optimizers
 
+# The element-wise entries of the shared optimizer table.
 ELEMENTWISE = {
-    "sgd": lambda **kw: O.SGD(0.1, **kw),
-    "sgd_momentum": lambda **kw: O.SGD(0.1, momentum=0.9, **kw),
-    "sgd_nesterov": lambda **kw: O.SGD(0.1, momentum=0.9, nesterov=True, **kw),
-    "rmsprop": lambda **kw: O.RMSprop(0.01, **kw),
-    "rmsprop_centered": lambda **kw: O.RMSprop(0.01, centered=True, momentum=0.5, **kw),
-    "adam": lambda **kw: O.Adam(0.05, **kw),
-    "adam_amsgrad": lambda **kw: O.Adam(0.05, amsgrad=True, **kw),
-    "adamw": lambda **kw: O.AdamW(0.05, **kw),
-    "adamax": lambda **kw: O.Adamax(0.05, **kw),
-    "nadam": lambda **kw: O.Nadam(0.05, **kw),
-    "adagrad": lambda **kw: O.Adagrad(0.1, **kw),
-    "adadelta": lambda **kw: O.Adadelta(1.0, **kw),
-    "ftrl": lambda **kw: O.Ftrl(0.1, l1_regularization_strength=0.01, **kw),
-    "lion": lambda **kw: O.Lion(0.01, **kw),
+    k: OPTIMIZERS[k]
+    for k in (
+        "sgd", "sgd_momentum", "sgd_nesterov", "rmsprop_momentum", "rmsprop_centered", "adam",
+        "adam_amsgrad", "adamw", "adamax", "nadam", "adagrad", "adadelta", "ftrl", "lion",
+    )
 }
 FEATURES = {
     "plain": {},
