@@ -23,7 +23,11 @@ def _model(masked: bool, jit_compile: bool):
         [keras.Input((16,)), keras.layers.Dense(32, name="d1"), keras.layers.Dense(4, name="out")]
     )
     inner = keras.optimizers.AdamW(1e-2, weight_decay=0.1)
-    opt = MaskedOptimizer(inner, {"d1/kernel": ELEM, "d1/bias": False}) if masked else inner
+    opt = (
+        MaskedOptimizer(inner, {"d1/kernel": ELEM, "d1/bias": False}, multipliers={"out/kernel": 0.5})
+        if masked
+        else inner
+    )
     model.compile(optimizer=opt, loss="mse", jit_compile=jit_compile)
     return model
 
@@ -74,7 +78,11 @@ def test_eager_step_reads_nothing_back_to_the_host(monkeypatch):
 
     variables = [keras.Variable(np.ones((16, 32), "float32"), name="k"),
                  keras.Variable(np.ones((32,), "float32"), name="b")]
-    opt = MaskedOptimizer(keras.optimizers.Adam(0.1), [(variables[0], ELEM), (variables[1], True)])
+    opt = MaskedOptimizer(
+        keras.optimizers.Adam(0.1, use_ema=True),
+        [(variables[0], ELEM), (variables[1], True)],
+        multipliers=[(variables[1], np.linspace(0, 2, 32, dtype="float32"))],
+    )
     grads = [torch.ones((16, 32)), torch.ones((32,))]
     opt.apply(grads, variables)  # build outside the watch
     calls = []
