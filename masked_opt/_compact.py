@@ -141,6 +141,15 @@ def gather(slot: CompactSlot, grad: Any) -> tuple[Any, Any, Any]:
     return g, old, valid
 
 
+def gather_multiplier(slot: CompactSlot, multiplier: Any) -> Any:
+    """A variable's update multiplier at the proxy's elements (a scalar stays
+    a scalar; a row/column/element multiplier is gathered by the indices)."""
+    if len(multiplier.shape) == 0:
+        return multiplier
+    full = ops.broadcast_to(multiplier, tuple(slot.variable.shape))
+    return ops.take(ops.reshape(full, (-1,)), slot.indices.value, axis=0)
+
+
 def scatter(slot: CompactSlot, old: Any, valid: Any) -> None:
     """Writes the proxy back into the variable (padding writes back `old`)."""
     if slot.capacity == 0:

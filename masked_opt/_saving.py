@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 META_KEY = "masked_opt_meta"
 _SPEC_KEY = "masked_opt_spec_{}"  # mask arrays of an optimizer saved before build
+_MULT_SPEC_KEY = "masked_opt_multiplier_spec_{}"  # multiplier arrays, same
 
 
 @dataclass
@@ -72,11 +73,37 @@ def config_entries(opt: MaskedOptimizer) -> list[dict]:
     return entries
 
 
-def specs_from_config(entries: list[dict]) -> list[tuple[str, Any]]:
+def multiplier_entries(opt: MaskedOptimizer) -> list[dict]:
+    """Config entries of the update multipliers (keys, shapes, positions; a
+    scalar given before build is stored by value)."""
+    if opt.built:
+        index = {opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)}
+        return [
+            {"key": m.variable.path, "shape": list(m.shape), "index": index[opt._var_key(m.variable)]}
+            for m in opt._mults.values()
+        ]
+    entries = []
+    for key, value in opt._mult_registry.specs:
+        key = key if isinstance(key, str) else key.path
+        if isinstance(value, ConfigMask):
+            entry = {"key": key, "shape": None if value.shape is None else list(value.shape)}
+            if value.index is not None:
+                entry["index"] = value.index
+        elif isinstance(value, np.ndarray) and value.ndim == 0:
+            entry = {"key": key, "value": float(value)}
+        else:
+            entry = {"key": key, "shape": None if callable(value) else list(value.shape)}
+        entries.append(entry)
+    return entries
+
+
+def specs_from_config(entries: list[dict], kind: str = "mask") -> list[tuple[str, Any]]:
     specs = []
     for j, entry in enumerate(entries):
         if "value" in entry:
-            specs.append((entry["key"], np.asarray(bool(entry["value"]))))
+            value = entry["value"]
+            value = bool(value) if kind == "mask" else float(value)
+            specs.append((entry["key"], np.asarray(value, bool if kind == "mask" else np.float32)))
         else:
             shape = entry.get("shape")
             shape = None if shape is None else tuple(shape)
@@ -140,6 +167,7 @@ def _meta(opt: MaskedOptimizer) -> dict:
             None if slot.compact is None else slot.compact.capacity for slot in opt._slots.values()
         ],
         "num_variables": len(opt.variables),
+        "multipliers": [[m.variable.path, list(m.shape)] for m in opt._mults.values()],
     }
 
 
@@ -151,11 +179,15 @@ def save_state(opt: MaskedOptimizer, store: Any) -> None:
         return
     # Saved before build (compiled, not trained): keep the array masks here,
     # since the config holds no arrays.
-    lost = [repr(k) for k, v in opt._registry.specs if callable(v)]
+    lost = [repr(k) for k, v in opt._registry.specs + opt._mult_registry.specs if callable(v)]
     lost += [f"{op.kind}({op.key!r})" for op in opt._registry.ops]
+    lost += [f"set_multiplier({k!r})" for k, _ in opt._mult_registry.ops]
     for j, (_, value) in enumerate(opt._registry.specs):
         if isinstance(value, np.ndarray) and value.ndim > 0:
             store[_SPEC_KEY.format(j)] = value.astype(np.uint8)
+    for j, (_, value) in enumerate(opt._mult_registry.specs):
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            store[_MULT_SPEC_KEY.format(j)] = value.astype(np.float32)
     if lost:
         warnings.warn(
             f"MaskedOptimizer '{opt.name}' is saved before it was built, so mask "
@@ -206,6 +238,11 @@ def load_state(opt: MaskedOptimizer, store: Any) -> None:
         for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
     )
     same = same and saved.get("capacities", own["capacities"]) == own["capacities"]
+    saved_mults = saved.get("multipliers", [])
+    same = same and len(saved_mults) == len(own["multipliers"]) and all(
+        paths_compatible(p1, p2) and s1 == s2
+        for (p1, s1), (p2, s2) in zip(saved_mults, own["multipliers"])
+    )
     if not same or saved["num_variables"] != own["num_variables"]:
         _skip_next_load(opt.inner_optimizer)
         raise ValueError(_mismatch_message(opt, saved, own))
@@ -227,6 +264,13 @@ def _load_unbuilt(opt: MaskedOptimizer, store: Any) -> None:
         for var_key in var_keys:
             slot = opt._slots[var_key]
             opt.set_mask(slot.variable, value)
+    for entry, var_keys in opt._mult_targets.items():
+        name = _MULT_SPEC_KEY.format(entry)
+        if name not in keys:
+            continue
+        value = np.asarray(store[name], np.float32)
+        for var_key in var_keys:
+            opt.set_multiplier(opt._mults[var_key].variable, value)
 
 
 def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
@@ -247,6 +291,12 @@ def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
         lines.append(
             f"compact_state capacities saved {saved.get('capacities')}, here {own['capacities']}"
         )
+    saved_x = [(p, tuple(sh)) for p, sh in saved.get("multipliers", [])]
+    own_x = [(p, tuple(sh)) for p, sh in own["multipliers"]]
+    if len(saved_x) != len(own_x) or not all(
+        paths_compatible(p1, p2) and s1 == s2 for (p1, s1), (p2, s2) in zip(saved_x, own_x)
+    ):
+        lines.append(f"multipliers saved {saved_x or 'none'}, here {own_x or 'none'}")
     if saved["num_variables"] != own["num_variables"]:
         lines.append(
             f"{saved['num_variables']} optimizer variables saved, "
@@ -257,5 +307,6 @@ def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
         "do not match this optimizer's, and Keras loads optimizer variables by "
         "position, so loading would silently mix state. Differences: "
         + "; ".join(lines)
-        + ". Build the optimizer with the same masks (keys and shapes) as the saved one."
+        + ". Build the optimizer with the same masks and multipliers (keys and "
+        "shapes) as the saved one."
     )

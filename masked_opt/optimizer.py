@@ -27,6 +27,12 @@ from masked_opt.registry import (
     fit_to_storage,
     match_key,
 )
+from masked_opt.multipliers import (
+    MultiplierRegistry,
+    MultiplierValue,
+    fit_multiplier,
+    resolve_multiplier,
+)
 
 _BASE_ARGS = (
     "learning_rate",
@@ -53,8 +59,18 @@ class _Slot:
     compact: _compact.CompactSlot | None = None  # compact_state=True
 
 
-def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) -> Any:
-    """The inner optimizer's moving average of `variable` (`use_ema=True`), if any.
+@dataclass
+class _Multiplier:
+    """One model variable with an update multiplier (`multipliers=`)."""
+
+    variable: keras.Variable
+    value: keras.Variable  # float32, at `shape`
+    shape: tuple[int, ...]  # storage shape, fixed at build
+
+
+def _ema_owner(inner: keras.optimizers.Optimizer, variable: keras.Variable) -> tuple[Any, Any]:
+    """(the optimizer that averages `variable`, its moving average) when the
+    inner optimizer has `use_ema=True`, else (None, None).
 
     The same private attributes `keras.callbacks.SwapEMAWeights` reads.
     """
@@ -65,8 +81,43 @@ def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) ->
             index = opt._get_variable_index(variable)
         except KeyError:  # a MultiOptimizer's other sub-optimizer
             continue
-        return opt._model_variables_moving_average[index]
-    return None
+        return opt, opt._model_variables_moving_average[index]
+    return None, None
+
+
+def _ema_average(inner: keras.optimizers.Optimizer, variable: keras.Variable) -> Any:
+    return _ema_owner(inner, variable)[1]
+
+
+def _multiplied_items(target, mask, m, old, ema=None, old_ema=None, momentum=None) -> list[tuple]:
+    """`restore_frozen` items that give `target` (a weight, or a compact proxy)
+    `old + m * (current - old)` where `mask` (None: everywhere) is True, and
+    its EMA the average of that stored value.
+
+    Exactness: where `m == 1` the current value (the inner optimizer's) is kept
+    as is, and the EMA as the inner optimizer computed it; where `m == 0` or
+    the mask is False, the old value is written back, and the EMA is held at
+    it (as for frozen elements). In between, the EMA is recomputed with Keras's
+    own formula on the value actually stored.
+    """
+    ops = keras.ops
+    m = ops.cast(m, target.dtype)
+    moving = ops.not_equal(m, 0)
+    keep = ops.equal(m, 1)
+    if mask is not None:
+        moving = ops.logical_and(mask, moving)
+        keep = ops.logical_and(mask, keep)
+    current = target.value
+    scaled = ops.add(old, ops.multiply(m, ops.subtract(current, old)))
+    new = ops.where(moving, scaled, old)
+    items = [(target, keep, new)]
+    if ema is not None:
+        stored = ops.where(keep, current, new)
+        average = ops.add(
+            ops.multiply(momentum, old_ema), ops.multiply(ops.subtract(1, momentum), stored)
+        )
+        items.append((ema, keep, ops.where(moving, average, old)))
+    return items
 
 
 class _HostCache:
@@ -177,6 +228,20 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             a callable `variable -> array`; True means trainable. Keys are
             resolved when the optimizer is built. Variables no key matches are
             trained as by the inner optimizer alone, at no cost.
+        multipliers: dict from keys (as for `masks`) to update multipliers,
+            or a list of `(key, multiplier)` pairs. A multiplier is a float
+            >= 0, an array-like of them broadcastable to the variable (per
+            row, column or element; stored at the shape given), or a callable
+            `variable -> value`. The stored weight becomes
+            `w_old + m * (w_inner - w_old)`, where `w_inner` is what the inner
+            optimizer produced: a learning-rate multiplier that is right under
+            Adam (scaling the gradient is not). 1 leaves the inner update
+            bit-identical; 0 holds the weight exactly (the inner optimizer's
+            state still follows the gradient: a warm start when the
+            multiplier later rises; use a mask to zero the gradient too).
+            Masks and multipliers compose, frozen wins. The EMA (`use_ema`)
+            averages the weights actually stored. Change them with
+            `set_multiplier` (no retrace); see also `layerwise_decay`.
         jit_compile: TensorFlow only. "auto" (default): inside a traced
             train step (`fit`, a `tf.function`), if some element is frozen when
             the step is traced, the masked update (masking, the inner
@@ -222,6 +287,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: keras.optimizers.Optimizer | str | dict,
         masks: Mapping[str, MaskValue] | Sequence[tuple[Key, MaskValue]] | None = None,
         *,
+        multipliers: Mapping[str, MultiplierValue] | Sequence[tuple[Key, MultiplierValue]] | None = None,
         jit_compile: bool | str = "auto",
         compact_state: bool = False,
         compact_capacity: int | float | None = None,
@@ -229,6 +295,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         **kwargs: Any,
     ):
         config_masks = kwargs.pop("mask_entries", None)
+        config_multipliers = kwargs.pop("multiplier_entries", None)
         if not isinstance(compact_state, bool):
             raise TypeError(
                 f"`compact_state` must be True or False. Received: {compact_state!r}."
@@ -282,17 +349,28 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             )
         inner_optimizer = _resolve_inner(inner_optimizer)
         registry = MaskRegistry(masks)
+        mult_registry = MultiplierRegistry(multipliers)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.jit_compile = jit_compile
         self.compact_state = compact_state
         self.compact_capacity = compact_capacity
-        self._set_host_state(registry, config_masks)
+        self._set_host_state(registry, config_masks, mult_registry, config_multipliers)
 
     @tracking.no_automatic_dependency_tracking
-    def _set_host_state(self, registry: MaskRegistry, config_masks: list | None) -> None:
+    def _set_host_state(
+        self,
+        registry: MaskRegistry,
+        config_masks: list | None,
+        mult_registry: MultiplierRegistry,
+        config_multipliers: list | None,
+    ) -> None:
         # Host-side bookkeeping that must stay out of Keras/TF variable tracking.
         self._registry = registry
+        self._mult_registry = mult_registry
+        self._mults: dict[Any, _Multiplier] = {}
+        self._mult_targets: dict[int, list] = {}  # config entry -> variable keys
+        mult_registry.specs.extend(_saving.specs_from_config(config_multipliers or [], kind="multiplier"))
         # XLA-compiled updates by variable list. Held in a plain object: TF's
         # AutoTrackable would wrap a dict attribute and try to checkpoint it.
         self._jit_functions = _HostCache()
@@ -332,6 +410,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 mask=self._add_mask_variable(variable, mask),
                 shape=tuple(mask.shape),
             )
+        mults = {}
+        resolved_mults = self._resolve_multipliers(maskable, unset)
+        for i, value in sorted(resolved_mults.items()):
+            variable = maskable[i]
+            mults[self._var_key(variable)] = _Multiplier(
+                variable=variable,
+                value=self._add_multiplier_variable(variable, value),
+                shape=tuple(value.shape),
+            )
         inner_vars = var_list
         if self.compact_state:
             _compact.check_inner(
@@ -351,38 +438,82 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for slot in slots.values():
             if slot.compact is None:
                 slot.ema = _ema_average(self.inner_optimizer, slot.variable)
-        self._store_slots(slots, unset)
-        self._refresh_frozen_flag([m for m in resolved.values()])
+        if mults:
+            self._check_multiplier_support(var_list)
+        self._store_slots(slots, unset, mults)
+        self._refresh_frozen_flag(list(resolved.values()), list(resolved_mults.values()))
         super().build(var_list)
 
-    def _resolve_masks(self, variables):
-        registry = self._registry
+    def _check_multiplier_support(self, var_list) -> None:
+        for opt in _backend._leaf_optimizers(self.inner_optimizer, var_list) + [self.inner_optimizer]:
+            if getattr(opt, "use_ema", False) and getattr(opt, "ema_overwrite_frequency", None):
+                raise ValueError(
+                    "`multipliers` cannot be combined with `ema_overwrite_frequency` "
+                    f"(inner optimizer '{opt.name}' has ema_overwrite_frequency="
+                    f"{opt.ema_overwrite_frequency}): the overwrite replaces the "
+                    "weights with their average inside the inner optimizer's step, "
+                    "before the multiplier can scale its update. Keep `use_ema=True` "
+                    "without `ema_overwrite_frequency` and swap the average in with "
+                    "`keras.callbacks.SwapEMAWeights` (or at the end of `fit`)."
+                )
+
+    def _bind_config_specs(self, registry, variables, unset: list, *, argument: str, dtype: Any) -> dict:
+        """Specs rebuilt from a config (`_saving.ConfigMask`): their values come
+        from the saved weights. Each is bound to the variable at its saved
+        position (paths can lose a Sequential prefix across save/load) and held
+        at zero (frozen) until the values are loaded (fail-safe)."""
         specs = list(registry.specs)
-        unset, targets = [], {}
+        targets = {}
         for j, (key, value) in enumerate(specs):
             if not isinstance(value, _saving.ConfigMask):
                 continue
-            # A mask rebuilt from a config: its values come from the saved
-            # weights. Bind it to the variable at the saved position (paths can
-            # lose a Sequential prefix across save/load), and hold it frozen
-            # until the values are loaded (fail-safe).
             i = value.index
             if i is not None and i < len(variables) and _saving.paths_compatible(key, variables[i].path):
                 key = variables[i]
             shape = value.shape
-            specs[j] = (key, lambda v, s=shape: np.zeros(v.shape if s is None else s, bool))
-            hits = match_key(key, variables, argument="masks")
-            unset.extend(variables[i].path for i in hits)
+            specs[j] = (key, lambda v, s=shape: np.zeros(v.shape if s is None else s, dtype))
+            hits = match_key(key, variables, argument=argument)
+            unset.extend(variables[i].path for i in hits if variables[i].path not in unset)
             for i in hits:
-                self._config_capacities[self._var_key(variables[i])] = value.capacity
+                if argument == "masks":
+                    self._config_capacities[self._var_key(variables[i])] = value.capacity
             targets[value.entry] = [self._var_key(variables[i]) for i in hits]
         registry.specs = specs
-        self._config_targets.update(targets)
+        return targets
+
+    def _non_trainable_of_owner(self) -> list:
         # The model (found when it builds us) names its non-trainable
         # variables, for a clearer error when a key selects only those.
         model = self._owner() if self._owner is not None else None
-        others = list(getattr(model, "non_trainable_variables", []) or [])
-        return registry.resolve(variables, others=others), unset
+        return list(getattr(model, "non_trainable_variables", []) or [])
+
+    def _resolve_masks(self, variables):
+        unset: list[str] = []
+        targets = self._bind_config_specs(self._registry, variables, unset, argument="masks", dtype=bool)
+        self._config_targets.update(targets)
+        return self._registry.resolve(variables, others=self._non_trainable_of_owner()), unset
+
+    def _resolve_multipliers(self, variables, unset: list) -> dict[int, np.ndarray]:
+        targets = self._bind_config_specs(
+            self._mult_registry, variables, unset, argument="multipliers", dtype=np.float32
+        )
+        self._mult_targets.update(targets)
+        return self._mult_registry.resolve(variables, others=self._non_trainable_of_owner())
+
+    def _add_multiplier_variable(self, variable: keras.Variable, value: np.ndarray) -> keras.Variable:
+        value = np.array(value, dtype=np.float32)
+        kwargs = {}
+        layout = _backend.mask_layout(variable, value.shape)
+        if layout is not None:
+            kwargs["layout"] = layout
+        return self.add_variable(
+            shape=value.shape,
+            initializer=lambda shape, dtype=None: value,
+            dtype="float32",
+            aggregation="only_first_replica",
+            name=variable.path.replace("/", "_") + "_multiplier",
+            **kwargs,
+        )
 
     def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
         # Values go in through the initializer: an `assign` inside a build that
@@ -446,8 +577,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return variable if slot is None or slot.compact is None else slot.compact.proxy
 
     @tracking.no_automatic_dependency_tracking
-    def _store_slots(self, slots: dict, unset: list[str]) -> None:
+    def _store_slots(self, slots: dict, unset: list[str], mults: dict) -> None:
         self._slots = slots
+        self._mults = mults
         self._unset_paths = list(unset)
 
     # ------------------------------------------------------------------ apply
@@ -508,52 +640,100 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return _backend.in_traced_function() and self._frozen_somewhere
 
     @tracking.no_automatic_dependency_tracking
-    def _refresh_frozen_flag(self, masks: list[np.ndarray] | None = None) -> None:
-        """Whether some element is frozen, from host values (the masks just
-        resolved or edited), or from the mask variables when called eagerly."""
+    def _refresh_frozen_flag(
+        self, masks: list[np.ndarray] | None = None, mults: list[np.ndarray] | None = None
+    ) -> None:
+        """Whether some element is frozen or has a multiplier other than 1,
+        from host values (those just resolved or edited), or from the
+        optimizer's variables when called eagerly."""
         if masks is None:
             masks = [self._mask_numpy(slot) for slot in self._slots.values()]
-        self._frozen_somewhere = any(not bool(np.all(m)) for m in masks)
+        if mults is None:
+            mults = [self._multiplier_numpy(m) for m in self._mults.values()]
+        self._frozen_somewhere = any(not bool(np.all(m)) for m in masks) or any(
+            bool(np.any(m != 1)) for m in mults
+        )
 
     @_backend.no_autograph
     def _masked_apply(self, grads, trainable_variables):
-        masked = []
+        handled = []
         for i, (grad, variable) in enumerate(zip(grads, trainable_variables)):
-            slot = self._slots.get(self._var_key(variable))
-            if grad is not None and slot is not None:
-                masked.append((i, slot))
-        if not masked:
+            key = self._var_key(variable)
+            slot, mult = self._slots.get(key), self._mults.get(key)
+            if grad is not None and (slot is not None or mult is not None):
+                handled.append((i, slot, mult))
+        if not handled:
             self.inner_optimizer.apply(grads, trainable_variables)
             return
 
         if self.compact_state:
-            self._compact_apply(grads, trainable_variables, masked)
+            self._compact_apply(grads, trainable_variables, handled)
             return
 
-        # No conditionals: with an all-True mask every step below is exact
-        # (`where` with a True mask returns its input), so the result is the
-        # bare optimizer's. A `cond` shortcut would trace the inner update
-        # twice (time to the first step), leak tracers on JAX and sync the
-        # host on torch.
+        # No conditionals: with an all-True mask (a multiplier of 1) every
+        # step below is exact (`where` with a True condition returns its
+        # input), so the result is the bare optimizer's. A `cond` shortcut
+        # would trace the inner update twice (time to the first step), leak
+        # tracers on JAX and sync the host on torch.
         masked_grads = list(grads)
-        restore = []
-        for i, slot in masked:
-            variable, mask = trainable_variables[i], slot.mask.value
-            masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-            old = _backend.snapshot(variable, masked_grads[i], self.inner_optimizer)
-            restore.extend(self._restore_items(slot, mask, old))
+        pending = []
+        for i, slot, mult in handled:
+            variable = trainable_variables[i]
+            mask = None if slot is None else slot.mask.value
+            if mask is not None:
+                masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
+            # A multiplier blends the whole value: no row-only snapshot then.
+            old = _backend.snapshot(
+                variable, masked_grads[i] if mult is None else None, self.inner_optimizer
+            )
+            pending.append((variable, slot, mult, mask, old, self._ema_before(variable, mult)))
         self.inner_optimizer.apply(masked_grads, trainable_variables)
+        restore = []
+        for variable, slot, mult, mask, old, ema in pending:
+            if mult is None:
+                restore.extend(self._restore_items(slot, mask, old))
+            else:
+                restore.extend(_multiplied_items(variable, mask, mult.value.value, old, *ema))
         _backend.restore_frozen(restore)
 
-    def _compact_apply(self, grads, trainable_variables, masked) -> None:
+    def _ema_before(self, target: keras.Variable, mult: _Multiplier | None) -> tuple:
+        """(EMA variable, its value before the step, the momentum of this
+        step's EMA update) for a multiplied `target`, or three Nones."""
+        if mult is None:
+            return None, None, None
+        opt, average = _ema_owner(self.inner_optimizer, target)
+        if average is None:
+            return None, None, None
+        # Keras's EMA momentum: zero at the first step (the average starts
+        # at the weight), read before the step increments `iterations`.
+        first = keras.ops.not_equal(keras.ops.copy(opt.iterations.value), 0)
+        momentum = keras.ops.multiply(keras.ops.cast(first, target.dtype), opt.ema_momentum)
+        return average, keras.ops.copy(average.value), momentum
+
+    def _compact_apply(self, grads, trainable_variables, handled) -> None:
         grads, variables = list(grads), list(trainable_variables)
-        pending = []
-        for i, slot in masked:
+        pending, dense = [], []
+        for i, slot, mult in handled:
+            variable = trainable_variables[i]
+            if slot is None:  # a multiplier only: the variable keeps dense state
+                old = _backend.snapshot(variable)
+                dense.append((variable, mult, old, self._ema_before(variable, mult)))
+                continue
             grads[i], old, valid = _compact.gather(slot.compact, grads[i])
             variables[i] = slot.compact.proxy
-            pending.append((slot.compact, old, valid))
+            m = None
+            if mult is not None:
+                m = _compact.gather_multiplier(slot.compact, mult.value.value)
+            pending.append((slot.compact, old, valid, m, self._ema_before(slot.compact.proxy, mult)))
         self.inner_optimizer.apply(grads, variables)
-        for compact, old, valid in pending:
+        restore = []
+        for variable, mult, old, ema in dense:
+            restore.extend(_multiplied_items(variable, None, mult.value.value, old, *ema))
+        for compact, old, valid, m, ema in pending:
+            if m is not None:  # blend on the proxy, then write it back
+                _backend.restore_frozen(_multiplied_items(compact.proxy, valid, m, old, *ema))
+        _backend.restore_frozen(restore)
+        for compact, old, valid, m, ema in pending:
             _compact.scatter(compact, old, valid)
 
     def finalize_variable_values(self, var_list):
@@ -661,22 +841,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def get_mask(self, variable: Key) -> np.ndarray:
         """The variable's mask as a bool array of its full shape (True = trainable)."""
-        if isinstance(variable, str):
-            if not self.built:
-                raise ValueError(
-                    f"`get_mask({variable!r})`: string keys are resolved when the "
-                    "optimizer is built; pass the `keras.Variable` itself, or build "
-                    "first with `optimizer.build(model.trainable_variables)`."
-                )
-            hits = match_key(variable, self._trainable_variables, argument="get_mask")
-            if len(hits) > 1:
-                paths = [self._trainable_variables[i].path for i in hits]
-                raise ValueError(
-                    f"`get_mask({variable!r})` selects {len(hits)} variables "
-                    f"({paths[:5]}); pass one variable or its exact path."
-                )
-            variable = self._trainable_variables[hits[0]]
-        check_key(variable, argument="get_mask")
+        variable = self._one_variable(variable, "get_mask")
         shape = tuple(variable.shape)
         if self.built:
             slot = self._slots.get(self._var_key(variable))
@@ -686,10 +851,104 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             mask = resolved.get(0, np.ones((), bool))
         return np.array(np.broadcast_to(mask, shape))
 
+    # ------------------------------------------------------------ multipliers
+
+    def set_multiplier(self, key: Key, value: MultiplierValue) -> None:
+        """Sets the update multiplier of the variable(s) `key` selects.
+
+        `value` is a float >= 0, an array-like broadcastable to the variable,
+        or a callable `variable -> value`. The variable's stored weight moves
+        by `value` times the inner optimizer's update. Before build the call
+        is recorded and replayed at build. After build the stored multiplier
+        is updated in place (next step, no retrace, also from a callback);
+        only variables that had a multiplier at build have one.
+        """
+        if not self.built:
+            self._mult_registry.record(key, value)
+            return
+        check_key(key, argument="set_multiplier")
+        variables = self._trainable_variables
+        hits = match_key(key, variables, argument="set_multiplier")
+        for i in hits:  # validate everything before changing anything
+            variable = variables[i]
+            if self._mults.get(self._var_key(variable)) is None:
+                path = variable.path
+                raise ValueError(
+                    f"`set_multiplier({describe_key(key)})`: variable '{path}' has no "
+                    "multiplier, and multipliers are allocated when the optimizer is "
+                    f"built. Register it before build, e.g. `multipliers={{'{path}': 1.0}}` "
+                    "(or an array of the shape you will need, for rows or elements)."
+                )
+        for i in hits:
+            variable = variables[i]
+            mult = self._mults[self._var_key(variable)]
+            path = variable.path
+            what = f"set_multiplier('{path}', value)"
+            new = resolve_multiplier(value, variable, what=what)
+            if np.broadcast_shapes(new.shape, mult.shape) == mult.shape:
+                stored = np.array(np.broadcast_to(new, mult.shape), np.float32)
+            else:
+                full = np.broadcast_to(new, tuple(variable.shape))
+                stored = fit_multiplier(full, mult.shape, path=path, what=what)
+            if _backend.is_purged(mult.value):
+                self._sync_jax_state(path)
+            mult.value.assign(stored)
+            if path in self._unset_paths:
+                self._unset_paths.remove(path)
+        self._refresh_frozen_flag()
+
+    def get_multiplier(self, variable: Key) -> np.ndarray:
+        """The variable's update multiplier as a float32 array of its full
+        shape (1 where it has none)."""
+        variable = self._one_variable(variable, "get_multiplier")
+        shape = tuple(variable.shape)
+        if self.built:
+            mult = self._mults.get(self._var_key(variable))
+            value = np.ones((), np.float32) if mult is None else self._multiplier_numpy(mult)
+        else:
+            resolved = self._mult_registry.resolve([variable], strict=False)
+            value = resolved.get(0, np.ones((), np.float32))
+        return np.array(np.broadcast_to(value, shape), np.float32)
+
+    @property
+    def multiplied_variables(self) -> list[keras.Variable]:
+        """The model variables that have an update multiplier, in build order."""
+        return [m.variable for m in self._mults.values()]
+
+    def _multiplier_numpy(self, mult: _Multiplier) -> np.ndarray:
+        if _backend.is_purged(mult.value):
+            self._sync_jax_state(mult.variable.path)
+        return np.array(mult.value.numpy(), np.float32)
+
+    def _one_variable(self, variable: Key, argument: str) -> keras.Variable:
+        """The one trainable variable a string key names (built only)."""
+        if isinstance(variable, str):
+            if not self.built:
+                raise ValueError(
+                    f"`{argument}({variable!r})`: string keys are resolved when the "
+                    "optimizer is built; pass the `keras.Variable` itself, or build "
+                    "first with `optimizer.build(model.trainable_variables)`."
+                )
+            hits = match_key(variable, self._trainable_variables, argument=argument)
+            if len(hits) > 1:
+                paths = [self._trainable_variables[i].path for i in hits]
+                raise ValueError(
+                    f"`{argument}({variable!r})` selects {len(hits)} variables "
+                    f"({paths[:5]}); pass one variable or its exact path."
+                )
+            variable = self._trainable_variables[hits[0]]
+        check_key(variable, argument=argument)
+        if isinstance(variable, keras.layers.Layer):
+            raise TypeError(
+                f"`{argument}` takes one variable (or its path), not a layer "
+                f"({variable.name!r}): pass e.g. `layer.kernel`."
+            )
+        return variable
+
     def _mask_numpy(self, slot: _Slot) -> np.ndarray:
         """The stored mask (full shape in compact mode)."""
         if _backend.is_purged(slot.mask if slot.compact is None else slot.compact.indices):
-            self._sync_jax_state(slot)
+            self._sync_jax_state(slot.variable.path)
         if slot.compact is None:
             return np.array(slot.mask.numpy())
         c = slot.compact
@@ -729,14 +988,14 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             fresh["average"] = np.asarray(weights, fresh["average"].dtype)
         return fresh
 
-    def _sync_jax_state(self, slot: _Slot) -> None:
+    def _sync_jax_state(self, path: str) -> None:
         # During a JAX `fit` the trainer holds the state and has detached the
         # variables' values; `Callback.model` syncs them back the same way. A
         # callback that only holds the optimizer gets the same behaviour.
         model = self._owner() if self._owner is not None else None
         if model is None or not hasattr(model, "jax_state_sync"):
             raise RuntimeError(
-                f"The mask of '{slot.variable.path}' is held by JAX's trainer "
+                f"The masks and multipliers of '{path}' are held by JAX's trainer "
                 "right now (its value is detached from the variable during "
                 "`fit`). Call `model.jax_state_sync()` first, e.g. by reading "
                 "`self.model` in your callback."
@@ -835,6 +1094,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             "mask_entries": _saving.config_entries(self),
             "jit_compile": self.jit_compile,
         }
+        multipliers = _saving.multiplier_entries(self)
+        if multipliers:
+            config["multiplier_entries"] = multipliers
         if self.compact_state:
             config["compact_state"] = True
             config["compact_capacity"] = self.compact_capacity

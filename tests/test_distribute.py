@@ -86,7 +86,11 @@ MIRRORED_SCRIPT = textwrap.dedent(
         h = keras.layers.Dense(10, activation="tanh", name="hidden")(keras.layers.Concatenate()([e, b]))
         model = keras.Model([a, b], keras.layers.Dense(2, name="out")(h), name="net")
         extra = {"compact_state": True, "compact_capacity": 1.0} if COMPACT else {}
-        opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), masks=MASKS, **extra)
+        # Update multipliers too: on a masked kernel (per column) and an unmasked bias.
+        mults = {"hidden/kernel": np.linspace(0.5, 2.0, 10, dtype="float32")[None], "hidden/bias": 0.5}
+        opt = MaskedOptimizer(
+            keras.optimizers.AdamW(0.05, weight_decay=0.1), masks=MASKS, multipliers=mults, **extra
+        )
         model.compile(optimizer=opt, loss="mse")
         return model, opt
 
@@ -168,7 +172,7 @@ def test_mirrored_strategy_runs_on_two_replicas_with_mirrored_masks(mirrored):
 
 def test_mirrored_strategy_keeps_frozen_elements_exact_on_every_replica(mirrored):
     result, arrays = mirrored
-    for key in ("emb/embeddings", "hidden/kernel", "out/kernel", "out/bias"):
+    for key in ("emb/embeddings", "hidden/kernel", "out/kernel", "out/bias", "hidden/bias"):
         assert result["frozen_exact"][key] == [True, True], key
         assert result["trainable_moved"][key], key
     # the freeze made after two epochs: row 0 of out/kernel is frozen now

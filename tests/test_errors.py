@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import BACKEND, IS_JAX, IS_TF, IS_TORCH, tensor, to_numpy
+from backends import BACKEND, IS_TF, IS_TORCH, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 
 O = keras.optimizers

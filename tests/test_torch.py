@@ -7,7 +7,6 @@ the bare optimizer's, and in eager mode it reads no tensor back to the host.
 """
 
 import numpy as np
-import pytest
 
 import keras
 from backends import to_numpy, torch_only

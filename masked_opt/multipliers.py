@@ -1,0 +1,187 @@
+"""Update multipliers: which trainable variable scales its update by how much.
+
+A multiplier `m` scales what the inner optimizer does to a weight:
+``w_new = w_old + m * (w_inner - w_old)``, where `w_inner` is the weight the
+inner optimizer produced (its update, weight decay included). Under Adam this
+is a per-element learning-rate multiplier (scaling the gradient would not be:
+Adam normalises it away). `m = 1` leaves the inner update untouched
+(bit-identical), `m = 0` holds the weight exactly, as a False mask does.
+
+Like the mask registry, everything here is host-side NumPy: values are
+validated and resolved against variables at build, and the optimizer copies
+the result into float32 variables (stored at the shape given: a scalar stays
+a scalar, a `(1, units)` column multiplier stays `(1, units)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+import keras
+
+from masked_opt.registry import Key, check_broadcast, check_key, describe_key, match_key
+
+__all__ = ["MultiplierValue"]
+
+MultiplierValue = Union[float, int, np.ndarray, Sequence, Any, Callable[[keras.Variable], Any]]
+"""A float >= 0, an array-like of floats >= 0 broadcastable to the variable, or
+a callable `variable -> value` resolved at build."""
+
+
+def to_multiplier(value: Any, *, what: str) -> np.ndarray:
+    """Validates a multiplier value; returns it as a float32 ndarray (shape kept)."""
+    if value is None or isinstance(value, (str, bytes, dict, set, bool, np.bool_)):
+        hint = (
+            " To freeze or unfreeze, use `masks=` / `freeze()` (True/False); a "
+            "multiplier of 0.0 also holds a weight."
+            if isinstance(value, (bool, np.bool_))
+            else ""
+        )
+        raise TypeError(
+            f"`{what}` must be a float >= 0, an array-like of floats >= 0 "
+            "broadcastable to the variable, or a callable `variable -> value`. "
+            f"Received: {value!r} of type {type(value).__name__}.{hint}"
+        )
+    if isinstance(value, keras.Variable):
+        value = value.numpy()
+    try:
+        arr = np.asarray(keras.ops.convert_to_numpy(value) if keras.ops.is_tensor(value) else value)
+    except Exception as e:
+        raise TypeError(
+            f"`{what}` could not be converted to a NumPy array ({e}). "
+            f"Received: {type(value).__name__}."
+        ) from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(
+            f"`{what}` must hold real numbers (a float dtype). Received: array of "
+            f"dtype {arr.dtype}."
+        )
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if np.any(bad):
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        bad_value = float(arr[pos]) if arr.ndim else float(arr)
+        at = f" at index {pos}" if arr.ndim else ""
+        kind = "non-finite" if not np.isfinite(bad_value) else "negative"
+        raise ValueError(
+            f"`{what}` must be finite and >= 0 (0 holds the weight, 1 applies the "
+            f"inner optimizer's update unchanged); found the {kind} value "
+            f"{bad_value!r}{at}."
+        )
+    return arr.astype(np.float32)
+
+
+def resolve_multiplier(value: MultiplierValue, variable: keras.Variable, *, what: str) -> np.ndarray:
+    if callable(value) and not isinstance(value, np.ndarray):
+        try:
+            value = value(variable)
+        except Exception as e:
+            raise ValueError(
+                f"`{what}`: the multiplier callable raised {type(e).__name__}: {e} "
+                f"when called on variable '{variable.path}' of shape "
+                f"{tuple(variable.shape)}."
+            ) from e
+    arr = to_multiplier(value, what=what)
+    check_broadcast(arr, variable, what=what)
+    return arr
+
+
+def fit_multiplier(full: np.ndarray, storage_shape: tuple[int, ...], *, path: str, what: str) -> np.ndarray:
+    """A new multiplier value (broadcast to the variable's full shape) at the
+    storage shape fixed at build, if it is constant along the storage's
+    broadcast axes."""
+    storage_shape = tuple(storage_shape)
+    padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
+    reduced = full
+    for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
+        if n_store == n_full:
+            continue
+        first = np.take(reduced, [0], axis=axis)
+        if not np.array_equal(np.broadcast_to(first, reduced.shape), reduced):
+            raise ValueError(
+                f"`{what}`: the multiplier of variable '{path}' is stored with shape "
+                f"{storage_shape} (fixed when the optimizer was built), and the new "
+                f"value varies along axis {axis} of the variable's shape {full.shape}, "
+                "so it cannot be stored. Register a multiplier of the shape you will "
+                f"need before the optimizer is built (e.g. `multipliers={{'{path}': "
+                f"np.ones({full.shape})}}` for single elements)."
+            )
+        reduced = first
+    return np.array(reduced, dtype=np.float32).reshape(storage_shape)
+
+
+class MultiplierRegistry:
+    """Multiplier specifications given before build, resolved at build."""
+
+    def __init__(self, multipliers: Mapping[Key, MultiplierValue] | Sequence | None):
+        if multipliers is None:
+            multipliers = {}
+        if isinstance(multipliers, Mapping):
+            items = list(multipliers.items())
+        elif isinstance(multipliers, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in multipliers
+        ):
+            items = [tuple(p) for p in multipliers]
+        else:
+            raise TypeError(
+                "`multipliers` must be a dict mapping keys (a path string / regex, a "
+                "layer) to multipliers, or a list of `(key, multiplier)` pairs (use "
+                "pairs for `keras.Variable` keys, which are unhashable). "
+                f"Received: {multipliers!r} of type {type(multipliers).__name__}."
+            )
+        self.specs: list[tuple[Key, Any]] = []
+        for key, value in items:
+            check_key(key, argument="multipliers")
+            if not callable(value) or isinstance(value, np.ndarray):
+                value = to_multiplier(value, what=f"multipliers[{describe_key(key)}]")
+            self.specs.append((key, value))
+        self.ops: list[tuple[Key, Any]] = []  # set_multiplier calls before build
+
+    def record(self, key: Key, value: Any) -> None:
+        check_key(key, argument="set_multiplier")
+        if not callable(value) or isinstance(value, np.ndarray):
+            value = to_multiplier(value, what=f"set_multiplier({describe_key(key)}, value)")
+        self.ops.append((key, value))
+
+    def resolve(
+        self,
+        variables: Sequence[keras.Variable],
+        *,
+        strict: bool = True,
+        others: Sequence[keras.Variable] = (),
+    ) -> dict[int, np.ndarray]:
+        """Maps variable index -> multiplier (float32, at its storage shape)."""
+        out: dict[int, np.ndarray] = {}
+        owner: dict[int, Key] = {}
+
+        def select(key, argument):
+            try:
+                return match_key(key, variables, argument=argument, others=others)
+            except ValueError:
+                if strict:
+                    raise
+                return []
+
+        for key, value in self.specs:
+            what = f"multipliers[{describe_key(key)}]"
+            for i in select(key, "multipliers"):
+                if i in owner:
+                    raise ValueError(
+                        f"Variable '{variables[i].path}' is matched by two `multipliers` "
+                        f"keys: {describe_key(owner[i])} and {describe_key(key)}. Make "
+                        "the keys disjoint (e.g. a more specific regex), or give one "
+                        "multiplier per variable."
+                    )
+                owner[i] = key
+                out[i] = resolve_multiplier(value, variables[i], what=what)
+        for key, value in self.ops:
+            for i in select(key, "set_multiplier"):
+                new = resolve_multiplier(value, variables[i], what=f"set_multiplier('{variables[i].path}', value)")
+                current = out.get(i)
+                if current is not None and np.broadcast_shapes(new.shape, current.shape) == current.shape:
+                    new = np.array(np.broadcast_to(new, current.shape))
+                out[i] = new
+        return out
