@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from masked_opt import layerwise_decay
+from masked_opt import MaskedOptimizer, layerwise_decay
 from masked_opt.registry import match_key
 
 L = keras.layers
@@ -51,6 +51,16 @@ def test_sequential_of_three_dense_layers_gets_a_quarter_a_half_and_one():
         "sequential/b/kernel": 0.5, "sequential/b/bias": 0.5,
         "sequential/c/kernel": 1.0, "sequential/c/bias": 1.0,
     }
+
+
+def test_masked_optimizer_takes_the_dict_as_multipliers():
+    model = keras.Sequential(
+        [keras.Input((4,)), L.Dense(3, name="a"), L.Dense(3, name="b"), L.Dense(2, name="c")]
+    )
+    opt = MaskedOptimizer("adam", multipliers=layerwise_decay(model, 0.5))
+    opt.build(model.trainable_variables)
+    for v, m in zip(model.trainable_variables, [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]):
+        assert np.array_equal(opt.get_multiplier(v), np.full(v.shape, m, "float32")), v.path
 
 
 def test_functional_branches_at_one_depth_share_a_multiplier():
