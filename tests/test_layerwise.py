@@ -17,6 +17,14 @@ from masked_opt.registry import match_key
 
 L = keras.layers
 
+# The grouping reads the layer graph only, the same on every backend; building
+# MobileNetV2 or a KerasHub model takes 5-12 s on JAX (eager initializers), so
+# those cases run on TensorFlow and torch. tests/test_kerashub.py checks the
+# BERT classifier's multipliers on every backend.
+graph_only = pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="graph-only check; slow model build on JAX"
+)
+
 
 def per_variable(model, multipliers: dict) -> dict:
     """{variable path: multiplier}, each trainable variable selected by exactly one key."""
@@ -136,10 +144,7 @@ def test_resnet_and_efficientnet_block_prefixes_share_a_multiplier():
     assert per_variable(model, layerwise_decay(model, d)) == expected_by_layer(model, want)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "jax",
-    reason="the grouping reads the layer graph only (same on every backend); MobileNetV2 takes ~12 s to build on JAX",
-)
+@graph_only
 def test_mobilenet_v2_blocks_share_one_multiplier_each():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35)
     d = 0.5
@@ -217,6 +222,7 @@ def _tiny_bert(keras_hub):
     )
 
 
+@graph_only
 def test_kerashub_bert_embeddings_lowest_blocks_then_the_head():
     keras_hub = pytest.importorskip("keras_hub")
     backbone = _tiny_bert(keras_hub)
@@ -240,6 +246,7 @@ def test_kerashub_bert_embeddings_lowest_blocks_then_the_head():
     per_variable(classifier, on_task)
 
 
+@graph_only
 def test_kerashub_gemma_decoder_blocks():
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.GemmaBackbone(
