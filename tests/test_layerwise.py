@@ -269,3 +269,30 @@ def test_multipliers_are_plain_python_floats():
     model = keras.Sequential([keras.Input((2,)), L.Dense(2), L.Dense(2)])
     values = list(layerwise_decay(model, np.float32(0.5)).values())
     assert values == [0.5, 1.0] and all(type(v) is float for v in values)
+
+
+def test_subclassed_model_layers_in_listed_order_and_own_weights_on_top():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__(name="net")
+            self.first = L.Dense(3, name="first")
+            self.second = L.Dense(2, name="second")
+
+        def build(self, input_shape):
+            self.first.build(input_shape)
+            self.second.build((None, 3))
+            self.temperature = self.add_weight(shape=(), initializer="ones", name="temperature")
+
+        def call(self, x):
+            return self.second(self.first(x)) * self.temperature
+
+    model = Net()
+    model(np.zeros((1, 4), "float32"))
+    multipliers = layerwise_decay(model, 0.5)
+    got = per_variable(model, multipliers)
+    assert got == {
+        model.first.kernel.path: 0.25, model.first.bias.path: 0.25,
+        model.second.kernel.path: 0.5, model.second.bias.path: 0.5,
+        model.temperature.path: 1.0,
+    }
+    assert multipliers[model.temperature.path] == 1.0  # its exact path: "net" would select all
