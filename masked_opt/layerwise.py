@@ -69,11 +69,9 @@ class _Unit:
 
 
 def _is_functional(model) -> bool:
+    """A functional model (KerasHub backbones and tasks are): walk its graph.
+    Others (`Sequential`, subclassed) are walked as a chain of `layers`."""
     return isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth")
-
-
-def _is_chain(model) -> bool:
-    return isinstance(model, keras.Model) and not _is_functional(model)
 
 
 class _Walker:
