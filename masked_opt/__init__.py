@@ -13,6 +13,7 @@ if sys.argv[:1] == ["-m"]:  # `python -m masked_opt ...`: quiet TF's C++ log bef
 
 from masked_opt import callbacks, masks, pruning  # noqa: E402
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
+from masked_opt.layerwise import layerwise_decay  # noqa: E402
 from masked_opt.optimizer import MaskedOptimizer  # noqa: E402
 from masked_opt.pruning import (  # noqa: E402
     ConstantSparsity,
@@ -58,6 +59,7 @@ __all__ = [
     "__version__",
     "callbacks",
     "format_mask_summary",
+    "layerwise_decay",
     "mask_summary",
     "masked_optimizer",
     "masks",
