@@ -53,18 +53,64 @@ def _rows_of(mask: Any, indices: Any, rank: int) -> Any:
     return tf.reshape(mask, (1,) * (rank - len(mask.shape)) + tuple(mask.shape))
 
 
+# While > 0, `jit_function` is tracing an XLA function (TensorFlow).
+_XLA_TRACING = [0]
+
+# Float dtype -> the integer dtype of its width, for the bitwise gradient mask.
+_SAME_WIDTH_INT = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
+
+
+def _compiled_by_xla(x: Any) -> bool:
+    """Whether `x` is being traced into an XLA program: a JAX tracer (the
+    trainer's `jax.jit`), or a tensor in the function `jit_function` traces."""
+    if IS_JAX:
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    return IS_TF and _XLA_TRACING[0] > 0
+
+
+def _and_mask(grad: Any, mask: Any) -> Any:
+    """`where(mask, grad, +0)`, bit for bit, as an AND with the mask widened
+    to the gradient's bits (True -> all ones, False -> 0).
+
+    For XLA on CPU: a `select` between a loaded array and 0 compiles to an
+    AVX-512 masked load (`vmovups (mem), %ymm{%k}{z}`), which runs the whole
+    loop at about half speed once the arrays are out of cache (measured: an
+    Adam step over 16 M elements 1.7x the bare step with `select`, 1.17x with
+    this AND; benchmarks/profile_masked_step.py). The AND is a plain `vpand`
+    with a memory operand.
+    """
+    itype = _SAME_WIDTH_INT[keras.backend.standardize_dtype(grad.dtype)]
+    if IS_JAX:
+        from jax import lax
+
+        keep = -(mask.astype(itype))  # True -> -1 (all ones), False -> 0
+        return lax.bitcast_convert_type(lax.bitcast_convert_type(grad, itype) & keep, grad.dtype)
+    itype = tf.as_dtype(itype)
+    keep = tf.broadcast_to(-tf.cast(mask, itype), tf.shape(grad))
+    return tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(grad, itype), keep), grad.dtype)
+
+
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     """Zeroes `grad` where `mask` is False (NaN/inf there included).
 
     `mask` is a bool tensor broadcastable to `variable_shape`. A
     `tf.IndexedSlices` gradient stays sparse: the mask rows are gathered by
-    the slice indices, so no dense gradient is ever allocated.
+    the slice indices, so no dense gradient is ever allocated. Traced into an
+    XLA program (JAX's jit, TensorFlow's `jit_function`), a float gradient is
+    masked by a bitwise AND (`_and_mask`: the same bits, faster on CPU).
     """
     if is_sparse(grad):
         values = grad.values
         mask = _rows_of(mask, grad.indices, len(variable_shape))
         values = tf.where(mask, values, _zero(values.dtype))
         return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    if (
+        keras.backend.standardize_dtype(grad.dtype) in _SAME_WIDTH_INT
+        and _compiled_by_xla(grad)
+    ):
+        return _and_mask(grad, mask)
     return ops.where(mask, grad, _zero(grad.dtype))
 
 
@@ -130,7 +176,11 @@ def jit_function(fn: Any, variables: list) -> Any:
     variables are captured, not traced as inputs."""
 
     def call(grads):
-        return fn(grads, variables)
+        _XLA_TRACING[0] += 1
+        try:
+            return fn(grads, variables)
+        finally:
+            _XLA_TRACING[0] -= 1
 
     return tf.function(call, jit_compile=True, autograph=False)
 
