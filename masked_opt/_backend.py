@@ -62,12 +62,22 @@ _SAME_WIDTH_INT = {"float16": "int16", "bfloat16": "int16", "float32": "int32", 
 
 def _compiled_by_xla(x: Any) -> bool:
     """Whether `x` is being traced into an XLA program: a JAX tracer (the
-    trainer's `jax.jit`), or a tensor in the function `jit_function` traces."""
+    trainer's `jax.jit`), or a tensor in a TensorFlow function compiled with
+    XLA (`jit_function`, or a train step under `model.compile(jit_compile=True)`)."""
     if IS_JAX:
         import jax
 
         return isinstance(x, jax.core.Tracer)
-    return IS_TF and _XLA_TRACING[0] > 0
+    if not IS_TF or not tf.inside_function():
+        return False
+    if _XLA_TRACING[0] > 0:
+        return True
+    try:  # a private module: if it moves, only the speed-up is lost
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
 
 
 def _and_mask(grad: Any, mask: Any) -> Any:
