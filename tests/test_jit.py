@@ -222,6 +222,34 @@ def test_auto_keeps_graph_mode_while_no_element_is_frozen():
     assert len(opt._jit_functions) == 0
 
 
+def test_xla_pays_for_few_variables_or_large_ones_not_many_small_ones():
+    from masked_opt import _backend
+
+    small, large = np.zeros((8, 8)), np.zeros((512, 128))
+    assert _backend.xla_pays([small] * _backend._XLA_FEW_VARIABLES)
+    assert not _backend.xla_pays([small] * (_backend._XLA_FEW_VARIABLES + 1))
+    assert _backend.xla_pays([large] * 100 + [small] * 20)  # mean over 32 k elements
+    assert _backend.xla_pays([None] * 40 + [small])  # None gradients do not count
+
+
+@tf_only
+def test_auto_keeps_graph_mode_for_many_small_variables():
+    # A CNN's many small kernels: the XLA compile would cost more than it saves
+    # (bench_first_step.py); graph mode keeps frozen elements exact all the same.
+    model = keras.Sequential(
+        [keras.Input((6,))] + [keras.layers.Dense(6, name=f"d{i}") for i in range(9)]
+    )
+    elem = np.random.default_rng(6).random((6, 6)) < 0.5
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), {"d0/kernel": elem})
+    model.compile(optimizer=opt, loss="mse")
+    start = model.trainable_variables[0].numpy()
+    rng = np.random.default_rng(5)
+    model.fit(rng.normal(size=(16, 6)), rng.normal(size=(16, 6)), batch_size=8, verbose=0)
+    assert len(opt._jit_functions) == 0  # 18 variables of at most 36 elements: graph mode
+    end = model.trainable_variables[0].numpy()
+    assert np.array_equal(end[~elem], start[~elem]) and np.any(end[elem] != start[elem])
+
+
 # ------------------------------------- the gradient mask under XLA (bitwise AND)
 @pytest.mark.skipif(BACKEND == "torch", reason="XLA-traced masking: TensorFlow and JAX")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
