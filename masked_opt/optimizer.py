@@ -246,7 +246,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             train step (`fit`, a `tf.function`), if some element is frozen when
             the step is traced, the masked update (masking, the inner
             optimizer's update, the restore) runs as one XLA-compiled function,
-            several times faster on CPU than graph mode; with no element frozen
+            several times faster on CPU than graph mode, when its compile pays
+            back soon: at most 16 variables in the update, or 32 k elements or
+            more per variable on average (many small variables, such as a
+            CNN's, stay in graph mode: there XLA's compile costs more than it
+            saves in the first hundreds of steps); with no element frozen
             at trace time, and in eager calls, it runs as the bare optimizer
             would (the identity law). True: always XLA (eager calls too).
             False: never. Under XLA the inner update is rounded as XLA rounds
@@ -637,7 +641,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # masked path in graph mode is bit-identical to the bare optimizer.
         # Read from a host-side flag: at the first trace the mask variables
         # may not be initialized yet (they are created inside the trace).
-        return _backend.in_traced_function() and self._frozen_somewhere
+        # And only when the compile pays back soon (`_backend.xla_pays`: few
+        # variables, or large ones; not a CNN's many small kernels).
+        return _backend.in_traced_function() and self._frozen_somewhere and _backend.xla_pays(grads)
 
     @tracking.no_automatic_dependency_tracking
     def _refresh_frozen_flag(

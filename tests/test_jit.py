@@ -220,3 +220,75 @@ def test_auto_keeps_graph_mode_while_no_element_is_frozen():
     # bit-identical to the bare optimizer (tests/test_identity.py).
     opt, _, end = _auto_fit({"d1/kernel": np.ones((6, 5), bool)})
     assert len(opt._jit_functions) == 0
+
+
+def test_xla_pays_for_few_variables_or_large_ones_not_many_small_ones():
+    from masked_opt import _backend
+
+    small, large = np.zeros((8, 8)), np.zeros((512, 128))
+    assert _backend.xla_pays([small] * _backend._XLA_FEW_VARIABLES)
+    assert not _backend.xla_pays([small] * (_backend._XLA_FEW_VARIABLES + 1))
+    assert _backend.xla_pays([large] * 100 + [small] * 20)  # mean over 32 k elements
+    assert _backend.xla_pays([None] * 40 + [small])  # None gradients do not count
+
+
+@tf_only
+def test_auto_keeps_graph_mode_for_many_small_variables():
+    # A CNN's many small kernels: the XLA compile would cost more than it saves
+    # (bench_first_step.py); graph mode keeps frozen elements exact all the same.
+    model = keras.Sequential(
+        [keras.Input((6,))] + [keras.layers.Dense(6, name=f"d{i}") for i in range(9)]
+    )
+    elem = np.random.default_rng(6).random((6, 6)) < 0.5
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), {"d0/kernel": elem})
+    model.compile(optimizer=opt, loss="mse")
+    start = model.trainable_variables[0].numpy()
+    rng = np.random.default_rng(5)
+    model.fit(rng.normal(size=(16, 6)), rng.normal(size=(16, 6)), batch_size=8, verbose=0)
+    assert len(opt._jit_functions) == 0  # 18 variables of at most 36 elements: graph mode
+    end = model.trainable_variables[0].numpy()
+    assert np.array_equal(end[~elem], start[~elem]) and np.any(end[elem] != start[elem])
+
+
+# ------------------------------------- the gradient mask under XLA (bitwise AND)
+@pytest.mark.skipif(BACKEND == "torch", reason="XLA-traced masking: TensorFlow and JAX")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("mask_shape", [(3, 6), (1, 6), ()])
+def test_gradient_mask_under_xla_is_bit_identical_to_where(dtype, mask_shape):
+    # Under XLA `mask_gradient` masks by a bitwise AND (a `select` compiles to
+    # slow masked loads on CPU); it must give where(mask, grad, +0) bit for
+    # bit: NaN/inf/-0 zeroed where frozen, every bit kept where trainable.
+    from masked_opt import _backend
+
+    if dtype == "float64" and not IS_TF:
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("float64 needs jax_enable_x64")
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((3, 6)) * 1e3
+    g.flat[:6] = [np.nan, -np.nan, np.inf, -np.inf, -0.0, 1e-30]
+    mask = rng.random(mask_shape) < 0.5 if mask_shape else np.array(False)
+    if mask_shape == (3, 6):
+        mask.flat[:6] = [False, True, False, True, True, False]
+    grad = keras.ops.convert_to_tensor(g, dtype=dtype)
+    mask_t = keras.ops.convert_to_tensor(mask)
+    seen = []
+
+    def masked(grad, mask_t):
+        seen.append(_backend._compiled_by_xla(grad))
+        return _backend.mask_gradient(grad, mask_t, (3, 6))
+
+    if IS_TF:
+        out = tf.function(masked, jit_compile=True, autograph=False)(grad, mask_t)
+    else:
+        import jax
+
+        out = jax.jit(masked)(grad, mask_t)
+    assert seen == [True]  # the bitwise path was taken
+    expected = keras.ops.where(mask_t, grad, keras.ops.convert_to_tensor(0, dtype=dtype))
+    width = {"float16": np.uint16, "bfloat16": np.uint16, "float32": np.uint32, "float64": np.uint64}
+    def as_bits(t):
+        return np.asarray(keras.ops.convert_to_numpy(t)).view(width[dtype])
+
+    np.testing.assert_array_equal(as_bits(out), as_bits(expected))

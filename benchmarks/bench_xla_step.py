@@ -1,0 +1,233 @@
+"""The masked optimizer step under XLA against the bare XLA step (issue 8, target <= 1.05x).
+
+The optimizer step alone, on the ~7.3 M parameters of ``bench_step.py --parts
+opt`` (random 50 % element masks on the kernels, biases frozen whole), fixed
+gradients, as each backend compiles it:
+
+* TensorFlow: the bare inner ``apply`` in ``tf.function(jit_compile=True)``
+  (the reference) against ``MaskedOptimizer(..., jit_compile=True).apply`` in
+  a ``tf.function`` (its masked update is one XLA function: what the default
+  ``jit_compile="auto"`` runs in ``fit`` once an element is frozen);
+* JAX: ``stateless_apply`` in ``jax.jit`` with the state donated (what the
+  JAX trainer does), bare and masked.
+
+Variants:
+
+* ``bare XLA``: the reference;
+* ``masked``: the library as it is;
+* ``masked, select grad mask``: the same, with the gradient masked by
+  ``where(mask, grad, 0)`` under XLA as before (``_backend._compiled_by_xla``
+  patched to False while the step is traced): what the bitwise AND replaced;
+* ``masked, no grad mask`` (diagnostic, not exact): the gradient is not
+  masked at all; the cost of the snapshot/restore alone.
+
+One process, interleaved rounds in a fresh random order, medians; the ratio is
+paired (variant / bare in the same round), with its IQR, for wall and process
+CPU time. After timing, the frozen elements of every exact variant are checked
+bit for bit. Also prints the number of elementwise loop fusions XLA made of
+each JAX step (``--hlo``), the structural evidence.
+
+Usage::
+
+    python benchmarks/bench_xla_step.py --rounds 15
+    KERAS_BACKEND=jax python benchmarks/bench_xla_step.py --rounds 15 --hlo
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import (  # noqa: E402
+    BACKEND,
+    INNERS,
+    IS_JAX,
+    IS_TF,
+    OPT_SHAPES,
+    FrozenCheck,
+    _ratio_cell,
+    environment,
+    frozen_report,
+    make_masks,
+    time_rounds,
+    to_numpy,
+)
+
+import keras  # noqa: E402
+
+from masked_opt import MaskedOptimizer, _backend  # noqa: E402
+
+if IS_TF:
+    import tensorflow as tf
+elif IS_JAX:
+    import jax
+else:
+    raise SystemExit("bench_xla_step.py: TensorFlow or JAX only (torch has no XLA step here)")
+
+
+@contextlib.contextmanager
+def _patched(name: str, value) -> None:
+    old = getattr(_backend, name)
+    setattr(_backend, name, value)
+    try:
+        yield
+    finally:
+        setattr(_backend, name, old)
+
+
+@contextlib.contextmanager
+def _select_grad_mask():
+    with _patched("_compiled_by_xla", lambda x: False):
+        yield
+
+
+@contextlib.contextmanager
+def _no_grad_mask():
+    with _patched("mask_gradient", lambda grad, mask, shape: grad):
+        yield
+
+
+VARIANTS = {
+    "bare XLA": (False, contextlib.nullcontext),
+    "masked": (True, contextlib.nullcontext),
+    "masked, select grad mask": (True, _select_grad_mask),
+    "masked, no grad mask (not exact)": (True, _no_grad_mask),
+}
+
+
+def _variables(seed: int = 1) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    variables, grads = [], []
+    for path, shape in OPT_SHAPES.items():
+        layer, var = path.split("/")
+        with keras.name_scope(layer):
+            variables.append(
+                keras.Variable(rng.standard_normal(shape, dtype=np.float32) * 0.05, name=var)
+            )
+        grads.append(keras.ops.convert_to_tensor(rng.standard_normal(shape, dtype=np.float32)))
+    return variables, grads
+
+
+HLO: dict[str, str] = {}
+
+
+def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, name: str):
+    variables, grads = _variables()
+    masks = make_masks("realistic", OPT_SHAPES)
+    inner = INNERS[inner_name]()
+    if masked:
+        opt = MaskedOptimizer(inner, masks, jit_compile=True if IS_TF else "auto")
+    else:
+        opt = inner
+    opt.build(variables)
+    before = [to_numpy(v) for v in variables]
+    if IS_TF:
+
+        @tf.function(jit_compile=not masked)
+        def step():
+            opt.apply(grads, variables)
+            return opt.iterations
+
+        def run(k: int) -> None:
+            for _ in range(k):
+                it = step()
+            it.numpy()
+
+        now = lambda: [to_numpy(v) for v in variables]  # noqa: E731
+    else:
+
+        def pure(opt_values, var_values, grads):
+            new_vars, new_opt = opt.stateless_apply(opt_values, grads, var_values)
+            return new_opt, new_vars
+
+        step = jax.jit(pure, donate_argnums=(0, 1))
+        state = [
+            [jax.numpy.array(v.value, copy=True) for v in opt.variables],
+            [jax.numpy.array(v.value, copy=True) for v in variables],
+        ]
+        with trace_ctx():
+            HLO[name] = step.lower(*state, grads).compile().as_text()
+
+        def run(k: int) -> None:
+            a, b = state
+            for _ in range(k):
+                a, b = step(a, b, grads)
+            jax.block_until_ready((a, b))
+            state[:] = [a, b]
+
+        now = lambda: [to_numpy(x) for x in state[1]]  # noqa: E731
+    with trace_ctx():
+        run(warmup)  # traces (and compiles) inside the patch
+    return run, FrozenCheck(masks if masked else {}, list(OPT_SHAPES), before, now)
+
+
+def _loop_fusions(hlo: str) -> str:
+    entry = hlo[hlo.index("\nENTRY") :]
+    big = [
+        line
+        for line in entry.splitlines()
+        if " fusion(" in line and re.search(r"= f32\[\d+,\d+\]", line)
+    ]
+    selects = len(re.findall(r"select\(", hlo))
+    return f"{len(big)} full-size loop fusions, {selects} selects in all fused computations"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--inners", default="Adam,AdamW")
+    p.add_argument("--variants", default="", help="regex: only matching variants (and bare XLA)")
+    p.add_argument("--hlo", action="store_true", help="JAX: print the fusion counts")
+    args = p.parse_args(argv)
+    print("## Environment\n")
+    for line in environment():
+        print(f"- {line}")
+    print(f"- command: `KERAS_BACKEND={BACKEND} python benchmarks/bench_xla_step.py "
+          f"{' '.join(sys.argv[1:])}`")
+    n = sum(int(np.prod(s)) for s in OPT_SHAPES.values())
+    print(f"\n## Optimizer step under XLA ({BACKEND}), {n:,} parameters, 50 % kernel masks "
+          "+ frozen biases\n")
+    print("| inner | variant | wall ms | wall vs bare XLA (IQR) | CPU ms | CPU vs bare XLA (IQR) |")
+    print("|---|---|---:|---:|---:|---:|")
+    frozen = []
+    for inner_name in [s.strip() for s in args.inners.split(",") if s.strip()]:
+        runners, checks = {}, {}
+        for name, (masked, ctx) in VARIANTS.items():
+            if name != "bare XLA" and not re.search(args.variants, name):
+                continue
+            runners[name], checks[name] = _runner(
+                inner_name, masked, ctx, args.warmup, f"{inner_name}: {name}"
+            )
+        samples = time_rounds(runners, args.rounds, args.steps)
+        ref = samples["bare XLA"]
+        for name, s in samples.items():
+            print(
+                f"| {inner_name} | {name} | {statistics.median(s.wall) * 1e3:.2f} | "
+                f"{_ratio_cell(s.wall, ref.wall)} | {statistics.median(s.cpu) * 1e3:.2f} | "
+                f"{_ratio_cell(s.cpu, ref.cpu)} |"
+            )
+        exact = {k: v for k, v in checks.items() if "not exact" not in k}
+        frozen += [f"{inner_name}, {line}" for line in frozen_report(exact)]
+    print("\nFrozen elements after all timed steps (bit-identical check):\n")
+    for line in frozen:
+        print(f"- {line}")
+    if args.hlo and HLO:
+        print("\nXLA (JAX) optimized HLO:\n")
+        for name, text in HLO.items():
+            print(f"- {name}: {_loop_fusions(text)}")
+    print(f"\n- load average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
