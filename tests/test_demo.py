@@ -12,6 +12,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from masked_opt import demo  # noqa: E402
+from test_readme import NATIVE_LOG  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +95,16 @@ def test_help_lists_the_options(capsys):
 
 
 def test_cli_quick_run_exits_zero_and_prints_the_proof(tmp_path):
-    # Runs under the test session's backend (KERAS_BACKEND is inherited).
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # Runs under the test session's backend (KERAS_BACKEND is inherited), without
+    # TF_CPP_MIN_LOG_LEVEL: no backend log lines before (or among) the demo's output.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run(
         [sys.executable, "-m", "masked_opt", "demo", "--quick", "--epochs", "1",
          "--verbose", "0", "--out", str(tmp_path / "cli.png")],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert NATIVE_LOG.findall(proc.stdout + proc.stderr) == []
     table = proc.stdout.split("frozen weights unchanged", 1)[1]
     assert [line.rsplit("  ", 1)[-1] for line in table.splitlines()[2:5]] == [
         "n/a (none frozen)", "yes", "yes"]
