@@ -273,7 +273,8 @@ def run(
     _say(verbose, f"\n== (b) freezing the {config.fisher_frozen:.0%} of weights with the "
                   "largest Fisher information for task A, training the rest on 5-9")
     model.set_weights(pretrained)
-    important = mask_builders.fisher(model, (xa, ya), fraction=config.fisher_frozen)
+    important = mask_builders.fisher(model, (xa, ya), fraction=config.fisher_frozen,
+                                      verbose=verbose)
     masks_b = {path: ~top for path, top in important.items()}  # True = trainable
     opt_b = MaskedOptimizer(adam(), masks=masks_b)
     _compile(model, opt_b)

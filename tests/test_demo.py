@@ -12,7 +12,6 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from masked_opt import demo  # noqa: E402
-from test_readme import NATIVE_LOG  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +94,8 @@ def test_help_lists_the_options(capsys):
 
 
 def test_cli_quick_run_exits_zero_and_prints_the_proof(tmp_path):
+    from test_readme import NATIVE_LOG
+
     # Runs under the test session's backend (KERAS_BACKEND is inherited), without
     # TF_CPP_MIN_LOG_LEVEL: no backend log lines before (or among) the demo's output.
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

@@ -35,14 +35,14 @@ def test_readme_links_to_files_that_exist():
 # TensorFlow's C++ log (`I0000 00:00:...  port.cc:153] oneDNN ...`, the absl
 # pre-init warning, `E0000 ... cuInit`), which `import masked_opt` quiets.
 NATIVE_LOG = re.compile(
-    r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+|absl::InitializeLog|oneDNN|cuInit|cuda drivers", re.M
+    r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+|absl::InitializeLog|oneDNN|cuInit|cuda drivers", re.MULTILINE
 )
 
 
 def _fenced_blocks(heading: str) -> list[tuple[str, str]]:
     """`(language, text)` of each fenced block in the README section under `heading`."""
     section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^```(\w*)\n(.*?)^```$", section, re.M | re.S)
+    return re.findall(r"^```(\w*)\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
 
 
 def test_quick_example_prints_its_documented_output_and_no_backend_log():
