@@ -52,20 +52,20 @@ def _native_logs_filtered() -> Iterator[None]:
         finally:
             try:
                 sys.stderr.flush()
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 pass
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
             kept = []
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                m = _NATIVE_LOG.match(line)
-                if line.rstrip("\n") == _ABSL_PREINIT or (m and "IWEF".index(m.group(1)) < level):
+            for line in captured.read().splitlines(keepends=True):
+                text = line.decode(errors="replace")
+                m = _NATIVE_LOG.match(text)
+                if text.rstrip("\r\n") == _ABSL_PREINIT or (m and "IWEF".index(m.group(1)) < level):
                     continue
                 kept.append(line)
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+            if kept:  # back where it was going, byte for byte
+                os.write(2, b"".join(kept))
 
 
 if "tensorflow" not in sys.modules:

@@ -1,7 +1,8 @@
 """Inspecting masks: counts, plots, and checks that frozen weights stay put.
 
 * `mask_summary(optimizer)` -> `MaskSummary` (per-variable `MaskRow`s and
-  totals); `print_mask_summary` formats it PEFT-style.
+  totals); `print_mask_summary` formats it PEFT-style. `masked_only=True`
+  keeps the rows with a frozen element, `by="layer"` gives one row per layer.
 * `plot_masks(optimizer, path)` writes one heatmap per masked variable to a
   PNG (needs the `plot` extra: `pip install "masked_opt[plot]"`).
 * `snapshot_frozen` / `verify_frozen` and the `VerifyFrozen` callback check
