@@ -29,7 +29,7 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 
@@ -55,6 +55,9 @@ Indices = Union[int, Sequence[int], np.ndarray, range]
 
 Arrays = Union[Mapping[str, Any], Sequence[Any]]
 """`{path: array}`, or a list of arrays aligned with a list of variables."""
+
+Verbose = Literal["auto"] | int
+"""Progress output, as `model.predict`'s `verbose`: "auto" (1), 0, 1 or 2."""
 
 
 # --------------------------------------------------------------------- helpers
@@ -475,6 +478,7 @@ def fisher(
     loss: Any = None,
     batch_size: int = 32,
     num_batches: int | None = None,
+    verbose: Verbose = "auto",
 ) -> dict[str, np.ndarray]:
     """The FISH mask (Sung et al. 2021): trains the `fraction` of elements with
     the largest empirical Fisher information, ranked across `variables`.
@@ -489,6 +493,7 @@ def fisher(
         loss=loss,
         batch_size=batch_size,
         num_batches=num_batches,
+        verbose=verbose,
     )
     total = sum(s.size for s in scores.values())
     masks = _top_k(list(scores.values()), count(fraction, total))
@@ -503,6 +508,7 @@ def fisher_scores(
     loss: Any = None,
     batch_size: int = 32,
     num_batches: int | None = None,
+    verbose: Verbose = "auto",
 ) -> dict[str, np.ndarray]:
     """Empirical Fisher information per element: the mean over examples of the
     squared per-example gradient of the loss. Returns `{path: float64 array}`.
@@ -520,6 +526,11 @@ def fisher_scores(
             with. One example's loss is reduced to a scalar by its mean.
         batch_size: examples per batch for array data.
         num_batches: stop after this many batches (default: all).
+        verbose: progress over the batches, as in `model.predict`: `"auto"`
+            (default; 1), 0 (silent), 1 (a `keras.utils.Progbar`, updated per
+            batch) or 2 (one line at the end). Printed with `keras.utils`'s
+            `print_msg`, so `keras.config.disable_interactive_logging()`
+            sends it to the Python log instead.
 
     Per-example gradients are computed with the active backend, a batch at
     a time:
@@ -559,8 +570,10 @@ def fisher_scores(
         raise ValueError(
             f"`fisher_scores`: `num_batches` must be a positive int or None. Received: {num_batches!r}."
         )
+    verbose = _check_verbose(verbose, caller="fisher_scores")
     loss_fn = _resolve_loss(model, loss)
-    batches = _batches(data, int(batch_size))
+    batches = _batches(data, int(batch_size))  # checks a tuple `data`
+    target = _num_batches(data, int(batch_size), num_batches)
     if num_batches is not None:
         batches = itertools.islice(batches, int(num_batches))
     first = next(batches, None)
@@ -578,14 +591,45 @@ def fisher_scores(
         )
     step = _SQUARED_GRAD_SUMS[_backend.BACKEND](model, loss_fn, [v for _, v in chosen])
     sums = [np.zeros(_shape(v), np.float64) for _, v in chosen]
-    n = 0
+    n = seen = 0
+    progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="step") if verbose else None
     for x, y in itertools.chain([first], batches):
         for acc, part in zip(sums, step(x, y)):
             acc += keras.ops.convert_to_numpy(part)
         n += _num_examples(x)
+        seen += 1
+        if progbar is not None and verbose == 1:
+            progbar.update(seen, finalize=False)
+    if progbar is not None:
+        progbar.update(seen, finalize=True)
     if n == 0:
         raise ValueError("`fisher_scores`: `data` holds no examples.")
     return {path: acc / n for (path, _), acc in zip(chosen, sums)}
+
+
+def _check_verbose(verbose: Any, *, caller: str) -> int:
+    if verbose == "auto":
+        return 1  # as `model.predict`
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(
+            f'`{caller}`: `verbose` must be "auto", 0, 1 or 2 (as in '
+            f"`model.predict`). Received: verbose={verbose!r}."
+        )
+    return int(verbose)
+
+
+def _num_batches(data: Any, batch_size: int, num_batches: int | None) -> int | None:
+    """How many batches `_batches` will yield, where known (for the progress bar)."""
+    if isinstance(data, tuple):
+        n = math.ceil(int(np.shape(_leaves(data[0])[0])[0]) / batch_size)
+    else:
+        try:
+            n = len(data)
+        except TypeError:  # a generator, a dataset of unknown cardinality
+            n = None
+    if num_batches is not None:
+        n = int(num_batches) if n is None else min(n, int(num_batches))
+    return n
 
 
 def _resolve_loss(model: keras.Model, loss: Any) -> Callable:

@@ -1,7 +1,8 @@
 """Inspecting masks: counts, plots, and checks that frozen weights stay put.
 
 * `mask_summary(optimizer)` -> `MaskSummary` (per-variable `MaskRow`s and
-  totals); `print_mask_summary` formats it PEFT-style.
+  totals); `print_mask_summary` formats it PEFT-style. `masked_only=True`
+  keeps the rows with a frozen element, `by="layer"` gives one row per layer.
 * `plot_masks(optimizer, path)` writes one heatmap per masked variable to a
   PNG (needs the `plot` extra: `pip install "masked_opt[plot]"`).
 * `snapshot_frozen` / `verify_frozen` and the `VerifyFrozen` callback check
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,45 +82,126 @@ def _is_in(variable: keras.Variable, variables: list[keras.Variable]) -> bool:
 
 @dataclass(frozen=True)
 class MaskRow:
-    """One variable: element counts under its mask (unmasked: all trainable)."""
+    """One variable (or, in a per-layer summary, one layer): element counts
+    under its mask (unmasked: all trainable).
+
+    In a per-layer summary (`by="layer"`) `path` is the layer's path (the
+    variable paths without their last part), `shape` is None and `variables`
+    counts the layer's variables the optimizer was built on. `multiplier` is
+    the (min, max) update multiplier over the row's elements when the
+    optimizer has multipliers, else None.
+    """
 
     path: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     trainable: int
     frozen: int
     trainable_pct: float
     masked: bool
+    variables: int = 1
+    multiplier: tuple[float, float] | None = None
 
     @property
     def total(self) -> int:
         return self.trainable + self.frozen
 
 
+SummaryBy = Literal["variable", "layer"]
+"""What one row of a `MaskSummary` counts: a variable, or a layer's variables together."""
+
+
 @dataclass(frozen=True)
 class MaskSummary:
-    """Per-variable rows over every variable the optimizer was built on, and totals."""
+    """Rows and totals over every variable the optimizer was built on.
+
+    The totals always count every variable; `rows` may leave some out
+    (`masked_only=True`): `hidden` says how many rows were left out.
+    """
 
     rows: tuple[MaskRow, ...]
     trainable: int
     frozen: int
     total: int
     trainable_pct: float
+    by: SummaryBy = "variable"
+    masked_only: bool = False
+    hidden: int = 0
 
 
 def _pct(part: int, total: int) -> float:
     return 100.0 * part / total if total else 0.0
 
 
-def mask_summary(optimizer: keras.optimizers.Optimizer) -> MaskSummary:
-    """Counts trainable and frozen elements per variable and in total."""
+def _multipliers(opt: MaskedOptimizer) -> list[keras.Variable]:
+    # Update multipliers (`opt.get_multiplier`), when this MaskedOptimizer has them.
+    return list(getattr(opt, "multiplied_variables", None) or ())
+
+
+def _layer_path(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def _by_layer(rows: list[MaskRow]) -> list[MaskRow]:
+    groups: dict[str, list[MaskRow]] = {}
+    for r in rows:  # in order of first appearance
+        groups.setdefault(_layer_path(r.path), []).append(r)
+    out = []
+    for path, group in groups.items():
+        trainable = sum(r.trainable for r in group)
+        total = sum(r.total for r in group)
+        mults = [r.multiplier for r in group if r.multiplier is not None]
+        out.append(
+            MaskRow(
+                path=path,
+                shape=None,
+                trainable=trainable,
+                frozen=total - trainable,
+                trainable_pct=_pct(trainable, total),
+                masked=any(r.masked for r in group),
+                variables=len(group),
+                multiplier=(min(m[0] for m in mults), max(m[1] for m in mults)) if mults else None,
+            )
+        )
+    return out
+
+
+def mask_summary(
+    optimizer: keras.optimizers.Optimizer,
+    *,
+    masked_only: bool = False,
+    by: SummaryBy = "variable",
+) -> MaskSummary:
+    """Counts trainable and frozen elements per variable (or per layer) and in total.
+
+    Args:
+        optimizer: a built `MaskedOptimizer` (or a `LossScaleOptimizer` wrapping one).
+        masked_only: keep only the rows with at least one frozen element
+            (the totals still count every variable).
+        by: `"variable"` (default): one row per variable; `"layer"`: one row
+            per layer, summing its variables (a layer is a variable's path
+            without its last part, e.g. `"sequential/dense_1"`).
+    """
+    if by not in ("variable", "layer"):
+        raise ValueError(
+            f'`mask_summary`: `by` must be "variable" or "layer". Received: by={by!r}.'
+        )
+    if not isinstance(masked_only, bool):
+        raise TypeError(
+            f"`mask_summary`: `masked_only` must be a bool. Received: {masked_only!r}."
+        )
     opt = _unwrap(optimizer, caller="mask_summary")
     masked = _masked(opt)
+    multiplied = _multipliers(opt)
     rows = []
     for variable in _built_variables(opt):
         shape = tuple(int(d) for d in variable.shape)
         size = math.prod(shape)
         is_masked = _is_in(variable, masked)
         trainable = int(np.count_nonzero(opt.get_mask(variable))) if is_masked else size
+        multiplier = None
+        if multiplied:
+            m = np.asarray(opt.get_multiplier(variable)) if _is_in(variable, multiplied) else None
+            multiplier = (float(m.min()), float(m.max())) if m is not None and m.size else (1.0, 1.0)
         rows.append(
             MaskRow(
                 path=variable.path,
@@ -128,35 +210,59 @@ def mask_summary(optimizer: keras.optimizers.Optimizer) -> MaskSummary:
                 frozen=size - trainable,
                 trainable_pct=_pct(trainable, size),
                 masked=is_masked,
+                multiplier=multiplier,
             )
         )
     trainable = sum(r.trainable for r in rows)
     total = sum(r.total for r in rows)
+    if by == "layer":
+        rows = _by_layer(rows)
+    shown = [r for r in rows if r.frozen] if masked_only else rows
     return MaskSummary(
-        rows=tuple(rows),
+        rows=tuple(shown),
         trainable=trainable,
         frozen=total - trainable,
         total=total,
         trainable_pct=_pct(trainable, total),
+        by=by,
+        masked_only=masked_only,
+        hidden=len(rows) - len(shown),
     )
 
 
+def _format_multiplier(multiplier: tuple[float, float] | None) -> str:
+    if multiplier is None:
+        return "-"
+    low, high = multiplier
+    return f"{low:g}" if low == high else f"{low:g}–{high:g}"
+
+
 def format_mask_summary(summary: MaskSummary) -> str:
-    """A table of rows (unmasked variables marked '-') and the PEFT-style total line."""
-    header = ("variable", "shape", "mask", "trainable", "frozen", "trainable%")
+    """A table of rows (unmasked variables marked '-') and the PEFT-style total line.
+
+    A per-layer summary has a `layer` and a `variables` column instead of
+    `variable` and `shape`; a summary whose optimizer has update multipliers
+    gets a `mult` column (the value, or min–max where it varies). With
+    `masked_only`, a line before the totals says how many rows are shown.
+    """
+    per_layer = summary.by == "layer"
+    with_mult = any(r.multiplier is not None for r in summary.rows)
+    header = ("layer", "variables") if per_layer else ("variable", "shape")
+    header += ("mask", "trainable", "frozen", "trainable%") + (("mult",) if with_mult else ())
     lines = [
         (
             r.path,
-            str(r.shape),
+            str(r.variables) if per_layer else str(r.shape),
             "yes" if r.masked else "-",
             f"{r.trainable:,}",
             f"{r.frozen:,}",
             f"{r.trainable_pct:.2f}",
         )
+        + ((_format_multiplier(r.multiplier),) if with_mult else ())
         for r in summary.rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    left = (True, True, True, False, False, False)
+    left = (True, not per_layer, True, False, False, False, False)
 
     def fmt(cells):
         return "  ".join(
@@ -164,21 +270,45 @@ def format_mask_summary(summary: MaskSummary) -> str:
         ).rstrip()
 
     rule = "-" * len(fmt(header))
+    footer = []
+    if summary.masked_only:
+        shown = len(summary.rows)
+        kind = "layers" if per_layer else "variables"
+        footer.append(
+            f"{shown:,} of {shown + summary.hidden:,} {kind} shown (those with a frozen element)"
+        )
     total = (
         f"trainable: {summary.trainable:,} || frozen: {summary.frozen:,} || "
         f"total: {summary.total:,} || trainable%: {summary.trainable_pct:.2f}"
     )
-    return "\n".join([fmt(header), rule, *map(fmt, lines), rule, total])
+    return "\n".join([fmt(header), rule, *map(fmt, lines), rule, *footer, total])
 
 
 def print_mask_summary(
     optimizer_or_summary: keras.optimizers.Optimizer | MaskSummary,
     print_fn: Callable[[str], Any] = print,
+    *,
+    masked_only: bool = False,
+    by: SummaryBy = "variable",
 ) -> None:
-    """Prints the table and `trainable: ... || frozen: ... || total: ... || trainable%: ...`."""
+    """Prints the table and `trainable: ... || frozen: ... || total: ... || trainable%: ...`.
+
+    `masked_only` and `by` are `mask_summary`'s: e.g.
+    `print_mask_summary(opt, masked_only=True, by="layer")` prints one row
+    per layer that has a frozen element. Given a `MaskSummary`, prints it as
+    it is (make it with those arguments instead).
+    """
     summary = optimizer_or_summary
-    if not isinstance(summary, MaskSummary):
-        summary = mask_summary(summary)
+    if isinstance(summary, MaskSummary):
+        if masked_only or by != "variable":
+            raise ValueError(
+                "`print_mask_summary`: `masked_only` and `by` apply when it is "
+                "given an optimizer; a MaskSummary is printed as it is. Pass the "
+                "optimizer, or make the summary with "
+                f"`mask_summary(optimizer, masked_only={masked_only}, by={by!r})`."
+            )
+    else:
+        summary = mask_summary(summary, masked_only=masked_only, by=by)
     print_fn(format_mask_summary(summary))
 
 

@@ -27,10 +27,12 @@ def test_frozen_weights_are_bit_identical_after_task_b(quick):
 
 
 def test_freezing_forgets_less_than_full_fine_tuning(quick):
+    # Seed 0, quick run, on TF / JAX / torch: forgetting 0.583 (a), 0.059 (b), 0.000 (c);
+    # over seeds 0-4 (a) forgets 0.21-0.75 and (b) at most 0.06.
     a, b, c = (quick.method(k) for k in ("(a)", "(b)", "(c)"))
-    assert a.forgetting > 0.05  # full fine-tuning does forget task A
-    assert b.forgetting < a.forgetting
-    assert c.forgetting < a.forgetting
+    assert a.forgetting > 0.2  # full fine-tuning does forget task A
+    assert b.forgetting < 0.1 and b.forgetting < a.forgetting / 4
+    assert c.forgetting == 0.0
 
 
 def test_packnet_task_a_predictions_are_unchanged_exactly(quick):
@@ -74,6 +76,34 @@ def test_png_and_table_are_written(quick):
     assert "(a) full fine-tuning" in table and "n/a" in table
 
 
+def test_png_keys_cover_no_bar_and_bars_carry_their_values(quick):
+    fig = demo.figure(quick.methods)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bars_ax = fig.axes[-1]
+    bars = [p.get_window_extent(renderer) for p in bars_ax.patches]
+    labels = [t for t in bars_ax.texts if t.get_text()]
+    assert len(bars) == len(labels) == 3 * len(quick.methods)
+    values = [v for key in ("acc_a_before", "acc_a_after", "acc_b")
+              for v in (getattr(m, key) for m in quick.methods)]
+    assert sorted(t.get_text() for t in labels) == sorted(f"{v:.3f}" for v in values)
+    ticks = " ".join(t.get_text() for t in bars_ax.get_xticklabels())
+    for m in quick.methods:
+        assert f"forgetting {m.forgetting:+.3f}" in ticks
+    # The mask key is a figure legend, not part of the bar chart's title; no key covers
+    # a bar, a value label or a mask panel.
+    assert "frozen" not in bars_ax.get_title() and "dark" not in bars_ax.get_title()
+    keys = fig.legends
+    assert len(keys) == 2 and [t.get_text() for t in keys[0].get_texts()] == ["trained on B", "frozen"]
+    covered = bars + [t.get_window_extent(renderer) for t in labels]
+    covered += [ax.get_window_extent(renderer) for ax in fig.axes]
+    for key in keys:
+        box = key.get_window_extent(renderer)
+        assert not any(box.overlaps(b) for b in covered)
+    for t in labels:  # value labels inside the axes, above their bar
+        assert bars_ax.get_window_extent(renderer).contains(*t.get_window_extent(renderer).max)
+
+
 def test_missing_extras_name_the_extra_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
     with pytest.raises(ImportError, match=r"scikit-learn.*masked_opt\[demo\]"):
@@ -94,14 +124,18 @@ def test_help_lists_the_options(capsys):
 
 
 def test_cli_quick_run_exits_zero_and_prints_the_proof(tmp_path):
-    # Runs under the test session's backend (KERAS_BACKEND is inherited).
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    from test_readme import NATIVE_LOG
+
+    # Runs under the test session's backend (KERAS_BACKEND is inherited), without
+    # TF_CPP_MIN_LOG_LEVEL: no backend log lines before (or among) the demo's output.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run(
         [sys.executable, "-m", "masked_opt", "demo", "--quick", "--epochs", "1",
          "--verbose", "0", "--out", str(tmp_path / "cli.png")],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert NATIVE_LOG.findall(proc.stdout + proc.stderr) == []
     table = proc.stdout.split("frozen weights unchanged", 1)[1]
     assert [line.rsplit("  ", 1)[-1] for line in table.splitlines()[2:5]] == [
         "n/a (none frozen)", "yes", "yes"]

@@ -448,6 +448,37 @@ def test_fisher_scores_from_iterable_of_batches_and_num_batches(rng):
         np.testing.assert_allclose(first[p], only4[p], rtol=1e-6)
 
 
+def test_fisher_verbose_shows_a_keras_progress_bar_or_nothing(rng, capsys):
+    model = _dense_model()
+    x = rng.normal(size=(10, 4)).astype("float32")
+    y = rng.normal(size=(10, 2)).astype("float32")
+    ref = M.fisher_scores(model, (x, y), loss="mse", batch_size=4, verbose=0)
+    assert capsys.readouterr() == ("", "")  # silent
+    M.fisher(model, (x, y), 0.5, loss="mse", batch_size=4, verbose=0)
+    assert capsys.readouterr() == ("", "")
+    # 1 (and "auto", the default, as in `model.predict`): a bar over the 3 batches (4 + 4 + 2).
+    for verbose in (1, "auto"):
+        scores = M.fisher_scores(model, (x, y), loss="mse", batch_size=4, verbose=verbose)
+        out = capsys.readouterr().out
+        assert "1/3" in out and "3/3" in out and "━" in out and "step" in out, out
+    M.fisher(model, (x, y), 0.5, loss="mse", batch_size=4)
+    assert "3/3" in capsys.readouterr().out
+    # 2: one line at the end, no bar.
+    M.fisher_scores(model, (x, y), loss="mse", batch_size=4, verbose=2)
+    out = capsys.readouterr().out
+    assert out.startswith("3/3 - ") and out.count("\n") == 1 and "━" not in out, out
+    # Unknown length (a generator): the bar counts batches; num_batches caps the target.
+    M.fisher_scores(model, ((x[i : i + 5], y[i : i + 5]) for i in (0, 5)), loss="mse", verbose=1)
+    assert "2/Unknown" in capsys.readouterr().out
+    M.fisher_scores(model, (x, y), loss="mse", batch_size=2, num_batches=2, verbose=2)
+    assert capsys.readouterr().out.startswith("2/2 - ")
+    for p in ref:
+        np.testing.assert_array_equal(scores[p], ref[p])  # progress changes nothing
+    for bad in (3, "yes", True, -1):
+        with pytest.raises(ValueError, match=r'`fisher_scores`: `verbose` must be "auto", 0, 1 or 2'):
+            M.fisher_scores(model, (x, y), loss="mse", verbose=bad)
+
+
 @tf_only  # a tf.data pipeline yields TensorFlow tensors
 def test_fisher_scores_from_tf_data_dataset(rng):
     import tensorflow as tf

@@ -1,7 +1,10 @@
 """The README's claims point at tests that exist."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,3 +52,31 @@ def test_readme_recipes_run(tmp_path, monkeypatch, capsys):
     # The warm-unfreezing ramp ended at 1 for both layers.
     opt = namespace["opt"]
     assert all((opt.get_multiplier(k) == 1.0).all() for k in ("d1/kernel", "d2/bias"))
+
+
+# TensorFlow's C++ log (`I0000 00:00:...  port.cc:153] oneDNN ...`, the absl
+# pre-init warning, `E0000 ... cuInit`), which `import masked_opt` quiets.
+NATIVE_LOG = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d:\d+\.\d+|absl::InitializeLog|oneDNN|cuInit|cuda drivers", re.MULTILINE
+)
+
+
+def _fenced_blocks(heading: str) -> list[tuple[str, str]]:
+    """`(language, text)` of each fenced block in the README section under `heading`."""
+    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```(\w*)\n(.*?)^```$", section, re.MULTILINE | re.DOTALL)
+
+
+def test_quick_example_prints_its_documented_output_and_no_backend_log():
+    # In a fresh interpreter, on the session's backend, without TF_CPP_MIN_LOG_LEVEL set.
+    (lang, code), (_, documented) = _fenced_blocks("## Quick example")[:2]
+    assert lang == "python" and documented.startswith("True True\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+        timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert NATIVE_LOG.findall(proc.stdout + proc.stderr) == []
+    assert proc.stderr == ""
+    assert proc.stdout == documented

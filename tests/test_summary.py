@@ -104,6 +104,98 @@ def test_print_mask_summary_total_line_is_peft_style():
     assert lines2 == lines
 
 
+def test_mask_summary_masked_only_keeps_rows_with_a_frozen_element():
+    # dense/kernel: all-True mask (masked, nothing frozen) -> left out; totals still count all.
+    _, opt = _built({"dense/kernel": True, "dense_1/kernel": M.columns([1])})
+    s = S.mask_summary(opt, masked_only=True)
+    assert [(r.path, r.trainable, r.frozen) for r in s.rows] == [
+        ("sequential/dense_1/kernel", 3, 3),  # column 1 of (3, 2)
+    ]
+    assert (s.trainable, s.frozen, s.total, s.hidden, s.masked_only) == (20, 3, 23, 3, True)
+    text = S.format_mask_summary(s).splitlines()
+    assert len(text) == 2 + 1 + 1 + 2  # header, rule, 1 row, rule, shown-line, totals
+    assert text[-2] == "1 of 4 variables shown (those with a frozen element)"
+    assert text[-1] == "trainable: 20 || frozen: 3 || total: 23 || trainable%: 86.96"
+    assert S.mask_summary(opt).hidden == 0 and len(S.mask_summary(opt).rows) == 4
+
+
+def test_mask_summary_by_layer_sums_each_layers_variables():
+    _, opt = _built({"dense/kernel": M.rows([0]), "dense_1/bias": False})
+    s = S.mask_summary(opt, by="layer")
+    assert s.by == "layer"
+    assert [(r.path, r.shape, r.variables, r.trainable, r.frozen, r.masked) for r in s.rows] == [
+        ("sequential/dense", None, 2, 3 + 3, 9, True),  # kernel row 0 (3) + bias (3)
+        ("sequential/dense_1", None, 2, 6, 2, True),  # kernel (6) + bias frozen (2)
+    ]
+    assert [r.trainable_pct for r in s.rows] == [pytest.approx(40.0), pytest.approx(75.0)]
+    assert (s.trainable, s.frozen, s.total) == (12, 11, 23)
+    text = S.format_mask_summary(s).splitlines()
+    assert text[0].split() == ["layer", "variables", "mask", "trainable", "frozen", "trainable%"]
+    assert text[2].split() == ["sequential/dense", "2", "yes", "6", "9", "40.00"]
+    assert len(text) == 2 + 2 + 2
+
+
+def test_print_mask_summary_passes_masked_only_and_by():
+    _, opt = _built({"dense_1/bias": False})
+    lines = []
+    S.print_mask_summary(opt, print_fn=lines.append, masked_only=True, by="layer")
+    text = lines[0].splitlines()
+    assert text[2].split() == ["sequential/dense_1", "2", "yes", "6", "2", "75.00"]
+    assert text[-2] == "1 of 2 layers shown (those with a frozen element)"
+    with pytest.raises(ValueError, match=r"MaskSummary is printed as it is.*mask_summary\(optimizer"):
+        S.print_mask_summary(S.mask_summary(opt), masked_only=True)
+    with pytest.raises(ValueError, match=r'`by` must be "variable" or "layer". Received: by=\'layers\''):
+        S.mask_summary(opt, by="layers")
+    with pytest.raises(TypeError, match="`masked_only` must be a bool"):
+        S.mask_summary(opt, masked_only="yes")
+
+
+def test_mask_summary_views_of_mobilenet_v2_match_numpy_counts():
+    # 158 trainable variables; freeze the 16 `block_N_expand` kernels (regex key)
+    # and 70 % of Conv1's kernel (a NumPy mask), then count independently.
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3))
+    conv1 = np.random.default_rng(0).random((3, 3, 3, 32)) < 0.3
+    opt = MaskedOptimizer(
+        keras.optimizers.SGD(0.1), masks={r"block_\d+_expand/kernel": False, "Conv1/kernel": conv1}
+    )
+    opt.build(model.trainable_variables)
+    expected_frozen = {}  # path -> frozen count, from shapes and the NumPy mask only
+    for v in model.trainable_variables:
+        size = int(np.prod(v.shape))
+        if v.path == "Conv1/kernel":
+            expected_frozen[v.path] = int((~conv1).sum())
+        elif v.path.startswith("block_") and v.path.endswith("_expand/kernel"):
+            expected_frozen[v.path] = size
+        else:
+            expected_frozen[v.path] = 0
+    sizes = {v.path: int(np.prod(v.shape)) for v in model.trainable_variables}
+    total, frozen = sum(sizes.values()), sum(expected_frozen.values())
+
+    full = S.mask_summary(opt)
+    assert len(full.rows) == len(model.trainable_variables) == 158
+    only = S.mask_summary(opt, masked_only=True)
+    assert len(only.rows) == 17 and only.hidden == 158 - 17
+    assert {r.path: r.frozen for r in only.rows} == {
+        p: n for p, n in expected_frozen.items() if n}
+    for s in (full, only):
+        assert (s.total, s.frozen, s.trainable) == (total, frozen, total - frozen)
+
+    layers = S.mask_summary(opt, by="layer")
+    expected_layers = {}
+    for path, n in expected_frozen.items():
+        layer = path.rsplit("/", 1)[0]
+        t, f, k = expected_layers.get(layer, (0, 0, 0))
+        expected_layers[layer] = (t + sizes[path] - n, f + n, k + 1)
+    assert {r.path: (r.trainable, r.frozen, r.variables) for r in layers.rows} == expected_layers
+    assert len(layers.rows) == len(expected_layers) == 52 + 52 + 1  # convs, BatchNorms, head
+    layers_only = S.mask_summary(opt, masked_only=True, by="layer")
+    assert [r.path for r in layers_only.rows] == ["Conv1"] + [
+        f"block_{i}_expand" for i in range(1, 17)]
+    assert layers_only.rows[0].frozen == int((~conv1).sum())
+    assert layers_only.rows[0].trainable_pct == pytest.approx(100 * conv1.mean())
+    assert len(S.format_mask_summary(layers_only).splitlines()) == 2 + 17 + 3
+
+
 # ----------------------------------------------------------------------- plot
 
 
