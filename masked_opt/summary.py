@@ -175,8 +175,9 @@ def mask_summary(
 
     Args:
         optimizer: a built `MaskedOptimizer` (or a `LossScaleOptimizer` wrapping one).
-        masked_only: keep only the rows with at least one frozen element
-            (the totals still count every variable).
+        masked_only: keep only the rows with at least one frozen element or
+            an update multiplier other than 1 (the totals still count every
+            variable).
         by: `"variable"` (default): one row per variable; `"layer"`: one row
             per layer, summing its variables (a layer is a variable's path
             without its last part, e.g. `"sequential/dense_1"`).
@@ -217,7 +218,7 @@ def mask_summary(
     total = sum(r.total for r in rows)
     if by == "layer":
         rows = _by_layer(rows)
-    shown = [r for r in rows if r.frozen] if masked_only else rows
+    shown = [r for r in rows if _constrained(r)] if masked_only else rows
     return MaskSummary(
         rows=tuple(shown),
         trainable=trainable,
@@ -228,6 +229,11 @@ def mask_summary(
         masked_only=masked_only,
         hidden=len(rows) - len(shown),
     )
+
+
+def _constrained(row: MaskRow) -> bool:
+    """A frozen element, or an update multiplier other than 1 somewhere."""
+    return bool(row.frozen) or (row.multiplier is not None and row.multiplier != (1.0, 1.0))
 
 
 def _format_multiplier(multiplier: tuple[float, float] | None) -> str:
@@ -274,9 +280,8 @@ def format_mask_summary(summary: MaskSummary) -> str:
     if summary.masked_only:
         shown = len(summary.rows)
         kind = "layers" if per_layer else "variables"
-        footer.append(
-            f"{shown:,} of {shown + summary.hidden:,} {kind} shown (those with a frozen element)"
-        )
+        which = "a frozen element or a multiplier other than 1" if with_mult else "a frozen element"
+        footer.append(f"{shown:,} of {shown + summary.hidden:,} {kind} shown (those with {which})")
     total = (
         f"trainable: {summary.trainable:,} || frozen: {summary.frozen:,} || "
         f"total: {summary.total:,} || trainable%: {summary.trainable_pct:.2f}"

@@ -135,6 +135,28 @@ def test_mask_summary_by_layer_sums_each_layers_variables():
     assert len(text) == 2 + 2 + 2
 
 
+def test_summary_shows_update_multipliers_and_masked_only_keeps_them():
+    model = _model()
+    opt = MaskedOptimizer(
+        keras.optimizers.SGD(0.1),
+        masks={"dense_1/bias": False},
+        multipliers={"dense/kernel": np.array([[0.5, 1.0, 2.0]]), "dense/bias": 1.0},
+    )
+    opt.build(model.trainable_variables)
+    s = S.mask_summary(opt)
+    assert [r.multiplier for r in s.rows] == [(0.5, 2.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]
+    text = S.format_mask_summary(s).splitlines()
+    assert text[0].split()[-1] == "mult"
+    assert text[2].split()[-1] == "0.5–2" and text[3].split()[-1] == "1"
+    # masked_only: a frozen element or a multiplier other than 1 (dense/bias at 1 is left out).
+    only = S.mask_summary(opt, masked_only=True)
+    assert [r.path for r in only.rows] == ["sequential/dense/kernel", "sequential/dense_1/bias"]
+    footer = S.format_mask_summary(only).splitlines()[-2]
+    assert footer == "2 of 4 variables shown (those with a frozen element or a multiplier other than 1)"
+    layers = S.mask_summary(opt, by="layer")
+    assert [r.multiplier for r in layers.rows] == [(0.5, 2.0), (1.0, 1.0)]
+
+
 def test_print_mask_summary_passes_masked_only_and_by():
     _, opt = _built({"dense_1/bias": False})
     lines = []
