@@ -157,6 +157,11 @@ def variants(part: str) -> dict[str, Variant]:
         "masked, 1 frozen": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "one_frozen"),
         "masked, 50% + bias": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "realistic"),
         "grad-only, 50% + bias": Variant(lambda inner, m: inner(), "realistic", grad_only=True),
+        # Update multipliers (0.5 on every variable: the cost of an LLRD step).
+        "multipliers 0.5": Variant(lambda inner, m: MaskedOptimizer(inner(), multipliers={".*": 0.5})),
+        "masked, 50% + bias, multipliers 0.5": Variant(
+            lambda inner, m: MaskedOptimizer(inner(), m, multipliers={".*": 0.5}), "realistic"
+        ),
     }
     # What XLA does for the bare optimizer: the yardstick for a jit-compiled masked step.
     table["bare, XLA step"] = Variant(
