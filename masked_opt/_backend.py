@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 BACKEND = keras.backend.backend()
@@ -100,6 +101,51 @@ def _and_mask(grad: Any, mask: Any) -> Any:
     itype = tf.as_dtype(itype)
     keep = tf.broadcast_to(-tf.cast(mask, itype), tf.shape(grad))
     return tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(grad, itype), keep), grad.dtype)
+
+
+# Masks this large (elements) also get a bit-packed copy that compiled steps
+# read instead of the bool mask: Adam's update under XLA is three loops, each
+# reading the mask; at 1 byte per element that costs ~15 % of an out-of-cache
+# step, at 1 bit ~4 % (hand-written JAX Adam, 4096 x 2048, buffers donated:
+# bool 1.15x, packed 1.04x the unmasked step).
+PACK_MIN_SIZE = 1 << 16
+
+
+def packs_mask(variable_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> bool:
+    """Whether a mask gets a bit-packed copy for XLA-compiled steps: TF or JAX,
+    no `tf.distribute` strategy or `keras.distribution`, a full-shape mask of
+    at least `PACK_MIN_SIZE` elements whose last axis is a multiple of 8."""
+    if not (IS_TF or IS_JAX) or tuple(mask_shape) != tuple(variable_shape) or not variable_shape:
+        return False
+    if IS_TF and tf.distribute.has_strategy():
+        return False
+    try:
+        if keras.distribution.distribution() is not None:
+            return False
+    except (AttributeError, NotImplementedError):
+        pass
+    size = int(np.prod(variable_shape, dtype=np.int64))
+    return size >= PACK_MIN_SIZE and variable_shape[-1] % 8 == 0
+
+
+def pack_bits(mask: np.ndarray) -> np.ndarray:
+    """A bool mask packed along its last axis, 8 elements per uint8 (bit i of
+    byte j is element 8j + i)."""
+    return np.packbits(np.asarray(mask, bool), axis=-1, bitorder="little")
+
+
+def unpack_bits(packed: Any, shape: tuple[int, ...]) -> Any:
+    """The bool mask of `shape` that `pack_bits` packed (inside a compiled step)."""
+    if IS_JAX:
+        import jax.numpy as jnp
+
+        bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+        return bits.reshape(shape).astype(bool)
+    bits = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(packed[..., None], tf.constant(np.arange(8, dtype=np.uint8))),
+        tf.constant(1, tf.uint8),
+    )
+    return tf.cast(tf.reshape(bits, shape), tf.bool)
 
 
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:

@@ -166,13 +166,27 @@ def _meta(opt: MaskedOptimizer) -> dict:
         "capacities": [
             None if slot.compact is None else slot.compact.capacity for slot in opt._slots.values()
         ],
-        "num_variables": len(opt.variables),
+        "num_variables": len(saved_variables(opt)),
         "multipliers": [[m.variable.path, list(m.shape)] for m in opt._mults.values()],
     }
 
 
+def saved_variables(opt: MaskedOptimizer) -> list:
+    """The optimizer variables a file holds: all but the bit-packed mask
+    copies (derived from the masks, and backend-dependent), so that files move
+    between backends."""
+    bits = {id(slot.bits) for slot in opt._slots.values() if slot.bits is not None}
+    return [v for v in opt.variables if id(v) not in bits]
+
+
+def _pack_bits(mask: Any) -> np.ndarray:
+    from masked_opt import _backend
+
+    return _backend.pack_bits(np.asarray(mask, bool))
+
+
 def save_state(opt: MaskedOptimizer, store: Any) -> None:
-    for i, variable in enumerate(opt.variables):
+    for i, variable in enumerate(saved_variables(opt)):
         store[str(i)] = variable.numpy()
     store[META_KEY] = np.frombuffer(json.dumps(_meta(opt)).encode(), dtype=np.uint8)
     if opt.built:
@@ -246,8 +260,11 @@ def load_state(opt: MaskedOptimizer, store: Any) -> None:
     if not same or saved["num_variables"] != own["num_variables"]:
         _skip_next_load(opt.inner_optimizer)
         raise ValueError(_mismatch_message(opt, saved, own))
-    for i, variable in enumerate(opt.variables):
+    for i, variable in enumerate(saved_variables(opt)):
         variable.assign(store[str(i)])
+    for slot in opt._slots.values():  # the packed copies follow the loaded masks
+        if slot.bits is not None:
+            slot.bits.assign(_pack_bits(slot.mask.numpy()))
     opt._unset_paths.clear()
     opt._refresh_frozen_flag()
 

@@ -57,6 +57,7 @@ class _Slot:
     shape: tuple[int, ...]  # storage shape, fixed at build
     ema: keras.Variable | None = None  # the inner optimizer's EMA of `variable`
     compact: _compact.CompactSlot | None = None  # compact_state=True
+    bits: keras.Variable | None = None  # the mask bit-packed, read by XLA-compiled steps
 
 
 @dataclass
@@ -413,6 +414,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 variable=variable,
                 mask=self._add_mask_variable(variable, mask),
                 shape=tuple(mask.shape),
+                bits=self._add_bits_variable(variable, mask),
             )
         mults = {}
         resolved_mults = self._resolve_multipliers(maskable, unset)
@@ -534,6 +536,20 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             aggregation="only_first_replica",
             name=variable.path.replace("/", "_") + "_mask",
             **kwargs,
+        )
+
+    def _add_bits_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable | None:
+        """A bit-packed copy of a large full-shape mask (see `_backend.packs_mask`),
+        kept equal to the mask by every edit; XLA-compiled steps read it."""
+        if not _backend.packs_mask(tuple(variable.shape), tuple(mask.shape)):
+            return None
+        value = _backend.pack_bits(mask)
+        return self.add_variable(
+            shape=value.shape,
+            initializer=lambda shape, dtype=None: value,
+            dtype="uint8",
+            aggregation="only_first_replica",
+            name=variable.path.replace("/", "_") + "_mask_bits",
         )
 
     def _add_compact_slot(self, variable: keras.Variable, mask: np.ndarray, j: int):
@@ -686,6 +702,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         for i, slot, mult in handled:
             variable = trainable_variables[i]
             mask = None if slot is None else slot.mask.value
+            if slot is not None and slot.bits is not None and _backend._compiled_by_xla(grads[i]):
+                mask = _backend.unpack_bits(slot.bits.value, slot.shape)  # 1 bit per element read
             if mask is not None:
                 masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
             # A multiplier blends the whole value: no row-only snapshot then.
@@ -835,12 +853,16 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             what = f"{kind}('{path}')"
             if slot.compact is not None:
                 self._relayout(slot.compact, np.broadcast_to(new, tuple(variable.shape)), what)
-            elif np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
-                slot.mask.assign(np.array(np.broadcast_to(new, slot.shape), dtype=bool))
             else:
-                full = np.broadcast_to(new, tuple(variable.shape))
-                stored = fit_to_storage(full, slot.shape, path=path, what=what)
-                slot.mask.assign(np.array(stored, dtype=bool).reshape(slot.shape))
+                if np.broadcast_shapes(new.shape, slot.shape) == slot.shape:
+                    stored = np.array(np.broadcast_to(new, slot.shape), dtype=bool)
+                else:
+                    full = np.broadcast_to(new, tuple(variable.shape))
+                    stored = fit_to_storage(full, slot.shape, path=path, what=what)
+                    stored = np.array(stored, dtype=bool).reshape(slot.shape)
+                slot.mask.assign(stored)
+                if slot.bits is not None:
+                    slot.bits.assign(_backend.pack_bits(stored))
             if path in self._unset_paths:
                 self._unset_paths.remove(path)
         self._refresh_frozen_flag()

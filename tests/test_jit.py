@@ -292,3 +292,66 @@ def test_gradient_mask_under_xla_is_bit_identical_to_where(dtype, mask_shape):
         return np.asarray(keras.ops.convert_to_numpy(t)).view(width[dtype])
 
     np.testing.assert_array_equal(as_bits(out), as_bits(expected))
+
+
+# ------------------------------------------------ bit-packed masks under XLA
+
+
+def _packed_run(pack: bool, monkeypatch):
+    """3 compiled AdamW steps on a (256, 512) kernel with a random element
+    mask (large enough for a bit-packed copy), a freeze between steps 2 and 3."""
+    from backends import CompiledStep, IS_TORCH, tensor, to_numpy
+    from masked_opt import _backend
+
+    if IS_TORCH:
+        pytest.skip("bit-packed masks serve XLA-compiled steps (TensorFlow, JAX)")
+    monkeypatch.setattr(_backend, "PACK_MIN_SIZE", 1 << 16 if pack else 1 << 40)
+    rng = np.random.default_rng(0)
+    kernel = keras.Variable(rng.standard_normal((256, 512)).astype("float32"), name="k")
+    mask = rng.random((256, 512)) < 0.5
+    extra = {"jit_compile": True} if IS_TF else {}
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), [(kernel, mask)], **extra)
+    opt.build([kernel])
+    bits = opt._slots[opt._var_key(kernel)].bits
+    assert (bits is not None) == pack
+    start = to_numpy(kernel)
+    step = CompiledStep(opt, [kernel])
+    grads = [tensor(rng.standard_normal((256, 512)).astype("float32")) for _ in range(3)]
+    step([grads[0]])
+    step([grads[1]])
+    opt.freeze(kernel, np.s_[:, :16])  # the packed copy follows the edit
+    before_last = to_numpy(kernel)
+    step([grads[2]])
+    end = to_numpy(kernel)
+    assert step.traces() == 1
+    assert np.array_equal(end[~mask], start[~mask])
+    assert np.array_equal(end[:, :16], before_last[:, :16])
+    assert np.all(end[:, 16:][mask[:, 16:]] != start[:, 16:][mask[:, 16:]])
+    if pack:
+        now = opt.get_mask(kernel)
+        assert np.array_equal(to_numpy(bits), np.packbits(now, axis=-1, bitorder="little"))
+    return opt, kernel, end
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="bit-packed masks serve XLA-compiled steps")
+def test_bit_packed_masks_give_the_bool_masks_result(monkeypatch):
+    from backends import assert_equal_across_programs, to_numpy
+
+    opt, kernel, packed = _packed_run(True, monkeypatch)
+    _, _, unpacked = _packed_run(False, monkeypatch)
+    assert_equal_across_programs(packed, unpacked)
+
+    # The packed copy is derived state: not in the file (which moves between
+    # backends), rebuilt from the loaded masks.
+    from masked_opt import _saving
+
+    saved = _saving.saved_variables(opt)
+    assert len(saved) == len(opt.variables) - 1
+    store = {}
+    _saving.save_state(opt, store)
+    opt.set_mask(kernel, True)
+    assert to_numpy(opt._slots[opt._var_key(kernel)].bits).min() == 255
+    _saving.load_state(opt, store)
+    bits = to_numpy(opt._slots[opt._var_key(kernel)].bits)
+    assert np.array_equal(bits, np.packbits(opt.get_mask(kernel), axis=-1, bitorder="little"))
+    assert not opt.get_mask(kernel).all()
