@@ -356,3 +356,19 @@ def test_compiled_step_holds_zero_multipliers_exactly():
     assert np.array_equal(got[:, [0, 3]], start[:, [0, 3]])
     assert np.all(got[:, [1, 2]] != start[:, [1, 2]])
     assert step.traces() == 1
+
+
+def test_multipliers_scale_the_accumulated_update_of_gradient_accumulation():
+    grads = _grads(2)
+    bare_vars = _variables()
+    w0 = to_numpy(bare_vars["k"])
+    bare = _run(O.Adam(0.05, gradient_accumulation_steps=2), bare_vars, grads)
+    variables = _variables()
+    opt = MaskedOptimizer(O.Adam(0.05, gradient_accumulation_steps=2), multipliers={"k": 0.5})
+    names = list(variables)
+    opt.apply([tensor(grads[0][n]) for n in names], [variables[n] for n in names])
+    assert np.array_equal(to_numpy(variables["k"]), w0)  # accumulating: nothing moves
+    opt.apply([tensor(grads[1][n]) for n in names], [variables[n] for n in names])
+    got = to_numpy(variables["k"])
+    np.testing.assert_allclose(got, w0 + np.float32(0.5) * (bare["k"] - w0), rtol=0, atol=1e-7)
+    assert np.array_equal(to_numpy(variables["o"]), bare["o"])
