@@ -372,3 +372,19 @@ def test_multipliers_scale_the_accumulated_update_of_gradient_accumulation():
     got = to_numpy(variables["k"])
     np.testing.assert_allclose(got, w0 + np.float32(0.5) * (bare["k"] - w0), rtol=0, atol=1e-7)
     assert np.array_equal(to_numpy(variables["o"]), bare["o"])
+
+
+def test_multipliers_under_mixed_float16_loss_scaling():
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = _data()
+    model = _model()
+    opt = MaskedOptimizer(O.Adam(0.05), multipliers={"hidden": 0.0, "out/kernel": 0.5})
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert isinstance(model.optimizer, O.LossScaleOptimizer)  # LossScaleOptimizer(MaskedOptimizer)
+    hidden = [to_numpy(v) for v in model.get_layer("hidden").trainable_variables]
+    out = to_numpy(model.get_layer("out").kernel)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for before, v in zip(hidden, model.get_layer("hidden").trainable_variables):
+        assert np.array_equal(to_numpy(v), before)
+    assert np.all(to_numpy(model.get_layer("out").kernel) != out)
+    assert np.all(opt.get_multiplier("out/kernel") == 0.5)
