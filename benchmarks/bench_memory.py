@@ -177,8 +177,6 @@ def speed_part(size: int = 4096, density: float = 0.01, rounds: int = 7, steps: 
 
 
 def _compiled_step(backend, opt, k, grad):
-    import keras
-
     if backend == "tensorflow":
         import tensorflow as tf
 

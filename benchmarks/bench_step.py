@@ -545,10 +545,10 @@ def opt_step_runners(inner: InnerFactory, warmup: int, label: str) -> tuple[dict
     return runners, checks
 
 
-def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant_name: str):
-    """Builds one optimizer on fresh variables, traces and warms up its step.
-    Returns (run(k), FrozenCheck)."""
-    rng = np.random.default_rng(1)  # same variables and gradients for every variant
+def opt_variables(seed: int = 1) -> tuple[list, list]:
+    """The opt part's variables (paths `OPT_SHAPES`) and fixed gradients, the
+    same for every variant."""
+    rng = np.random.default_rng(seed)
     variables, grads = [], []
     for path, shape in OPT_SHAPES.items():
         layer, var = path.split("/")
@@ -557,6 +557,13 @@ def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant
                 keras.Variable(rng.standard_normal(shape, dtype=np.float32) * 0.05, name=var)
             )
         grads.append(keras.ops.convert_to_tensor(rng.standard_normal(shape, dtype=np.float32)))
+    return variables, grads
+
+
+def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant_name: str):
+    """Builds one optimizer on fresh variables, traces and warms up its step.
+    Returns (run(k), FrozenCheck)."""
+    variables, grads = opt_variables()
     masks = make_masks(variant.masks, OPT_SHAPES)
     opt = variant.make(inner, masks)
     opt.build(variables)

@@ -62,11 +62,10 @@ from bench_step import (  # noqa: E402
     environment,
     frozen_report,
     make_masks,
+    opt_variables,
     time_rounds,
     to_numpy,
 )
-
-import keras  # noqa: E402
 
 from masked_opt import MaskedOptimizer, _backend  # noqa: E402
 
@@ -114,24 +113,11 @@ if IS_TF:
     VARIANTS[IN_XLA_STEP] = (True, contextlib.nullcontext)
 
 
-def _variables(seed: int = 1) -> tuple[list, list]:
-    rng = np.random.default_rng(seed)
-    variables, grads = [], []
-    for path, shape in OPT_SHAPES.items():
-        layer, var = path.split("/")
-        with keras.name_scope(layer):
-            variables.append(
-                keras.Variable(rng.standard_normal(shape, dtype=np.float32) * 0.05, name=var)
-            )
-        grads.append(keras.ops.convert_to_tensor(rng.standard_normal(shape, dtype=np.float32)))
-    return variables, grads
-
-
 HLO: dict[str, str] = {}
 
 
 def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, name: str):
-    variables, grads = _variables()
+    variables, grads = opt_variables()
     masks = make_masks("realistic", OPT_SHAPES)
     inner = INNERS[inner_name]()
     if masked:

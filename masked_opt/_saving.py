@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
+from masked_opt import _backend
+
 if TYPE_CHECKING:
     from masked_opt.optimizer import MaskedOptimizer
 
@@ -58,16 +60,23 @@ def config_entries(opt: MaskedOptimizer) -> list[dict]:
                 entry["capacity"] = slot.compact.capacity
             entries.append(entry)
         return entries
+    return _unbuilt_entries(opt._registry.specs, bool)
+
+
+def _unbuilt_entries(specs: list, scalar: type) -> list[dict]:
+    """Config entries of specs not resolved yet: a scalar by value (as
+    `scalar`), an array by shape (its values go in the weights file), a
+    callable without a shape (not saved)."""
     entries = []
-    for key, value in opt._registry.specs:
+    for key, value in specs:
         key = key if isinstance(key, str) else key.path
         if isinstance(value, ConfigMask):
             entry = {"key": key, "shape": None if value.shape is None else list(value.shape)}
             if value.index is not None:
                 entry["index"] = value.index
         elif isinstance(value, np.ndarray) and value.ndim == 0:
-            entry = {"key": key, "value": bool(value)}
-        else:  # an array (saved in the weights file) or a callable (not saved)
+            entry = {"key": key, "value": scalar(value)}
+        else:
             entry = {"key": key, "shape": None if callable(value) else list(value.shape)}
         entries.append(entry)
     return entries
@@ -82,19 +91,7 @@ def multiplier_entries(opt: MaskedOptimizer) -> list[dict]:
             {"key": m.variable.path, "shape": list(m.shape), "index": index[opt._var_key(m.variable)]}
             for m in opt._mults.values()
         ]
-    entries = []
-    for key, value in opt._mult_registry.specs:
-        key = key if isinstance(key, str) else key.path
-        if isinstance(value, ConfigMask):
-            entry = {"key": key, "shape": None if value.shape is None else list(value.shape)}
-            if value.index is not None:
-                entry["index"] = value.index
-        elif isinstance(value, np.ndarray) and value.ndim == 0:
-            entry = {"key": key, "value": float(value)}
-        else:
-            entry = {"key": key, "shape": None if callable(value) else list(value.shape)}
-        entries.append(entry)
-    return entries
+    return _unbuilt_entries(opt._mult_registry.specs, float)
 
 
 def specs_from_config(entries: list[dict], kind: str = "mask") -> list[tuple[str, Any]]:
@@ -179,12 +176,6 @@ def saved_variables(opt: MaskedOptimizer) -> list:
     return [v for v in opt.variables if id(v) not in bits]
 
 
-def _pack_bits(mask: Any) -> np.ndarray:
-    from masked_opt import _backend
-
-    return _backend.pack_bits(np.asarray(mask, bool))
-
-
 def save_state(opt: MaskedOptimizer, store: Any) -> None:
     for i, variable in enumerate(saved_variables(opt)):
         store[str(i)] = variable.numpy()
@@ -264,7 +255,7 @@ def load_state(opt: MaskedOptimizer, store: Any) -> None:
         variable.assign(store[str(i)])
     for slot in opt._slots.values():  # the packed copies follow the loaded masks
         if slot.bits is not None:
-            slot.bits.assign(_pack_bits(slot.mask.numpy()))
+            slot.bits.assign(_backend.pack_bits(slot.mask.numpy()))
     opt._unset_paths.clear()
     opt._refresh_frozen_flag()
 

@@ -22,7 +22,14 @@ import numpy as np
 
 import keras
 
-from masked_opt.registry import Key, check_broadcast, check_key, describe_key, match_key
+from masked_opt.registry import (
+    Key,
+    check_broadcast,
+    check_key,
+    describe_key,
+    resolve_specs,
+    select_variables,
+)
 
 __all__ = ["MultiplierValue"]
 
@@ -89,30 +96,6 @@ def resolve_multiplier(value: MultiplierValue, variable: keras.Variable, *, what
     return arr
 
 
-def fit_multiplier(full: np.ndarray, storage_shape: tuple[int, ...], *, path: str, what: str) -> np.ndarray:
-    """A new multiplier value (broadcast to the variable's full shape) at the
-    storage shape fixed at build, if it is constant along the storage's
-    broadcast axes."""
-    storage_shape = tuple(storage_shape)
-    padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
-    reduced = full
-    for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
-        if n_store == n_full:
-            continue
-        first = np.take(reduced, [0], axis=axis)
-        if not np.array_equal(np.broadcast_to(first, reduced.shape), reduced):
-            raise ValueError(
-                f"`{what}`: the multiplier of variable '{path}' is stored with shape "
-                f"{storage_shape} (fixed when the optimizer was built), and the new "
-                f"value varies along axis {axis} of the variable's shape {full.shape}, "
-                "so it cannot be stored. Register a multiplier of the shape you will "
-                f"need before the optimizer is built (e.g. `multipliers={{'{path}': "
-                f"np.ones({full.shape})}}` for single elements)."
-            )
-        reduced = first
-    return np.array(reduced, dtype=np.float32).reshape(storage_shape)
-
-
 class MultiplierRegistry:
     """Multiplier specifications given before build, resolved at build."""
 
@@ -154,31 +137,16 @@ class MultiplierRegistry:
         others: Sequence[keras.Variable] = (),
     ) -> dict[int, np.ndarray]:
         """Maps variable index -> multiplier (float32, at its storage shape)."""
-        out: dict[int, np.ndarray] = {}
-        owner: dict[int, Key] = {}
-
-        def select(key, argument):
-            try:
-                return match_key(key, variables, argument=argument, others=others)
-            except ValueError:
-                if strict:
-                    raise
-                return []
-
-        for key, value in self.specs:
-            what = f"multipliers[{describe_key(key)}]"
-            for i in select(key, "multipliers"):
-                if i in owner:
-                    raise ValueError(
-                        f"Variable '{variables[i].path}' is matched by two `multipliers` "
-                        f"keys: {describe_key(owner[i])} and {describe_key(key)}. Make "
-                        "the keys disjoint (e.g. a more specific regex), or give one "
-                        "multiplier per variable."
-                    )
-                owner[i] = key
-                out[i] = resolve_multiplier(value, variables[i], what=what)
+        out = resolve_specs(
+            self.specs,
+            variables,
+            lambda value, variable, what: resolve_multiplier(value, variable, what=what),
+            argument="multipliers",
+            strict=strict,
+            others=others,
+        )
         for key, value in self.ops:
-            for i in select(key, "set_multiplier"):
+            for i in select_variables(key, variables, argument="set_multiplier", strict=strict, others=others):
                 new = resolve_multiplier(value, variables[i], what=f"set_multiplier('{variables[i].path}', value)")
                 current = out.get(i)
                 if current is not None and np.broadcast_shapes(new.shape, current.shape) == current.shape:

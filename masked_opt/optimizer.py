@@ -30,7 +30,6 @@ from masked_opt.registry import (
 from masked_opt.multipliers import (
     MultiplierRegistry,
     MultiplierValue,
-    fit_multiplier,
     resolve_multiplier,
 )
 
@@ -506,51 +505,38 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._mult_targets.update(targets)
         return self._mult_registry.resolve(variables, others=self._non_trainable_of_owner())
 
-    def _add_multiplier_variable(self, variable: keras.Variable, value: np.ndarray) -> keras.Variable:
-        value = np.array(value, dtype=np.float32)
-        kwargs = {}
-        layout = _backend.mask_layout(variable, value.shape)
-        if layout is not None:
-            kwargs["layout"] = layout
+    def _add_state(
+        self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True
+    ) -> keras.Variable:
+        """An optimizer variable holding `value` (its dtype and shape), named
+        after `variable`. Values go in through the initializer: an `assign`
+        inside a build that runs while the train function is traced could be
+        lost. `sharded`: under keras.distribution, laid out as `mask_layout`
+        says (like its weight when full-shape, else replicated)."""
+        value = np.asarray(value)
+        layout = _backend.mask_layout(variable, value.shape) if sharded else None
+        kwargs = {} if layout is None else {"layout": layout}
         return self.add_variable(
             shape=value.shape,
             initializer=lambda shape, dtype=None: value,
-            dtype="float32",
+            dtype=value.dtype.name,
             aggregation="only_first_replica",
-            name=variable.path.replace("/", "_") + "_multiplier",
+            name=variable.path.replace("/", "_") + suffix,
             **kwargs,
         )
 
+    def _add_multiplier_variable(self, variable: keras.Variable, value: np.ndarray) -> keras.Variable:
+        return self._add_state(variable, np.array(value, dtype=np.float32), "_multiplier")
+
     def _add_mask_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable:
-        # Values go in through the initializer: an `assign` inside a build that
-        # runs while the train function is traced could be lost.
-        value = np.array(mask, dtype=bool)
-        kwargs = {}
-        layout = _backend.mask_layout(variable, value.shape)
-        if layout is not None:  # keras.distribution: sharded like its weight
-            kwargs["layout"] = layout
-        return self.add_variable(
-            shape=value.shape,
-            initializer=lambda shape, dtype=None: value,
-            dtype="bool",
-            aggregation="only_first_replica",
-            name=variable.path.replace("/", "_") + "_mask",
-            **kwargs,
-        )
+        return self._add_state(variable, np.array(mask, dtype=bool), "_mask")
 
     def _add_bits_variable(self, variable: keras.Variable, mask: np.ndarray) -> keras.Variable | None:
         """A bit-packed copy of a large full-shape mask (see `_backend.packs_mask`),
         kept equal to the mask by every edit; XLA-compiled steps read it."""
         if not _backend.packs_mask(tuple(variable.shape), tuple(mask.shape)):
             return None
-        value = _backend.pack_bits(mask)
-        return self.add_variable(
-            shape=value.shape,
-            initializer=lambda shape, dtype=None: value,
-            dtype="uint8",
-            aggregation="only_first_replica",
-            name=variable.path.replace("/", "_") + "_mask_bits",
-        )
+        return self._add_state(variable, _backend.pack_bits(mask), "_mask_bits", sharded=False)
 
     def _add_compact_slot(self, variable: keras.Variable, mask: np.ndarray, j: int):
         _compact.check_variable(variable)
@@ -561,23 +547,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if capacity is None:
             capacity = _compact.capacity_for(self.compact_capacity, count, size, variable.path)
         indices, count = _compact.padded_indices(full, capacity, variable.path, "masks")
-        base = variable.path.replace("/", "_")
         layout = _backend.mask_layout(variable, (capacity,))
-        kwargs = {} if layout is None else {"layout": layout}
-        index_var = self.add_variable(
-            shape=(capacity,),
-            initializer=lambda shape, dtype=None: indices,
-            dtype="int32",
-            aggregation="only_first_replica",
-            name=base + "_compact_indices",
-            **kwargs,
-        )
-        count_var = self.add_variable(
-            shape=(),
-            initializer=lambda shape, dtype=None: np.array(count, np.int32),
-            dtype="int32",
-            aggregation="only_first_replica",
-            name=base + "_compact_count",
+        index_var = self._add_state(variable, np.asarray(indices, np.int32), "_compact_indices")
+        count_var = self._add_state(
+            variable, np.array(count, np.int32), "_compact_count", sharded=False
         )
         # The proxy: what the inner optimizer sees and builds its slots from.
         # Its path ends with the variable's own path, so MultiOptimizer maps and
@@ -755,7 +728,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             restore.extend(_multiplied_items(variable, None, mult.value.value, old, *ema))
         for compact, old, valid, m, ema in pending:
             if m is not None:  # blend on the proxy, then write it back
-                _backend.restore_frozen(_multiplied_items(compact.proxy, valid, m, old, *ema))
+                restore.extend(_multiplied_items(compact.proxy, valid, m, old, *ema))
         _backend.restore_frozen(restore)
         for compact, old, valid, m, ema in pending:
             _compact.scatter(compact, old, valid)
@@ -917,7 +890,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 stored = np.array(np.broadcast_to(new, mult.shape), np.float32)
             else:
                 full = np.broadcast_to(new, tuple(variable.shape))
-                stored = fit_multiplier(full, mult.shape, path=path, what=what)
+                stored = fit_to_storage(
+                    full, mult.shape, path=path, what=what, kind="multiplier", dtype=np.float32
+                )
             if _backend.is_purged(mult.value):
                 self._sync_jax_state(path)
             mult.value.assign(stored)

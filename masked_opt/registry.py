@@ -265,16 +265,23 @@ def apply_where(
 
 
 def fit_to_storage(
-    full: np.ndarray, storage_shape: tuple[int, ...], *, path: str, what: str
+    full: np.ndarray,
+    storage_shape: tuple[int, ...],
+    *,
+    path: str,
+    what: str,
+    kind: str = "mask",
+    dtype: Any = bool,
 ) -> np.ndarray:
-    """Reduces a mask of the variable's full shape to `storage_shape`.
+    """Reduces a value of the variable's full shape to `storage_shape`.
 
-    Possible when the mask is constant along every axis the storage
+    Possible when the value is constant along every axis the storage
     broadcasts over (e.g. a column-aligned change to a `(1, units)` mask).
+    `kind` is "mask" or "multiplier" (the error's wording and its fix).
     """
     storage_shape = tuple(storage_shape)
     if full.shape == storage_shape:
-        return np.array(full, dtype=bool)
+        return np.array(full, dtype=dtype)
     padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
     reduced = full
     for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
@@ -282,17 +289,69 @@ def fit_to_storage(
             continue
         first = np.take(reduced, [0], axis=axis)
         if not np.array_equal(np.broadcast_to(first, reduced.shape), reduced):
+            example = (
+                f"masks={{'{path}': np.ones({full.shape}, bool)}}"
+                if kind == "mask"
+                else f"multipliers={{'{path}': np.ones({full.shape})}}"
+            )
             raise ValueError(
-                f"`{what}`: the mask of variable '{path}' is stored with shape "
+                f"`{what}`: the {kind} of variable '{path}' is stored with shape "
                 f"{storage_shape} (fixed when the optimizer was built), and the "
-                f"new mask varies along axis {axis} of the variable's shape "
-                f"{full.shape}, so it cannot be stored. Give the variable a mask "
+                f"new {kind} varies along axis {axis} of the variable's shape "
+                f"{full.shape}, so it cannot be stored. Give the variable a {kind} "
                 f"of its full shape {full.shape} before the optimizer is built "
-                f"(e.g. `masks={{'{path}': np.ones({full.shape}, bool)}}`) to "
-                "change single elements later."
+                f"(e.g. `{example}`) to change single elements later."
             )
         reduced = first
-    return np.array(reduced, dtype=bool).reshape(storage_shape)
+    return np.array(reduced, dtype=dtype).reshape(storage_shape)
+
+
+def resolve_specs(
+    specs: Sequence[tuple[Key, Any]],
+    variables: Sequence[keras.Variable],
+    resolve: Callable[[Any, keras.Variable, str], np.ndarray],
+    *,
+    argument: str,
+    strict: bool = True,
+    others: Sequence[keras.Variable] = (),
+) -> dict[int, np.ndarray]:
+    """`{variable index: resolve(value, variable, what)}` for `(key, value)`
+    specs of the `argument` dict ("masks", "multipliers"); a variable selected
+    by two keys is an error. With `strict=False`, keys that select none of
+    `variables` are skipped (used to look up one variable before build)."""
+    out: dict[int, np.ndarray] = {}
+    owner: dict[int, Key] = {}
+    for key, value in specs:
+        what = f"{argument}[{describe_key(key)}]"
+        for i in select_variables(key, variables, argument=argument, strict=strict, others=others):
+            if i in owner:
+                raise ValueError(
+                    f"Variable '{variables[i].path}' is matched by two `{argument}` "
+                    f"keys: {describe_key(owner[i])} and {describe_key(key)}. "
+                    "Make the keys disjoint (e.g. a more specific regex), or "
+                    + ("combine the two masks into one." if argument == "masks"
+                       else f"give one {argument.rstrip('s')} per variable.")
+                )
+            owner[i] = key
+            out[i] = resolve(value, variables[i], what)
+    return out
+
+
+def select_variables(
+    key: Key,
+    variables: Sequence[keras.Variable],
+    *,
+    argument: str,
+    strict: bool = True,
+    others: Sequence[keras.Variable] = (),
+) -> list[int]:
+    """`match_key`, or `[]` instead of an error when not `strict`."""
+    try:
+        return match_key(key, variables, argument=argument, others=others)
+    except ValueError:
+        if strict:
+            raise
+        return []
 
 
 @dataclass
@@ -350,31 +409,16 @@ class MaskRegistry:
         With `strict=False`, keys that select none of `variables` are skipped
         instead of raising (used to look up one variable before build).
         """
-        masks: dict[int, np.ndarray] = {}
-        owner: dict[int, Key] = {}
-
-        def select(key, argument):
-            try:
-                return match_key(key, variables, argument=argument, others=others)
-            except ValueError:
-                if strict:
-                    raise
-                return []
-
-        for key, value in self.specs:
-            what = f"masks[{describe_key(key)}]"
-            for i in select(key, "masks"):
-                if i in owner:
-                    raise ValueError(
-                        f"Variable '{variables[i].path}' is matched by two `masks` "
-                        f"keys: {describe_key(owner[i])} and {describe_key(key)}. "
-                        "Make the keys disjoint (e.g. a more specific regex), or "
-                        "combine the two masks into one."
-                    )
-                owner[i] = key
-                masks[i] = resolve_value(value, variables[i], what=what)
+        masks = resolve_specs(
+            self.specs,
+            variables,
+            lambda value, variable, what: resolve_value(value, variable, what=what),
+            argument="masks",
+            strict=strict,
+            others=others,
+        )
         for op in self.ops:
-            for i in select(op.key, op.kind):
+            for i in select_variables(op.key, variables, argument=op.kind, strict=strict, others=others):
                 masks[i] = apply_op(op.kind, op.payload, variables[i], masks.get(i))
         return masks
 

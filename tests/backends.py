@@ -247,3 +247,15 @@ def grad_masked(optimizer, masks: dict):
 
     optimizer.__class__ = GradMasked
     return optimizer
+
+
+class TraceCounter(keras.layers.Layer):
+    """Identity layer counting Python executions of `call` (= traces in graph mode)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.count = 0
+
+    def call(self, x):
+        self.count += 1
+        return x

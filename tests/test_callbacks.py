@@ -4,21 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from backends import IS_TORCH, jax_only, synced
+from backends import IS_TORCH, TraceCounter, jax_only, synced
 from masked_opt import MaskedOptimizer
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, current_step, masked_optimizer
-
-
-class TraceCounter(keras.layers.Layer):
-    """Identity layer counting Python executions of `call` (= traces in graph mode)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.count = 0
-
-    def call(self, x):
-        self.count += 1
-        return x
 
 
 def data(n=32, d=6, k=3, seed=0):

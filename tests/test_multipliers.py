@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_TORCH, assert_equal_across_programs, synced, tensor, to_numpy
+from backends import IS_TORCH, TraceCounter, assert_equal_across_programs, synced, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 from optimizer_table import AVAILABLE
 
@@ -248,18 +248,6 @@ def test_multiplier_errors_name_the_variable_and_the_fix():
 # ------------------------------------------------------------- fit, saving
 
 
-class _TraceCounter(keras.layers.Layer):
-    """Identity layer counting Python executions of `call` (= traces)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.count = 0
-
-    def call(self, x):
-        self.count += 1
-        return x
-
-
 def _model(counter=None):
     return keras.Sequential(
         [
@@ -279,7 +267,7 @@ def _data(n=32, seed=0):
 
 def test_warm_unfreezing_ramp_from_a_callback_needs_no_retrace():
     x, y = _data()
-    counter = _TraceCounter()
+    counter = TraceCounter()
     model = _model(counter)
     opt = MaskedOptimizer(O.Adam(0.05), multipliers={"hidden": 0.0})
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
