@@ -116,13 +116,14 @@ if IS_TF:
 HLO: dict[str, str] = {}
 
 
-def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, name: str):
+def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, variant: str):
+    name = f"{inner_name}: {variant}"  # the HLO label
     variables, grads = opt_variables()
     masks = make_masks("realistic", OPT_SHAPES)
     inner = INNERS[inner_name]()
     if masked:
         opt = MaskedOptimizer(
-            inner, masks, jit_compile=(name != IN_XLA_STEP) if IS_TF else "auto"
+            inner, masks, jit_compile=(variant != IN_XLA_STEP) if IS_TF else "auto"
         )
     else:
         opt = inner
@@ -130,7 +131,7 @@ def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, name: str):
     before = [to_numpy(v) for v in variables]
     if IS_TF:
 
-        @tf.function(jit_compile=not masked or name == IN_XLA_STEP)
+        @tf.function(jit_compile=not masked or variant == IN_XLA_STEP)
         def step():
             opt.apply(grads, variables)
             return opt.iterations
@@ -165,6 +166,12 @@ def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, name: str):
         now = lambda: [to_numpy(x) for x in state[1]]  # noqa: E731
     with trace_ctx():
         run(warmup)  # traces (and compiles) inside the patch
+    if IS_TF and masked:
+        # What each TF variant measures: a nested XLA function called from
+        # the graph-mode step, or none (the whole step is one XLA program).
+        nested = len(opt._jit_functions) > 0
+        if nested != (variant != IN_XLA_STEP):
+            raise AssertionError(f"{name}: nested XLA function made: {nested}")
     return run, FrozenCheck(masks if masked else {}, list(OPT_SHAPES), before, now)
 
 
@@ -204,9 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (masked, ctx) in VARIANTS.items():
             if name != "bare XLA" and not re.search(args.variants, name):
                 continue
-            runners[name], checks[name] = _runner(
-                inner_name, masked, ctx, args.warmup, f"{inner_name}: {name}"
-            )
+            runners[name], checks[name] = _runner(inner_name, masked, ctx, args.warmup, name)
         samples = time_rounds(runners, args.rounds, args.steps)
         ref = samples["bare XLA"]
         for name, s in samples.items():
