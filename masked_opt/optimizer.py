@@ -674,9 +674,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         pending = []
         for i, slot, mult in handled:
             variable = trainable_variables[i]
-            mask = None if slot is None else slot.mask.value
-            if slot is not None and slot.bits is not None and _backend._compiled_by_xla(grads[i]):
+            if slot is None:
+                mask = None
+            elif slot.bits is not None and _backend._compiled_by_xla(grads[i]):
                 mask = _backend.unpack_bits(slot.bits.value, slot.shape)  # 1 bit per element read
+            else:
+                mask = slot.mask.value
             if mask is not None:
                 masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
             # A multiplier blends the whole value: no row-only snapshot then.
