@@ -27,6 +27,7 @@ from masked_opt.registry import (
     check_broadcast,
     check_key,
     describe_key,
+    keyed_items,
     resolve_specs,
     select_variables,
 )
@@ -100,21 +101,7 @@ class MultiplierRegistry:
     """Multiplier specifications given before build, resolved at build."""
 
     def __init__(self, multipliers: Mapping[Key, MultiplierValue] | Sequence | None):
-        if multipliers is None:
-            multipliers = {}
-        if isinstance(multipliers, Mapping):
-            items = list(multipliers.items())
-        elif isinstance(multipliers, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in multipliers
-        ):
-            items = [tuple(p) for p in multipliers]
-        else:
-            raise TypeError(
-                "`multipliers` must be a dict mapping keys (a path string / regex, a "
-                "layer) to multipliers, or a list of `(key, multiplier)` pairs (use "
-                "pairs for `keras.Variable` keys, which are unhashable). "
-                f"Received: {multipliers!r} of type {type(multipliers).__name__}."
-            )
+        items = keyed_items(multipliers, "multipliers", "a path string / regex, a layer", "multiplier")
         self.specs: list[tuple[Key, Any]] = []
         for key, value in items:
             check_key(key, argument="multipliers")

@@ -361,27 +361,30 @@ class _Op:
     payload: Any  # the mask value for "set", `where` otherwise
 
 
+def keyed_items(spec: Any, argument: str, keys: str, value: str) -> list[tuple[Key, Any]]:
+    """`(key, value)` pairs from a dict or a list of pairs (TF-backed
+    `keras.Variable`s are unhashable, so variable keys come as pairs);
+    `None` is no pairs. `keys`/`value` word the TypeError."""
+    if spec is None:
+        return []
+    if isinstance(spec, Mapping):
+        return list(spec.items())
+    if isinstance(spec, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in spec
+    ):
+        return [tuple(p) for p in spec]
+    raise TypeError(
+        f"`{argument}` must be a dict mapping keys ({keys}) to {value}s, or a list of "
+        f"`(key, {value})` pairs (use pairs for `keras.Variable` keys, which are "
+        f"unhashable). Received: {spec!r} of type {type(spec).__name__}."
+    )
+
+
 class MaskRegistry:
     """Mask specifications given before build, resolved against variables at build."""
 
     def __init__(self, masks: Mapping[Key, MaskValue] | None):
-        if masks is None:
-            masks = {}
-        if isinstance(masks, Mapping):
-            items = list(masks.items())
-        elif isinstance(masks, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 for p in masks
-        ):
-            # Pairs: TF-backed `keras.Variable`s are unhashable, so variable
-            # keys come as `[(variable, mask), ...]`.
-            items = [tuple(p) for p in masks]
-        else:
-            raise TypeError(
-                "`masks` must be a dict mapping keys (a path string / regex) to "
-                "masks, or a list of `(key, mask)` pairs (use pairs for "
-                "`keras.Variable` keys, which are unhashable). "
-                f"Received: {masks!r} of type {type(masks).__name__}."
-            )
+        items = keyed_items(masks, "masks", "a path string / regex", "mask")
         self.specs: list[tuple[Key, MaskValue]] = []
         for key, value in items:
             check_key(key, argument="masks")
