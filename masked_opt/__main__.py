@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 COMMANDS = {"demo": "continual learning on scikit-learn's digits (needs masked_opt[demo])"}
@@ -25,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    # Quiet TensorFlow's C++ logging (if the backend or another import loads
-    # it); must happen before TensorFlow is imported.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from masked_opt import demo
+    from masked_opt import demo  # the package quieted TensorFlow's start-up (masked_opt/_quiet.py)
 
     return demo.main(rest)
 

@@ -13,8 +13,11 @@ and the inner update touches only those elements. Each step:
 3. scatter the proxy back (padding positions write back the value they read).
 
 Frozen elements are never handed to the inner optimizer, so they cannot
-move. For element-wise optimizers the trainable elements see exactly the
-arithmetic of the dense mode; optimizers that couple elements are refused.
+move. Trainable elements see the arithmetic of the dense layout on shorter
+arrays: equal up to the rounding of the backend's vectorised kernels (a
+fused multiply-add in the SIMD body, two roundings in the tail), bounded
+per optimizer in docs/compact-state.md. Optimizers that couple elements are
+refused.
 
 Padding: an index variable has `capacity` entries and `count` of them are
 valid. Padding entries point at one frozen element (one always exists while
@@ -23,22 +26,22 @@ count < capacity <= size) and write its own value back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
-from masked_opt import _backend
+from masked_opt import _backend, _blend, _inner
+from masked_opt._layout import StateLayout, multiplied_only
+from masked_opt._table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
 
 # Built-in optimizers whose update of an element depends on that element's
 # gradient, weight and slots only (and on scalars: step count, learning rate).
-_ELEMENTWISE = ("SGD", "RMSprop", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad",
-                "Adadelta", "Ftrl", "Lion")
+ELEMENTWISE = ("SGD", "RMSprop", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "Ftrl", "Lion")
 # Known to couple the elements of a variable.
 _COUPLED = {
     "Lamb": "its trust ratio is the norm of the whole variable over the norm of its update",
@@ -48,16 +51,12 @@ _COUPLED = {
 }
 
 
-def _elementwise_classes() -> tuple[type, ...]:
-    return tuple(getattr(O, n) for n in _ELEMENTWISE if hasattr(O, n))
-
-
-def check_inner(inner: Any, leaves: list[Any]) -> None:
+def check_inner(leaves: list[Any]) -> None:
     """Raises a clear error for inner optimizers that compact state cannot serve."""
-    allowed = _elementwise_classes()
+    allowed = tuple(getattr(O, n) for n in ELEMENTWISE if hasattr(O, n))
     for opt in leaves:
         name = type(opt).__name__
-        coupled = next((why for n, why in _COUPLED.items() if type(opt).__name__ == n), None)
+        coupled = _COUPLED.get(name)
         if coupled is not None or not isinstance(opt, allowed):
             why = coupled or "it is not one of the element-wise built-in optimizers"
             raise ValueError(
@@ -65,7 +64,7 @@ def check_inner(inner: Any, leaves: list[Any]) -> None:
                 f"({name}): {why}, so its update of a trainable element depends on "
                 "elements that compact state does not keep. Use the default "
                 "`compact_state=False` with this optimizer, or one of: "
-                f"{', '.join(_ELEMENTWISE)}."
+                f"{', '.join(ELEMENTWISE)}."
             )
 
 
@@ -79,7 +78,29 @@ def check_variable(variable: Any) -> None:
         )
 
 
-def capacity_for(capacity: Any, count: int, size: int, path: str) -> int:
+def check_arguments(compact_state: Any, capacity: Any) -> None:
+    """`MaskedOptimizer(compact_state=..., compact_capacity=...)`."""
+    if not isinstance(compact_state, bool):
+        raise TypeError(f"`compact_state` must be True or False. Received: {compact_state!r}.")
+    if capacity is None:
+        return
+    ok = (isinstance(capacity, float) and 0.0 < capacity <= 1.0) or (
+        isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 0
+    )
+    if not ok:
+        raise ValueError(
+            "`compact_capacity` must be None (the trainable count at build), "
+            "an int >= 0 (elements per masked variable) or a float in (0, 1] "
+            f"(a fraction of each masked variable). Received: {capacity!r}."
+        )
+    if not compact_state:
+        raise ValueError(
+            "`compact_capacity` is only used with `compact_state=True`. "
+            f"Received: compact_capacity={capacity!r}, compact_state=False."
+        )
+
+
+def capacity_for(capacity: Any, count: int, size: int) -> int:
     """The number of elements the compact state of a variable can hold."""
     if capacity is None:
         cap = count
@@ -88,21 +109,6 @@ def capacity_for(capacity: Any, count: int, size: int, path: str) -> int:
     else:
         cap = max(count, int(capacity))
     return min(max(cap, 0), size)
-
-
-@dataclass
-class CompactSlot:
-    """The compact state of one masked model variable."""
-
-    variable: keras.Variable
-    proxy: keras.Variable  # (capacity,) the trainable elements, what the inner updates
-    indices: keras.Variable  # int32 (capacity,) flat positions; `count` valid
-    count: keras.Variable  # int32 scalar
-    capacity: int
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.variable.shape, dtype=np.int64))
 
 
 def padded_indices(full_mask: np.ndarray, capacity: int, path: str, what: str) -> tuple[np.ndarray, int]:
@@ -122,45 +128,157 @@ def padded_indices(full_mask: np.ndarray, capacity: int, path: str, what: str) -
     return idx, int(np.count_nonzero(flat))
 
 
-def full_mask(slot: CompactSlot, indices: np.ndarray, count: int) -> np.ndarray:
-    flat = np.zeros(slot.size, bool)
-    flat[indices[:count]] = True
-    return flat.reshape(tuple(slot.variable.shape))
+def _scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any):
+    """An untracked scratch `keras.Variable` of zeros with path `scope/.../name`."""
+    if not scopes:
+        kwargs = {} if layout is None else {"layout": layout}
+        return keras.Variable("zeros", shape=shape, dtype=dtype, name=name, trainable=False, **kwargs)
+    with keras.name_scope(scopes[0]):
+        return _scoped_variable(scopes[1:], name, shape, dtype, layout)
 
 
-def gather(slot: CompactSlot, grad: Any) -> tuple[Any, Any, Any]:
-    """(compact gradient, the gathered weights, the validity mask) for a step."""
-    indices = slot.indices.value
-    valid = ops.less(ops.arange(slot.capacity, dtype="int32"), slot.count.value)
-    old = ops.take(ops.reshape(slot.variable.value, (-1,)), indices, axis=0)
-    slot.proxy.assign(old)
-    if _backend.is_sparse(grad):
-        grad = ops.convert_to_tensor(grad)
-    g = ops.take(ops.reshape(grad, (-1,)), indices, axis=0)
-    g = ops.where(valid, g, ops.zeros((), g.dtype))
-    return g, old, valid
+class CompactLayout(StateLayout):
+    def __init__(self, inner, add_state, read, capacity: Any):
+        super().__init__(inner, add_state, read)
+        self.capacity = capacity  # the `compact_capacity` argument
+        self._proxies = 0
 
+    # ------------------------------------------------------------- build
 
-def gather_multiplier(slot: CompactSlot, multiplier: Any) -> Any:
-    """A variable's update multiplier at the proxy's elements (a scalar stays
-    a scalar; a row/column/element multiplier is gathered by the indices)."""
-    if len(multiplier.shape) == 0:
-        return multiplier
-    full = ops.broadcast_to(multiplier, tuple(slot.variable.shape))
-    return ops.take(ops.reshape(full, (-1,)), slot.indices.value, axis=0)
+    def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
+        variable = entry.variable
+        check_variable(variable)
+        full = np.broadcast_to(mask, tuple(variable.shape))
+        if capacity is None:  # not given by a saved config
+            capacity = capacity_for(self.capacity, int(np.count_nonzero(full)), entry.size)
+        indices, count = padded_indices(full, capacity, variable.path, "masks")
+        entry.mask_shape = tuple(mask.shape)
+        index_var = self.add_state(variable, np.asarray(indices, np.int32), "_compact_indices")
+        count_var = self.add_state(variable, np.array(count, np.int32), "_compact_count", sharded=False)
+        # The proxy: what the inner optimizer sees and builds its slots from.
+        # Its path ends with the variable's own path, so MultiOptimizer maps and
+        # `exclude_from_weight_decay(var_names=...)` select it as they would the
+        # variable. It is scratch space (re-gathered every step), not state.
+        proxy = _scoped_variable(
+            [f"masked_compact_{self._proxies}", *variable.path.split("/")[:-1]],
+            variable.path.split("/")[-1],
+            (capacity,),
+            variable.dtype,
+            _backend.mask_layout(variable, (capacity,)),
+        )
+        entry.compact = CompactState(proxy, index_var, count_var, capacity)
+        self._proxies += 1
 
+    def inner_variables(self, variables: list, table: VariableTable) -> list:
+        check_inner(_inner.leaf_optimizers(self.inner, variables))
+        pairs = [(e.variable, e.compact.proxy) for e in table.masked()]
+        _inner.share_weight_decay_exclusions(self.inner, pairs)
+        out = []
+        for v in variables:
+            entry = table.get(v)
+            out.append(v if entry is None or entry.compact is None else entry.compact.proxy)
+        return out
 
-def scatter(slot: CompactSlot, old: Any, valid: Any) -> None:
-    """Writes the proxy back into the variable (padding writes back `old`)."""
-    if slot.capacity == 0:
-        return
-    new = ops.where(valid, slot.proxy.value, old)
-    _backend.scatter_flat(slot.variable, slot.indices.value, new)
+    # ------------------------------------------------------------- train
 
+    @staticmethod
+    def gather(c: CompactState, variable: keras.Variable, grad: Any) -> tuple[Any, Any, Any]:
+        """(compact gradient, the gathered weights, the validity mask) for a step."""
+        indices = c.indices.value
+        valid = ops.less(ops.arange(c.capacity, dtype="int32"), c.count.value)
+        old = ops.take(ops.reshape(variable.value, (-1,)), indices, axis=0)
+        c.proxy.assign(old)
+        g = ops.take(ops.reshape(_backend.densify(grad), (-1,)), indices, axis=0)
+        return ops.where(valid, g, ops.zeros((), g.dtype)), old, valid
 
-def state_variables(inner_variables: list, proxy: keras.Variable) -> dict[str, keras.Variable]:
-    """The inner optimizer's variables made from `proxy`, by their name suffix
-    ("momentum", "velocity", "average", ...): Keras names a slot
-    `{reference.path with '/' -> '_'}_{name}`."""
-    prefix = proxy.path.replace("/", "_") + "_"
-    return {v.name[len(prefix):]: v for v in inner_variables if v.name.startswith(prefix)}
+    @staticmethod
+    def scatter(c: CompactState, variable: keras.Variable, old: Any, valid: Any) -> None:
+        """Writes the proxy back into the variable (padding writes back `old`)."""
+        if c.capacity:
+            _backend.scatter_flat(variable, c.indices.value, ops.where(valid, c.proxy.value, old))
+
+    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]]) -> None:
+        grads, inner_vars = list(grads), list(variables)
+        dense, pending = [], []
+        for i, entry in handled:
+            if entry.compact is None:  # a multiplier only: the variable keeps dense state
+                dense.append(multiplied_only(self.inner, variables[i], entry.multiplier))
+                continue
+            c = entry.compact
+            grads[i], old, valid = self.gather(c, variables[i], grads[i])
+            inner_vars[i] = c.proxy
+            m = None if entry.multiplier is None else self._gathered_multiplier(entry)
+            ema = _blend.ema_before(self.inner, c.proxy) if m is not None else None
+            pending.append((entry, old, valid, m, ema))
+        self.inner.apply(grads, inner_vars)
+        restore = [item for items in dense for item in items()]
+        for entry, old, valid, m, ema in pending:
+            if m is not None:  # blend on the proxy, then write it back
+                restore.extend(_blend.multiplied_items(entry.compact.proxy, valid, m, old, *ema))
+        _backend.restore_frozen(restore)
+        for entry, old, valid, _, _ in pending:
+            self.scatter(entry.compact, entry.variable, old, valid)
+
+    @staticmethod
+    def _gathered_multiplier(entry: Entry) -> Any:
+        """The multiplier at the proxy's elements (a scalar stays a scalar)."""
+        multiplier = entry.multiplier.value
+        if len(multiplier.shape) == 0:
+            return multiplier
+        full = ops.broadcast_to(multiplier, tuple(entry.variable.shape))
+        return ops.take(ops.reshape(full, (-1,)), entry.compact.indices.value, axis=0)
+
+    def finalize(self, var_list: list, table: VariableTable) -> None:
+        # The EMA of the trainable elements lives on the proxies: swap it in
+        # there, then write the trainable elements back.
+        pending, inner_vars = [], []
+        for variable in var_list:
+            entry = table.get(variable)
+            if entry is None or entry.compact is None:
+                inner_vars.append(variable)
+                continue
+            zeros = ops.zeros(variable.shape, variable.dtype)
+            _, old, valid = self.gather(entry.compact, variable, zeros)
+            pending.append((entry, old, valid))
+            inner_vars.append(entry.compact.proxy)
+        self.inner.finalize_variable_values(inner_vars)
+        for entry, old, valid in pending:
+            self.scatter(entry.compact, entry.variable, old, valid)
+
+    # ------------------------------------------------------- masks (host)
+
+    def read_mask(self, entry: Entry) -> np.ndarray:
+        c = entry.compact
+        indices = self.read(c.indices, entry.path)
+        count = int(self.read(c.count, entry.path))
+        flat = np.zeros(entry.size, bool)
+        flat[indices[:count]] = True
+        return flat.reshape(tuple(entry.variable.shape))
+
+    def plan_mask(self, entry: Entry, new: np.ndarray, what: str) -> Callable[[], None]:
+        """A mask edit: elements that stay trainable keep their state; newly
+        trainable ones get a fresh optimizer's state (the EMA starts at the
+        weight); dropped ones lose theirs."""
+        c = entry.compact
+        full = np.broadcast_to(new, tuple(entry.variable.shape))
+        new_idx, new_count = padded_indices(full, c.capacity, entry.path, what)
+
+        def commit() -> None:
+            old_idx = np.asarray(self.read(c.indices, entry.path))[: int(self.read(c.count, entry.path))]
+            valid = new_idx[:new_count]
+            loc = np.searchsorted(old_idx, valid)  # both sorted (np.flatnonzero)
+            kept = loc < len(old_idx)
+            kept[kept] = old_idx[loc[kept]] == valid[kept]
+            flat_w = np.asarray(keras.ops.convert_to_numpy(entry.variable.value)).reshape(-1)
+            fresh = _inner.fresh_state(self.inner, c.proxy, flat_w[new_idx])
+            for suffix, var in _inner.slot_variables(self.inner.variables, c.proxy).items():
+                values = np.array(fresh[suffix])
+                values[:new_count][kept] = np.asarray(var.numpy())[loc[kept]]
+                var.assign(values)
+            c.indices.assign(new_idx)
+            c.count.assign(np.array(new_count, np.int32))
+
+        return commit
+
+    def detached(self, table: VariableTable) -> bool:
+        return any(_backend.is_purged(e.compact.indices) for e in table.masked())

@@ -1,10 +1,13 @@
 """Config and weights-file state of a `MaskedOptimizer`.
 
-The config holds mask keys and shapes only (JSON, no arrays); mask values
-live in the optimizer's bool variables, which Keras saves by position. Keras
-only *warns* when the saved variable count differs and assigns by position
-when it matches, so the weights file also carries a small JSON record of
-which masks it holds, and loading refuses a file whose masks differ.
+The config holds keys and storage shapes only (JSON, no arrays); mask and
+multiplier values live in the optimizer's variables, which Keras saves by
+position. Keras only *warns* when the saved variable count differs and
+assigns by position when it matches, so the weights file also carries a
+small JSON record of which masks and multipliers it holds, and loading
+refuses a file whose masks differ. The functions here work on the
+optimizer's table and registries, passed in: this module never imports the
+optimizer.
 
 The inner optimizer's config names public Keras classes only, so a file
 saved under one backend rebuilds the loading backend's optimizer
@@ -14,63 +17,62 @@ saved under one backend rebuilds the loading backend's optimizer
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 
-from masked_opt import _backend
-
-if TYPE_CHECKING:
-    from masked_opt.optimizer import MaskedOptimizer
+from masked_opt import _compat
+from masked_opt._table import VariableTable
+from masked_opt.keys import match_key
+from masked_opt.registry import MASKS, Quantity, Registry
 
 META_KEY = "masked_opt_meta"
-_SPEC_KEY = "masked_opt_spec_{}"  # mask arrays of an optimizer saved before build
-_MULT_SPEC_KEY = "masked_opt_multiplier_spec_{}"  # multiplier arrays, same
+SPEC_KEYS = {"masks": "masked_opt_spec_{}", "multipliers": "masked_opt_multiplier_spec_{}"}
+"""Arrays given before build, saved by an optimizer saved before it was built."""
 
 
 @dataclass
-class ConfigMask:
-    """A mask known from a config only; its values come from saved weights."""
+class ConfigValue:
+    """A mask or multiplier known from a config only; its values come from the
+    saved weights."""
 
     shape: tuple[int, ...] | None
     index: int | None = None  # position among the trainable variables
-    entry: int = 0  # position in the config's mask entries
+    entry: int = 0  # position in the config's entries
     capacity: int | None = None  # compact_state: the saved capacity
 
 
-def paths_compatible(a: str, b: str) -> bool:
-    """Same variable path, up to a scope prefix (a reloaded Sequential drops its own)."""
-    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
+# ------------------------------------------------------------- config
 
 
-def config_entries(opt: MaskedOptimizer) -> list[dict]:
-    if opt.built:
-        index = {opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)}
-        entries = []
-        for slot in opt._slots.values():
-            entry = {
-                "key": slot.variable.path,
-                "shape": list(slot.shape),
-                "index": index[opt._var_key(slot.variable)],
-            }
-            if slot.compact is not None:
-                entry["capacity"] = slot.compact.capacity
-            entries.append(entry)
-        return entries
-    return _unbuilt_entries(opt._registry.specs, bool)
+def entries(table: VariableTable, registry: Registry, built: bool) -> list[dict]:
+    """Config entries of one quantity: after build, one per variable (path,
+    storage shape, position, compact capacity); before, one per key."""
+    if not built:
+        return _unbuilt_entries(registry)
+    is_mask = registry.quantity is MASKS
+    out = []
+    for e in table.masked() if is_mask else table.multiplied():
+        entry = {"key": e.path, "shape": list(e.mask_shape if is_mask else e.multiplier_shape), "index": e.position}
+        if is_mask and e.compact is not None:
+            entry["capacity"] = e.compact.capacity
+        out.append(entry)
+    return out
 
 
-def _unbuilt_entries(specs: list, scalar: type) -> list[dict]:
-    """Config entries of specs not resolved yet: a scalar by value (as
-    `scalar`), an array by shape (its values go in the weights file), a
-    callable without a shape (not saved)."""
-    entries = []
-    for key, value in specs:
+def _unbuilt_entries(registry: Registry) -> list[dict]:
+    """A scalar by value, an array by shape (its values go in the weights
+    file), a callable without a shape (not saved)."""
+    scalar = bool if registry.quantity is MASKS else float
+    out = []
+    for key, value in registry.specs:
         key = key if isinstance(key, str) else key.path
-        if isinstance(value, ConfigMask):
+        if isinstance(value, ConfigValue):
             entry = {"key": key, "shape": None if value.shape is None else list(value.shape)}
             if value.index is not None:
                 entry["index"] = value.index
@@ -78,41 +80,57 @@ def _unbuilt_entries(specs: list, scalar: type) -> list[dict]:
             entry = {"key": key, "value": scalar(value)}
         else:
             entry = {"key": key, "shape": None if callable(value) else list(value.shape)}
-        entries.append(entry)
-    return entries
+        out.append(entry)
+    return out
 
 
-def multiplier_entries(opt: MaskedOptimizer) -> list[dict]:
-    """Config entries of the update multipliers (keys, shapes, positions; a
-    scalar given before build is stored by value)."""
-    if opt.built:
-        index = {opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)}
-        return [
-            {"key": m.variable.path, "shape": list(m.shape), "index": index[opt._var_key(m.variable)]}
-            for m in opt._mults.values()
-        ]
-    return _unbuilt_entries(opt._mult_registry.specs, float)
-
-
-def specs_from_config(entries: list[dict], kind: str = "mask") -> list[tuple[str, Any]]:
+def specs_from_config(entries: list[dict], quantity: Quantity) -> list[tuple[str, Any]]:
     specs = []
     for j, entry in enumerate(entries):
         if "value" in entry:
-            value = entry["value"]
-            value = bool(value) if kind == "mask" else float(value)
-            specs.append((entry["key"], np.asarray(value, bool if kind == "mask" else np.float32)))
+            specs.append((entry["key"], np.asarray(entry["value"], quantity.dtype)))
         else:
             shape = entry.get("shape")
             shape = None if shape is None else tuple(shape)
-            specs.append(
-                (entry["key"], ConfigMask(shape, entry.get("index"), j, entry.get("capacity")))
-            )
+            specs.append((entry["key"], ConfigValue(shape, entry.get("index"), j, entry.get("capacity"))))
     return specs
 
 
-# ------------------------------------------------------- inner optimizer
+def paths_compatible(a: str, b: str) -> bool:
+    """Same variable path, up to a scope prefix (a reloaded Sequential drops its own)."""
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
 
-_BACKEND_MODULES = "keras.src.backend."
+
+def bind_config_specs(
+    registry: Registry, variables: Sequence[keras.Variable], key: Callable
+) -> tuple[dict[int, list], dict[Any, int | None], list[str]]:
+    """Binds specs rebuilt from a config to the variables at their saved
+    positions (paths can lose a Sequential prefix across save/load) and holds
+    them at zero (frozen) until the saved values are loaded (fail-safe).
+
+    Returns ({config entry: [variable keys]}, {variable key: saved compact
+    capacity}, [paths awaiting values])."""
+    quantity = registry.quantity
+    specs = list(registry.specs)
+    targets, capacities, unset = {}, {}, []
+    for j, (spec_key, value) in enumerate(specs):
+        if not isinstance(value, ConfigValue):
+            continue
+        i = value.index
+        if i is not None and i < len(variables) and paths_compatible(spec_key, variables[i].path):
+            spec_key = variables[i]
+        shape = value.shape
+        specs[j] = (spec_key, lambda v, s=shape: np.zeros(v.shape if s is None else s, quantity.dtype))
+        hits = match_key(spec_key, variables, argument=quantity.argument)
+        unset.extend(variables[i].path for i in hits if variables[i].path not in unset)
+        for i in hits:
+            capacities[key(variables[i])] = value.capacity
+        targets[value.entry] = [key(variables[i]) for i in hits]
+    registry.specs = specs
+    return targets, capacities, unset
+
+
+# ------------------------------------------------------- inner optimizer
 
 
 def inner_config(inner: keras.optimizers.Optimizer) -> dict:
@@ -122,20 +140,16 @@ def inner_config(inner: keras.optimizers.Optimizer) -> dict:
     On torch, `keras.optimizers.AdamW(...)` returns a subclass from
     `keras.src.backend.torch.optimizers`, and `keras.saving` records that
     private module: loaded under another backend, the file would rebuild
-    torch's optimizer there (torch being installed), which fails at the first
-    step with a TypeError from `torch._foreach_*`. Named `keras.optimizers.AdamW`,
-    it becomes the loading backend's own AdamW (torch's again on torch).
+    torch's optimizer there, which fails at the first step. Named
+    `keras.optimizers.AdamW`, it becomes the loading backend's own AdamW.
     """
     return _public_optimizer_classes(keras.saving.serialize_keras_object(inner))
 
 
 def inner_from_config(config: dict, custom_objects: Any = None) -> keras.optimizers.Optimizer:
     """The inner optimizer rebuilt from `inner_config`'s output, or from a
-    config that still names a backend's private class (a file saved on torch
-    by an earlier version)."""
-    return keras.saving.deserialize_keras_object(
-        _public_optimizer_classes(config), custom_objects=custom_objects
-    )
+    config that still names a backend's private class."""
+    return keras.saving.deserialize_keras_object(_public_optimizer_classes(config), custom_objects=custom_objects)
 
 
 def _public_optimizer_classes(config: Any) -> Any:
@@ -145,7 +159,7 @@ def _public_optimizer_classes(config: Any) -> Any:
         return config
     out = {k: _public_optimizer_classes(v) for k, v in config.items()}
     module, name = out.get("module"), out.get("class_name")
-    if isinstance(module, str) and module.startswith(_BACKEND_MODULES) and isinstance(name, str):
+    if isinstance(module, str) and module.startswith(_compat.BACKEND_MODULE_PREFIX) and isinstance(name, str):
         public = getattr(keras.optimizers, name, None)
         if isinstance(public, type) and issubclass(public, keras.optimizers.Optimizer):
             out["module"] = "keras.optimizers"
@@ -156,46 +170,38 @@ def _public_optimizer_classes(config: Any) -> Any:
 # ------------------------------------------------------------ weights file
 
 
-def _meta(opt: MaskedOptimizer) -> dict:
+def meta(table: VariableTable, built: bool, num_variables: int) -> dict:
+    """The JSON record a weights file carries (key order is part of the format)."""
+    masked = table.masked()
     return {
-        "built": bool(opt.built),
-        "masks": [[slot.variable.path, list(slot.shape)] for slot in opt._slots.values()],
-        "capacities": [
-            None if slot.compact is None else slot.compact.capacity for slot in opt._slots.values()
-        ],
-        "num_variables": len(saved_variables(opt)),
-        "multipliers": [[m.variable.path, list(m.shape)] for m in opt._mults.values()],
+        "built": bool(built),
+        "masks": [[e.path, list(e.mask_shape)] for e in masked],
+        "capacities": [None if e.compact is None else e.compact.capacity for e in masked],
+        "num_variables": num_variables,
+        "multipliers": [[e.path, list(e.multiplier_shape)] for e in table.multiplied()],
     }
 
 
-def saved_variables(opt: MaskedOptimizer) -> list:
-    """The optimizer variables a file holds: all but the bit-packed mask
-    copies (derived from the masks, and backend-dependent), so that files move
-    between backends."""
-    bits = {id(slot.bits) for slot in opt._slots.values() if slot.bits is not None}
-    return [v for v in opt.variables if id(v) not in bits]
-
-
-def save_state(opt: MaskedOptimizer, store: Any) -> None:
-    for i, variable in enumerate(saved_variables(opt)):
+def save_state(store: Any, variables: list, record: dict, registries: Sequence[Registry], name: str) -> None:
+    """Writes the optimizer's variables by position, the record, and (saved
+    before build) the arrays given to the registries."""
+    for i, variable in enumerate(variables):
         store[str(i)] = variable.numpy()
-    store[META_KEY] = np.frombuffer(json.dumps(_meta(opt)).encode(), dtype=np.uint8)
-    if opt.built:
+    store[META_KEY] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    if record["built"]:
         return
-    # Saved before build (compiled, not trained): keep the array masks here,
-    # since the config holds no arrays.
-    lost = [repr(k) for k, v in opt._registry.specs + opt._mult_registry.specs if callable(v)]
-    lost += [f"{op.kind}({op.key!r})" for op in opt._registry.ops]
-    lost += [f"set_multiplier({k!r})" for k, _ in opt._mult_registry.ops]
-    for j, (_, value) in enumerate(opt._registry.specs):
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            store[_SPEC_KEY.format(j)] = value.astype(np.uint8)
-    for j, (_, value) in enumerate(opt._mult_registry.specs):
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            store[_MULT_SPEC_KEY.format(j)] = value.astype(np.float32)
+    lost = []
+    for registry in registries:
+        argument = registry.quantity.argument
+        lost += [repr(k) for k, v in registry.specs if callable(v)]
+        lost += [f"{registry.quantity.methods[op.kind]}({op.key!r})" for op in registry.ops]
+        for j, (_, value) in enumerate(registry.specs):
+            if isinstance(value, np.ndarray) and value.ndim > 0:
+                dtype = np.uint8 if registry.quantity is MASKS else np.float32
+                store[SPEC_KEYS[argument].format(j)] = value.astype(dtype)
     if lost:
         warnings.warn(
-            f"MaskedOptimizer '{opt.name}' is saved before it was built, so mask "
+            f"MaskedOptimizer '{name}' is saved before it was built, so mask "
             f"callables and recorded calls ({', '.join(lost)}) are not saved. "
             "Build it first (`model.optimizer.build(model.trainable_variables)`) "
             "to save the resolved masks.",
@@ -203,9 +209,10 @@ def save_state(opt: MaskedOptimizer, store: Any) -> None:
         )
 
 
-def _skip_next_load(inner: Any) -> None:
-    """Keras walks into `inner_optimizer` after us and would load its state
-    from the same file: make that one load a no-op."""
+def skip_next_load(inner: Any) -> None:
+    """Keras walks into `inner_optimizer` after the wrapper and would load its
+    state from the same file (the wrapper's record holds it already): make
+    that one load a no-op."""
 
     def skip(store):
         del inner.load_own_variables
@@ -213,77 +220,117 @@ def _skip_next_load(inner: Any) -> None:
     inner.load_own_variables = skip
 
 
-def load_state(opt: MaskedOptimizer, store: Any) -> None:
-    keys = set(store.keys())
-    if META_KEY not in keys:
-        _skip_next_load(opt.inner_optimizer)
+def warn_unbuilt(name: str) -> None:
+    warnings.warn(
+        f"Skipping the state of MaskedOptimizer '{name}': it is not built "
+        "yet. Call `model.optimizer.build(model.trainable_variables)` before "
+        "`load_weights` to restore masks and optimizer state.",
+        stacklevel=4,
+    )
+
+
+def read_record(store: Any, name: str) -> dict:
+    if META_KEY not in set(store.keys()):
         raise ValueError(
-            f"Optimizer '{opt.name}' is a MaskedOptimizer, but the saved optimizer "
+            f"Optimizer '{name}' is a MaskedOptimizer, but the saved optimizer "
             "state has no mask metadata (it was saved by another optimizer, or "
             "by a model compiled without one). "
             "Loading it would mix state; compile the model with the optimizer it "
             "was saved with."
         )
-    saved = json.loads(bytes(np.asarray(store[META_KEY], dtype=np.uint8)).decode())
-    if not saved.get("built", True):
-        _load_unbuilt(opt, store)
-        return
-    if not opt.built:
-        warnings.warn(
-            f"Skipping the state of MaskedOptimizer '{opt.name}': it is not built "
-            "yet. Call `model.optimizer.build(model.trainable_variables)` before "
-            "`load_weights` to restore masks and optimizer state.",
-            stacklevel=3,
+    return json.loads(bytes(np.asarray(store[META_KEY], dtype=np.uint8)).decode())
+
+
+def saved_arrays(store: Any, registry: Registry, entry: int) -> np.ndarray | None:
+    """The array saved before build for `registry`'s config entry `entry`."""
+    name = SPEC_KEYS[registry.quantity.argument].format(entry)
+    if name not in set(store.keys()):
+        return None
+    return np.asarray(store[name]).astype(registry.quantity.dtype)
+
+
+def load_variables(store: Any, variables: list, saved: dict, own: dict, all_paths: list[str], name: str) -> None:
+    """Assigns the saved values by position after checking that the file holds
+    the same masks, multipliers and variable shapes as this optimizer."""
+    problems = _differences(saved, own, all_paths)
+    arrays = [np.asarray(store[str(i)]) for i in range(min(saved["num_variables"], len(variables)))]
+    if not problems:
+        for i, (variable, value) in enumerate(zip(variables, arrays)):
+            if tuple(value.shape) != tuple(variable.shape):
+                problems.append(f"optimizer variable {i} ('{variable.path}') saved with shape "
+                                f"{tuple(value.shape)}, here {tuple(variable.shape)}")
+                break
+    if problems:
+        raise ValueError(
+            f"Cannot load the state of MaskedOptimizer '{name}': the saved masks "
+            "do not match this optimizer's, and Keras loads optimizer variables by "
+            "position, so loading would silently mix state. Differences: "
+            + "; ".join(problems)
+            + ". Build the optimizer with the same masks and multipliers (keys and "
+            "shapes) as the saved one."
         )
-        _skip_next_load(opt.inner_optimizer)
-        return
-    own = _meta(opt)
-    same = len(saved["masks"]) == len(own["masks"]) and all(
-        paths_compatible(p1, p2) and s1 == s2
-        for (p1, s1), (p2, s2) in zip(saved["masks"], own["masks"])
-    )
-    same = same and saved.get("capacities", own["capacities"]) == own["capacities"]
-    saved_mults = saved.get("multipliers", [])
-    same = same and len(saved_mults) == len(own["multipliers"]) and all(
-        paths_compatible(p1, p2) and s1 == s2
-        for (p1, s1), (p2, s2) in zip(saved_mults, own["multipliers"])
-    )
-    if not same or saved["num_variables"] != own["num_variables"]:
-        _skip_next_load(opt.inner_optimizer)
-        raise ValueError(_mismatch_message(opt, saved, own))
-    for i, variable in enumerate(saved_variables(opt)):
-        variable.assign(store[str(i)])
-    for slot in opt._slots.values():  # the packed copies follow the loaded masks
-        if slot.bits is not None:
-            slot.bits.assign(_backend.pack_bits(slot.mask.numpy()))
-    opt._unset_paths.clear()
-    opt._refresh_frozen_flag()
+    for variable, value in zip(variables, arrays):
+        variable.assign(value)
 
 
-def _load_unbuilt(opt: MaskedOptimizer, store: Any) -> None:
-    """State saved before build: only mask arrays, bound to the config's keys."""
-    _skip_next_load(opt.inner_optimizer)
-    keys = set(store.keys())
-    for entry, var_keys in opt._config_targets.items():
-        name = _SPEC_KEY.format(entry)
-        if name not in keys:
-            continue
-        value = np.asarray(store[name]).astype(bool)
-        for var_key in var_keys:
-            slot = opt._slots[var_key]
-            opt.set_mask(slot.variable, value)
-    for entry, var_keys in opt._mult_targets.items():
-        name = _MULT_SPEC_KEY.format(entry)
-        if name not in keys:
-            continue
-        value = np.asarray(store[name], np.float32)
-        for var_key in var_keys:
-            opt.set_multiplier(opt._mults[var_key].variable, value)
+_AUTO_NUMBER = re.compile(r"_\d+$")
 
 
-def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
-    saved_m = {p: tuple(s) for p, s in saved["masks"]}
-    own_m = {p: tuple(s) for p, s in own["masks"]}
+def _renamed(saved: list[str], own: list[str], all_paths: list[str]) -> bool:
+    """Whether `saved` paths are `own` paths of a model rebuilt in the same
+    process, where Keras numbered the model and its unnamed layers anew
+    ("sequential_1/dense_2/kernel" -> "sequential_2/dense_5/kernel"): same
+    components up to a consistent renaming `x_i -> x_j` (or `x -> x_j`), and
+    no old name still names a layer here."""
+    if len(saved) != len(own):
+        return False
+    existing = {part for path in all_paths for part in path.split("/")}
+    renaming: dict[str, str] = {}
+    for a, b in zip(saved, own):
+        pa, pb = a.split("/"), b.split("/")
+        if len(pa) != len(pb) or pa[-1] != pb[-1]:
+            return False
+        for x, y in zip(pa[:-1], pb[:-1]):
+            if x == y:
+                continue
+            if _AUTO_NUMBER.sub("", x) != _AUTO_NUMBER.sub("", y) or x in existing:
+                return False
+            if renaming.setdefault(x, y) != y:
+                return False
+    return len(set(renaming.values())) == len(renaming)
+
+
+def _same_entries(saved: list, own: list, all_paths: list[str]) -> bool:
+    if len(saved) != len(own) or any(list(s) != list(o) for (_, s), (_, o) in zip(saved, own)):
+        return False
+    if all(paths_compatible(p, q) for (p, _), (q, _) in zip(saved, own)):
+        return True
+    return _renamed([p for p, _ in saved], [q for q, _ in own], all_paths)
+
+
+def _differences(saved: dict, own: dict, all_paths: list[str]) -> list[str]:
+    lines = []
+    saved_masks, saved_mults = saved["masks"], saved.get("multipliers", [])
+    if not _same_entries(saved_masks + saved_mults, own["masks"] + own["multipliers"], all_paths):
+        lines += _mask_differences(saved_masks, own["masks"])
+        saved_x = [(p, tuple(sh)) for p, sh in saved_mults]
+        own_x = [(p, tuple(sh)) for p, sh in own["multipliers"]]
+        if not _same_entries(saved_mults, own["multipliers"], all_paths):
+            lines.append(f"multipliers saved {saved_x or 'none'}, here {own_x or 'none'}")
+        lines = lines or ["same masks in a different order"]
+    if saved.get("capacities", own["capacities"]) != own["capacities"]:
+        lines.append(f"compact_state capacities saved {saved.get('capacities')}, here {own['capacities']}")
+    if saved["num_variables"] != own["num_variables"]:
+        lines.append(
+            f"{saved['num_variables']} optimizer variables saved, "
+            f"{own['num_variables']} here (a different inner optimizer?)"
+        )
+    return lines
+
+
+def _mask_differences(saved: list, own: list) -> list[str]:
+    saved_m = {p: tuple(s) for p, s in saved}
+    own_m = {p: tuple(s) for p, s in own}
     lines = []
     for p in sorted(set(saved_m) | set(own_m)):
         mine = next((s for q, s in own_m.items() if paths_compatible(p, q)), None)
@@ -293,28 +340,4 @@ def _mismatch_message(opt: MaskedOptimizer, saved: dict, own: dict) -> str:
                 f"'{p}': saved {'no mask' if theirs is None else theirs}, "
                 f"this optimizer {'no mask' if mine is None else mine}"
             )
-    if not lines and [p for p, _ in saved["masks"]] != [p for p, _ in own["masks"]]:
-        lines.append("same masks in a different order")
-    if saved.get("capacities", own["capacities"]) != own["capacities"]:
-        lines.append(
-            f"compact_state capacities saved {saved.get('capacities')}, here {own['capacities']}"
-        )
-    saved_x = [(p, tuple(sh)) for p, sh in saved.get("multipliers", [])]
-    own_x = [(p, tuple(sh)) for p, sh in own["multipliers"]]
-    if len(saved_x) != len(own_x) or not all(
-        paths_compatible(p1, p2) and s1 == s2 for (p1, s1), (p2, s2) in zip(saved_x, own_x)
-    ):
-        lines.append(f"multipliers saved {saved_x or 'none'}, here {own_x or 'none'}")
-    if saved["num_variables"] != own["num_variables"]:
-        lines.append(
-            f"{saved['num_variables']} optimizer variables saved, "
-            f"{own['num_variables']} here (a different inner optimizer?)"
-        )
-    return (
-        f"Cannot load the state of MaskedOptimizer '{opt.name}': the saved masks "
-        "do not match this optimizer's, and Keras loads optimizer variables by "
-        "position, so loading would silently mix state. Differences: "
-        + "; ".join(lines)
-        + ". Build the optimizer with the same masks and multipliers (keys and "
-        "shapes) as the saved one."
-    )
+    return lines

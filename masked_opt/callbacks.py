@@ -42,7 +42,8 @@ import keras
 
 from masked_opt import _backend
 from masked_opt.optimizer import MaskedOptimizer
-from masked_opt.registry import Key, MaskValue, check_key, describe_key, match_key
+from masked_opt.keys import Key, check_key, describe_key, match_key
+from masked_opt.registry import MaskValue
 
 __all__ = ["DynamicMask", "GradualUnfreezing", "MaskUpdateFn", "current_step", "masked_optimizer"]
 
@@ -85,15 +86,6 @@ def masked_optimizer(model: keras.Model, *, build: bool = True) -> MaskedOptimiz
     return optimizer
 
 
-def _unsynced_model(callback: keras.callbacks.Callback) -> keras.Model:
-    """The callback's model without the JAX state sync that `Callback.model`
-    performs on every access (elsewhere `callback.model`, which also unwraps
-    torch's DistributedDataParallel)."""
-    if _backend.IS_JAX:
-        return callback._model
-    return callback.model
-
-
 def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
     """`model.optimizer.iterations` as an int, read cheaply during `fit`.
 
@@ -105,27 +97,16 @@ def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
     that state cannot be read, it is the variable's value (after a sync on JAX).
     """
     if isinstance(model, keras.callbacks.Callback):
-        model = _unsynced_model(model)
+        model = _backend.unsynced_model(model)
     optimizer = model.optimizer
     variables = list(optimizer.variables)
     # The step counter: before Keras 3.9 a LossScaleOptimizer's own
     # `iterations` never moves (3.9 made it its inner optimizer's).
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
-    # `iterations` may be computed from several scalars (gradient
-    # accumulation divides it); they are few.
-    scalars = [i for i, v in enumerate(variables) if len(v.shape) == 0]
-    if any(_backend.is_purged(variables[i]) for i in scalars):
-        state = getattr(model, "_jax_state", None) or {}
-        values = state.get("optimizer_variables")
-        if values is not None and len(values) == len(variables):
-            mapping = [(variables[i], values[i]) for i in scalars]
-            try:
-                with keras.StatelessScope(state_mapping=mapping):
-                    return int(keras.ops.convert_to_numpy(optimizer.iterations))
-            except (TypeError, ValueError, AttributeError):
-                pass
-        model.jax_state_sync()
+    step = _backend.step_while_detached(model, optimizer, variables)
+    if step is not None:
+        return step
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 

@@ -218,6 +218,34 @@ def _say(verbose: int, text: str) -> None:
         print(text, flush=True)
 
 
+@dataclass
+class _Run:
+    """One demo run: the data, the settings, and the helpers its steps share."""
+
+    config: DemoConfig
+    verbose: int
+    tasks: dict
+
+    def batches(self, x, y, seed):
+        return shuffled_batches(x, y, self.config.batch_size, seed)
+
+    def fit(self, model, task: str, seed: int, epochs: int) -> None:
+        x, _, y, _ = self.tasks[task]
+        model.fit(self.batches(x, y, seed), epochs=epochs, verbose=self.verbose, shuffle=False)
+
+    def adam(self):
+        import keras
+
+        return keras.optimizers.Adam(self.config.learning_rate)
+
+    def accuracy(self, model, task: str) -> float:
+        _, x_test, _, y_test = self.tasks[task]
+        return task_accuracy(model, x_test, y_test, TASK_A if task == "A" else TASK_B)
+
+    def say(self, text: str) -> None:
+        _say(self.verbose, text)
+
+
 def run(
     config: DemoConfig | None = None,
     *,
@@ -226,102 +254,90 @@ def run(
 ) -> DemoResult:
     """Runs the demo; returns the numbers (and writes the PNG when `out` is set)."""
     _require_extras()
-    import keras
+    config = config or DemoConfig()
+    start = time.perf_counter()
+    r = _Run(config, verbose, load_tasks(config.seed))
+    xa, xa_test = r.tasks["A"][:2]
+    r.say(f"== Task A: pretraining a {64}-{'-'.join(map(str, config.hidden))}-10 MLP "
+          f"on digits 0-4 ({len(xa)} train / {len(xa_test)} test)")
+    model = _build_model(config)
+    _compile(model, r.adam())
+    r.fit(model, "A", config.seed, config.pretrain_epochs)
+    pretrained = model.get_weights()
+    acc_pre = r.accuracy(model, "A")
+    r.say(f"   task A test accuracy: {acc_pre:.3f}")
+    results = [_full_fine_tuning(r, model, acc_pre)]
+    model.set_weights(pretrained)
+    results.append(_fisher_freeze(r, model, acc_pre))
+    model.set_weights(pretrained)
+    results.append(_packnet(r, model))
+    png = plot(results, out) if out else None
+    return DemoResult(acc_pre, results, png, time.perf_counter() - start)
 
+
+def _full_fine_tuning(r: _Run, model, acc_pre: float) -> MethodResult:
+    r.say("\n== (a) full fine-tuning on digits 5-9")
+    _compile(model, r.adam())
+    r.fit(model, "B", r.config.seed + 10, r.config.task_b_epochs)
+    return MethodResult("(a) full fine-tuning", acc_pre, r.accuracy(model, "A"), r.accuracy(model, "B"), 0.0, None)
+
+
+def _fisher_freeze(r: _Run, model, acc_pre: float) -> MethodResult:
+    """Freezes the weights with the largest Fisher information for task A."""
     from masked_opt import masks as mask_builders
+    from masked_opt.optimizer import MaskedOptimizer
+
+    r.say(f"\n== (b) freezing the {r.config.fisher_frozen:.0%} of weights with the "
+          "largest Fisher information for task A, training the rest on 5-9")
+    xa, _, ya, _ = r.tasks["A"]
+    important = mask_builders.fisher(model, (xa, ya), fraction=r.config.fisher_frozen, verbose=r.verbose)
+    masks_b = {path: ~top for path, top in important.items()}  # True = trainable
+    opt_b = MaskedOptimizer(r.adam(), masks=masks_b)
+    _compile(model, opt_b)
+    before = _weights(model)
+    r.fit(model, "B", r.config.seed + 10, r.config.task_b_epochs)
+    r.say(_mask_table(opt_b))
+    return MethodResult(
+        "(b) Fisher freeze", acc_pre, r.accuracy(model, "A"), r.accuracy(model, "B"),
+        _frozen_share(model, masks_b), _frozen_unchanged(before, _weights(model), masks_b), masks_b,
+    )
+
+
+def _packnet(r: _Run, model) -> MethodResult:
+    """PackNet: prune A, retrain A, freeze the survivors, train B on the freed weights."""
     from masked_opt.optimizer import MaskedOptimizer
     from masked_opt.pruning import prunable_masks, prune_variable
 
-    config = config or DemoConfig()
-    start = time.perf_counter()
-    tasks = load_tasks(config.seed)
-    xa, xa_test, ya, ya_test = tasks["A"]
-    xb, xb_test, yb, yb_test = tasks["B"]
-    fit_kw = dict(verbose=verbose, shuffle=False)  # `batches` shuffles, from `seed`
-
-    def batches(x, y, seed):
-        return shuffled_batches(x, y, config.batch_size, seed)
-
-    def adam():
-        return keras.optimizers.Adam(config.learning_rate)
-
-    def acc_a(model):
-        return task_accuracy(model, xa_test, ya_test, TASK_A)
-
-    def acc_b(model):
-        return task_accuracy(model, xb_test, yb_test, TASK_B)
-
-    # -- Task A: pretrain.
-    _say(verbose, f"== Task A: pretraining a {64}-{'-'.join(map(str, config.hidden))}-10 MLP "
-                  f"on digits 0-4 ({len(xa)} train / {len(xa_test)} test)")
-    model = _build_model(config)
-    _compile(model, adam())
-    model.fit(batches(xa, ya, config.seed), epochs=config.pretrain_epochs, **fit_kw)
-    pretrained = model.get_weights()
-    acc_pre = acc_a(model)
-    _say(verbose, f"   task A test accuracy: {acc_pre:.3f}")
-
-    results = []
-
-    # -- (a) full fine-tuning.
-    _say(verbose, "\n== (a) full fine-tuning on digits 5-9")
-    _compile(model, adam())
-    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
-    results.append(MethodResult("(a) full fine-tuning", acc_pre, acc_a(model), acc_b(model), 0.0, None))
-
-    # -- (b) freeze the Fisher-top weights of task A.
-    _say(verbose, f"\n== (b) freezing the {config.fisher_frozen:.0%} of weights with the "
-                  "largest Fisher information for task A, training the rest on 5-9")
-    model.set_weights(pretrained)
-    important = mask_builders.fisher(model, (xa, ya), fraction=config.fisher_frozen,
-                                      verbose=verbose)
-    masks_b = {path: ~top for path, top in important.items()}  # True = trainable
-    opt_b = MaskedOptimizer(adam(), masks=masks_b)
-    _compile(model, opt_b)
-    before = _weights(model)
-    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
-    _say(verbose, _mask_table(opt_b))
-    results.append(MethodResult(
-        "(b) Fisher freeze", acc_pre, acc_a(model), acc_b(model),
-        _frozen_share(model, masks_b), _frozen_unchanged(before, _weights(model), masks_b), masks_b,
-    ))
-
-    # -- (c) PackNet: prune A, retrain A, freeze survivors, train B on the freed weights.
-    _say(verbose, f"\n== (c) PackNet: pruning {config.packnet_sparsity:.0%} of each kernel by "
-                  "magnitude, retraining task A on the survivors")
-    model.set_weights(pretrained)
-    opt = MaskedOptimizer(adam(), masks=prunable_masks(".*kernel"))
+    config = r.config
+    r.say(f"\n== (c) PackNet: pruning {config.packnet_sparsity:.0%} of each kernel by "
+          "magnitude, retraining task A on the survivors")
+    opt = MaskedOptimizer(r.adam(), masks=prunable_masks(".*kernel"))
     _compile(model, opt)
     opt.build(model.trainable_variables)
     kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
     freed = {v.path: prune_variable(opt, v, config.packnet_sparsity) for v in kernels}
-    model.fit(batches(xa, ya, config.seed + 3), epochs=config.packnet_retrain_epochs, **fit_kw)
-    acc_a_packnet = acc_a(model)
-    _say(verbose, f"   task A test accuracy after pruning + retraining: {acc_a_packnet:.3f}")
-    _say(verbose, "   freezing A's surviving weights and all biases; training 5-9 on the freed weights")
+    r.fit(model, "A", config.seed + 3, config.packnet_retrain_epochs)
+    acc_a_packnet = r.accuracy(model, "A")
+    r.say(f"   task A test accuracy after pruning + retraining: {acc_a_packnet:.3f}")
+    r.say("   freezing A's surviving weights and all biases; training 5-9 on the freed weights")
     masks_c = {v.path: (freed[v.path] if v.path in freed else np.zeros(tuple(v.shape), bool))
                for v in model.trainable_variables}
-    opt_c = MaskedOptimizer(adam(), masks=masks_c)
+    opt_c = MaskedOptimizer(r.adam(), masks=masks_c)
     _compile(model, opt_c)
     before = _weights(model)
-    model.fit(batches(xb, yb, config.seed + 10), epochs=config.task_b_epochs, **fit_kw)
-    _say(verbose, _mask_table(opt_c))
+    r.fit(model, "B", config.seed + 10, config.task_b_epochs)
+    r.say(_mask_table(opt_c))
     after = _weights(model)
-    acc_b_packnet = acc_b(model)
+    acc_b_packnet = r.accuracy(model, "B")
     for v in kernels:  # A's inference uses A's weights only: B's are masked out.
         v.assign(np.where(freed[v.path], 0.0, after[v.path]).astype(after[v.path].dtype))
-    acc_a_after = acc_a(model)
+    acc_a_after = r.accuracy(model, "A")
     for v in kernels:
         v.assign(after[v.path])
-    results.append(MethodResult(
+    return MethodResult(
         "(c) PackNet", acc_a_packnet, acc_a_after, acc_b_packnet,
         _frozen_share(model, masks_c), _frozen_unchanged(before, after, masks_c), masks_c,
-    ))
-
-    png = None
-    if out:
-        png = plot(results, out)
-    return DemoResult(acc_pre, results, png, time.perf_counter() - start)
+    )
 
 
 def format_table(result: DemoResult) -> str:

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import keras
 
-from masked_opt.registry import match_key
+from masked_opt import _compat
+from masked_opt.keys import match_key
 
 __all__ = ["DEFAULT_BLOCKS", "Blocks", "layerwise_decay"]
 
@@ -99,8 +100,8 @@ class _Walker:
         if _is_functional(model):
             out: dict[int, int] = {}
             top = base
-            for depth in sorted(model._nodes_by_depth, reverse=True):
-                for node in model._nodes_by_depth[depth]:
+            for depth in sorted(_compat.nodes_by_depth(model), reverse=True):
+                for node in _compat.nodes_by_depth(model)[depth]:
                     parents = [out[id(p)] for p in node.parent_nodes if id(p) in out]
                     level = self.step(node.operation, max(parents, default=base))
                     out[id(node)] = level

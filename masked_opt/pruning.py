@@ -32,9 +32,9 @@ import numpy as np
 import keras
 
 from masked_opt.callbacks import current_step, masked_optimizer
-from masked_opt.masks import count
+from masked_opt._ranking import count
 from masked_opt.optimizer import MaskedOptimizer
-from masked_opt.registry import Key, check_key, match_key
+from masked_opt.keys import Key, check_key, match_key
 
 __all__ = [
     "ConstantSparsity",

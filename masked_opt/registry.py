@@ -1,248 +1,257 @@
-"""The mask registry: which trainable variable gets which mask.
+"""Per-element quantities given per variable: masks and update multipliers.
+
+A *quantity* assigns each element of a trainable variable a value that the
+optimizer stores in its own variables: a mask (bool, True = trainable) or
+an update multiplier (float >= 0). Both are given the same way -- a dict from
+keys (`masks.keys`) to values, a value being a scalar, an array-like
+broadcastable to the variable, or a callable `variable -> value` -- and both
+are validated, resolved against the variables and fitted to their storage
+shape here. A third such quantity is a new small `Quantity` subclass.
 
 Everything here is plain NumPy and runs on the host, never inside a traced
-train step: keys are resolved, masks validated and fitted to their storage
-shape here, and the optimizer only copies the result into bool variables.
-
-Vocabulary used throughout:
-
-* a *key* is a `keras.Variable`, a `keras.layers.Layer` (all its trainable
-  variables), or a string matched against `variable.path` (see `match_key`):
-  the exact path; else a suffix at a "/" boundary ("dense_1/kernel",
-  "kernel"); else a layer, i.e. a "/"-bounded run of the path before the
-  variable's name ("dense_1", "encoder/dense_1"), selecting all its variables;
-  else the same two as a regex (`re.fullmatch` of a "/"-bounded suffix, then
-  of a layer run);
-* a *mask* is a bool array (True = trainable) broadcastable to the variable;
-* the *storage shape* of a variable's mask is fixed when the optimizer is
-  built: the shape the user gave (a `(1, units)` column mask stays
-  `(1, units)`, a scalar stays a scalar).
+train step. The *storage shape* of a variable's value is fixed when the
+optimizer is built: the shape the user gave (a `(1, units)` column mask stays
+`(1, units)`, a scalar stays a scalar).
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
-
-import numpy as np
+from typing import Any, ClassVar, Union
 
 import keras
+import numpy as np
 
-__all__ = ["Key", "MaskValue", "Where"]
+from masked_opt.keys import Key, check_key, describe_key, keyed_items, select_variables
 
-Key = Union[str, keras.Variable, keras.layers.Layer]
-"""A `keras.Variable`, a `keras.layers.Layer`, or a string matched against
-`variable.path`."""
+__all__ = ["MaskValue", "MultiplierValue", "Where"]
 
 MaskValue = Union[bool, int, np.ndarray, Sequence, Any, Callable[[keras.Variable], Any]]
 """A bool scalar, an array-like of bools (or 0/1 integers) broadcastable to the
 variable, or a callable `variable -> array-like` resolved at build."""
+
+MultiplierValue = Union[float, int, np.ndarray, Sequence, Any, Callable[[keras.Variable], Any]]
+"""A float >= 0, an array-like of floats >= 0 broadcastable to the variable, or
+a callable `variable -> value` resolved at build."""
 
 Where = Union[None, int, slice, tuple, np.ndarray, Sequence]
 """`None` (whole variable), a NumPy index expression such as `np.s_[:, :10]`,
 an integer index array (first axis), or a bool array of positions."""
 
 
-def describe_key(key: Key) -> str:
-    """`'dense_1/kernel'` for a string key, the path for a variable key."""
-    if isinstance(key, str):
-        return repr(key)
-    if isinstance(key, keras.layers.Layer):
-        return f"<{type(key).__name__} layer {key.name!r}>"
-    return f"<Variable path={getattr(key, 'path', key)!r}>"
-
-
-def check_key(key: Any, *, argument: str) -> None:
-    if isinstance(key, str):
-        return
-    if isinstance(key, (keras.Variable, keras.layers.Layer)):
-        return
-    raise TypeError(
-        f"`{argument}` keys must be a `keras.Variable`, a `keras.layers.Layer` or "
-        "a string matched against `variable.path` (exact path, '/'-suffix, "
-        "layer name or path, or a regex of those). "
-        f"Received: {key!r} of type {type(key).__name__}."
-    )
-
-
-def to_bool_mask(value: Any, *, what: str) -> np.ndarray:
-    """Validates a mask value and returns it as a bool ndarray (shape kept).
-
-    Accepts bools, bool arrays, and 0/1 integers or floats; rejects anything
-    else with an error naming `what` (e.g. "masks['dense_1/kernel']").
-    """
-    if value is None or isinstance(value, (str, bytes, dict, set)):
-        raise TypeError(
-            f"`{what}` must be a bool, a bool array-like broadcastable to the "
-            "variable (True = trainable), or a callable `variable -> array`. "
-            f"Received: {value!r} of type {type(value).__name__}."
-        )
+def _as_array(value: Any, *, what: str) -> np.ndarray:
     if isinstance(value, keras.Variable):
         value = value.numpy()
     try:
-        arr = np.asarray(value)
+        return np.asarray(keras.ops.convert_to_numpy(value) if keras.ops.is_tensor(value) else value)
     except Exception as e:  # e.g. ragged nested lists
         raise TypeError(
             f"`{what}` could not be converted to a NumPy array ({e}). "
             f"Received: {type(value).__name__}."
         ) from None
-    if arr.dtype == np.bool_:
+
+
+def _first_bad(arr: np.ndarray, bad: np.ndarray) -> tuple[Any, str]:
+    """(the first offending value, " at index (i, j)" or "")."""
+    pos = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (arr[pos] if arr.ndim else arr.item()), (f" at index {pos}" if arr.ndim else "")
+
+
+class Quantity:
+    """One kind of per-element value: its argument, dtype, validation and ops."""
+
+    noun: ClassVar[str]  # "mask"
+    argument: ClassVar[str]  # the MaskedOptimizer argument: "masks"
+    dtype: ClassVar[type]  # the stored dtype
+    setter: ClassVar[str]  # the method that sets it after build: "set_mask"
+    methods: ClassVar[dict[str, str]]  # op kind -> the method that records it
+    two_keys_fix: ClassVar[str]  # how to fix a variable that two keys select
+    register_example: ClassVar[str]  # a value that registers a variable at build
+
+    def validate(self, value: Any, *, what: str) -> np.ndarray:
+        """`value` as an array of `dtype` (shape kept), or a clear error."""
+        raise NotImplementedError
+
+    def is_identity(self, value: np.ndarray) -> bool:
+        """Whether `value` leaves training as the inner optimizer alone would."""
+        raise NotImplementedError
+
+    def resolve(self, value: Any, variable: keras.Variable, *, what: str) -> np.ndarray:
+        """A value (a callable is called on `variable`), validated and checked to
+        broadcast to the variable."""
+        if callable(value) and not isinstance(value, np.ndarray):
+            try:
+                value = value(variable)
+            except Exception as e:
+                if isinstance(e, (ValueError, TypeError)) and variable.path in str(e):
+                    raise  # already a clear error about this variable (a builder's)
+                raise ValueError(
+                    f"`{what}`: the {self.noun} callable raised {type(e).__name__}: {e} "
+                    f"when called on variable '{variable.path}' of shape "
+                    f"{tuple(variable.shape)}."
+                ) from e
+        arr = self.validate(value, what=what)
+        check_broadcast(arr, variable, what=what, noun=self.noun)
         return arr
-    if arr.dtype.kind in "iuf":
-        bad = ~((arr == 0) | (arr == 1))
-        if np.any(bad):
-            pos = tuple(int(i) for i in np.argwhere(bad)[0])
-            bad_value = arr[pos] if arr.ndim else arr.item()
-            at = f" at index {pos}" if arr.ndim else ""
-            raise ValueError(
-                f"`{what}` must hold booleans (True = trainable) or 0/1 values; "
-                f"found {bad_value!r}{at}. Threshold it first, e.g. "
-                "`mask = scores > threshold`."
+
+    def checked_payload(self, kind: str, key: Key, payload: Any) -> Any:
+        """An op's payload, validated where it can be before build."""
+        if kind == "set" and not callable(payload):
+            return self.validate(payload, what=f"{self.setter}({describe_key(key)}, {self.noun})")
+        return payload
+
+    def apply_op(self, kind: str, payload: Any, variable: keras.Variable, current: np.ndarray | None) -> np.ndarray:
+        """The value after a `set` op (kept at `current`'s storage shape where
+        it broadcasts to it)."""
+        new = self.resolve(payload, variable, what=f"{self.setter}('{variable.path}', {self.noun})")
+        if current is not None and np.broadcast_shapes(new.shape, current.shape) == current.shape:
+            return np.array(np.broadcast_to(new, current.shape))
+        return new
+
+    def unallocated(self, method: str, key: Key, variable: keras.Variable) -> ValueError:
+        """The error for an edit after build of a variable that has no value."""
+        path = variable.path
+        example = f"`{self.argument}={{'{path}': {self.register_example}}}`"
+        return ValueError(
+            f"`{method}({describe_key(key)})`: variable '{path}' has no {self.noun}, "
+            f"and {self.argument} are allocated when the optimizer is built. Register "
+            f"it before build, e.g. {example} (or an array of "
+            + (f"its shape {tuple(variable.shape)}" if self is MASKS else "the shape you will need, for rows or elements")
+            + " to change single elements later)."
+        )
+
+    def to_storage(self, new: np.ndarray, storage_shape: tuple[int, ...], variable: keras.Variable, *, what: str) -> np.ndarray:
+        """`new` at the storage shape fixed at build (or a clear error)."""
+        if np.broadcast_shapes(new.shape, storage_shape) == tuple(storage_shape):
+            return np.array(np.broadcast_to(new, storage_shape), dtype=self.dtype)
+        full = np.broadcast_to(new, tuple(variable.shape))
+        return fit_to_storage(full, storage_shape, path=variable.path, what=what, quantity=self)
+
+
+class Masks(Quantity):
+    noun = "mask"
+    argument = "masks"
+    dtype = np.bool_
+    setter = "set_mask"
+    methods = {"set": "set_mask", "freeze": "freeze", "unfreeze": "unfreeze"}
+    two_keys_fix = "combine the two masks into one."
+    register_example = "True"
+
+    def validate(self, value: Any, *, what: str) -> np.ndarray:
+        """Bools, bool arrays, and 0/1 integers or floats."""
+        if value is None or isinstance(value, (str, bytes, dict, set)):
+            raise TypeError(
+                f"`{what}` must be a bool, a bool array-like broadcastable to the "
+                "variable (True = trainable), or a callable `variable -> array`. "
+                f"Received: {value!r} of type {type(value).__name__}."
             )
-        return arr.astype(np.bool_)
-    raise TypeError(
-        f"`{what}` must have a boolean (or 0/1 integer) dtype. "
-        f"Received: array of dtype {arr.dtype}."
-    )
+        arr = _as_array(value, what=what)
+        if arr.dtype == np.bool_:
+            return arr
+        if arr.dtype.kind in "iuf":
+            bad = ~((arr == 0) | (arr == 1))
+            if np.any(bad):
+                bad_value, at = _first_bad(arr, bad)
+                raise ValueError(
+                    f"`{what}` must hold booleans (True = trainable) or 0/1 values; "
+                    f"found {bad_value!r}{at}. Threshold it first, e.g. "
+                    "`mask = scores > threshold`."
+                )
+            return arr.astype(np.bool_)
+        raise TypeError(
+            f"`{what}` must have a boolean (or 0/1 integer) dtype. "
+            f"Received: array of dtype {arr.dtype}."
+        )
+
+    def is_identity(self, value: np.ndarray) -> bool:
+        return bool(np.all(value))
+
+    def apply_op(self, kind, payload, variable, current):
+        """`set`, or `freeze`/`unfreeze` of the whole variable or at `where`."""
+        if kind == "set":
+            return super().apply_op(kind, payload, variable, current)
+        value = kind == "unfreeze"
+        if payload is None:
+            return np.full(() if current is None else current.shape, value)
+        shape = tuple(variable.shape)
+        full = np.array(np.broadcast_to(np.ones(shape, bool) if current is None else current, shape))
+        apply_where(full, payload, value, path=variable.path, what=f"{kind}('{variable.path}', where)")
+        return full
 
 
-def check_broadcast(mask: np.ndarray, variable: keras.Variable, *, what: str) -> None:
+class Multipliers(Quantity):
+    noun = "multiplier"
+    argument = "multipliers"
+    dtype = np.float32
+    setter = "set_multiplier"
+    methods = {"set": "set_multiplier"}
+    two_keys_fix = "give one multiplier per variable."
+    register_example = "1.0"
+
+    def validate(self, value: Any, *, what: str) -> np.ndarray:
+        """Finite floats >= 0 (integers accepted), as float32."""
+        if value is None or isinstance(value, (str, bytes, dict, set, bool, np.bool_)):
+            hint = (
+                " To freeze or unfreeze, use `masks=` / `freeze()` (True/False); a "
+                "multiplier of 0.0 also holds a weight."
+                if isinstance(value, (bool, np.bool_))
+                else ""
+            )
+            raise TypeError(
+                f"`{what}` must be a float >= 0, an array-like of floats >= 0 "
+                "broadcastable to the variable, or a callable `variable -> value`. "
+                f"Received: {value!r} of type {type(value).__name__}.{hint}"
+            )
+        arr = _as_array(value, what=what)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(
+                f"`{what}` must hold real numbers (a float dtype). Received: array of "
+                f"dtype {arr.dtype}."
+            )
+        arr = arr.astype(np.float64)
+        bad = ~np.isfinite(arr) | (arr < 0)
+        if np.any(bad):
+            bad_value, at = _first_bad(arr, bad)
+            kind = "non-finite" if not np.isfinite(bad_value) else "negative"
+            raise ValueError(
+                f"`{what}` must be finite and >= 0 (0 holds the weight, 1 applies the "
+                f"inner optimizer's update unchanged); found the {kind} value "
+                f"{float(bad_value)!r}{at}."
+            )
+        return arr.astype(np.float32)
+
+    def is_identity(self, value: np.ndarray) -> bool:
+        return bool(np.all(value == 1))
+
+
+MASKS = Masks()
+MULTIPLIERS = Multipliers()
+
+
+def check_broadcast(value: np.ndarray, variable: keras.Variable, *, what: str, noun: str = "mask") -> None:
     shape = tuple(variable.shape)
     try:
-        ok = np.broadcast_shapes(mask.shape, shape) == shape
+        ok = np.broadcast_shapes(value.shape, shape) == shape
     except ValueError:
         ok = False
-    if not ok:
-        examples = []
-        if len(shape) >= 2:
-            examples = [
-                f"{(1,) * (len(shape) - 1) + shape[-1:]} for columns",
-                f"{shape[:1] + (1,) * (len(shape) - 1)} for rows",
-            ]
-        hint = " or one that broadcasts to it" + (
-            f", such as {' or '.join(examples)}" if examples else ""
-        )
-        raise ValueError(
-            f"`{what}` has shape {mask.shape}, which does not broadcast to the "
-            f"shape {shape} of variable '{variable.path}'. Pass a mask of shape "
-            f"{shape}{hint}."
-        )
-
-
-def _near_paths(key: str, paths: list[str]) -> str:
-    close = difflib.get_close_matches(key, paths, n=3, cutoff=0.5)
-    shown = close + [p for p in paths if p not in close]
-    shown = shown[:6]
-    more = f", ... ({len(paths)} in all)" if len(paths) > len(shown) else ""
-    return ", ".join(repr(p) for p in shown) + more
-
-
-def _suffixes(path: str) -> list[str]:
-    """'a/b/kernel' -> ['a/b/kernel', 'b/kernel', 'kernel']."""
-    parts = path.split("/")
-    return ["/".join(parts[i:]) for i in range(len(parts))]
-
-
-def _layer_runs(path: str) -> list[str]:
-    """The "/"-bounded runs of the path before the variable's name:
-    'model/enc/dense_1/kernel' -> ['model', 'model/enc', 'enc', 'dense_1', ...]."""
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
-
-
-def match_key(
-    key: Key,
-    variables: Sequence[keras.Variable],
-    *,
-    argument: str,
-    others: Sequence[keras.Variable] = (),
-) -> list[int]:
-    """Indices of `variables` that `key` selects; raises if it selects none.
-
-    A string key selects, by the first rule that selects anything: the
-    variable whose path it is; the variables whose path ends with it at a "/"
-    boundary; the variables of the layer it names (a "/"-bounded run of the
-    path before the variable name: a layer name or path); then the same two
-    with the key as a regex (`re.fullmatch`). `others` (e.g. the model's
-    non-trainable variables) only improve the error message.
-    """
-    if isinstance(key, keras.layers.Layer):
-        own = list(key.trainable_variables)
-        hits = [i for i, v in enumerate(variables) if any(v is w for w in own)]
-        if not hits:
-            why = (
-                "it has no trainable variables (`trainable=False`, or not built yet)"
-                if not own
-                else "none of its trainable variables is among those this optimizer is built on"
-            )
-            raise ValueError(
-                f"`{argument}`: layer {key.name!r} ({type(key).__name__}) selects no "
-                f"variable: {why}. Pass a layer of the model being trained."
-            )
-        return hits
-    if isinstance(key, keras.Variable):
-        hits = [i for i, v in enumerate(variables) if v is key]
-        if not hits:
-            raise ValueError(
-                f"`{argument}`: variable '{key.path}' is not one of the "
-                "trainable variables this optimizer is built on"
-                + (
-                    " (it is not trainable: optimizers never update it, so it needs no mask)"
-                    if not getattr(key, "trainable", True)
-                    else ""
-                )
-                + ". Pass a trainable variable of the model (or its path)."
-            )
-        return hits
-    paths = [v.path for v in variables]
-    rules = [
-        lambda p: p == key,
-        lambda p: key in _suffixes(p)[1:],
-        lambda p: key in _layer_runs(p),
-    ]
-    pattern = None
-    try:
-        pattern = re.compile(key)
-    except re.error:
-        pass
-    if pattern is not None:
-        rules += [
-            lambda p: any(pattern.fullmatch(s) for s in _suffixes(p)),
-            lambda p: any(pattern.fullmatch(r) for r in _layer_runs(p)),
+    if ok:
+        return
+    examples = []
+    if len(shape) >= 2:
+        examples = [
+            f"{(1,) * (len(shape) - 1) + shape[-1:]} for columns",
+            f"{shape[:1] + (1,) * (len(shape) - 1)} for rows",
         ]
-    for rule in rules:
-        hits = [i for i, p in enumerate(paths) if rule(p)]
-        if hits:
-            return hits
-    frozen = [v.path for v in others if any(rule(v.path) for rule in rules)]
-    if frozen:
-        raise ValueError(
-            f"`{argument}` key {key!r} names non-trainable variable(s) "
-            f"{frozen[:5]}{' ...' if len(frozen) > 5 else ''}: optimizers never "
-            "update non-trainable variables (BatchNormalization moving statistics, "
-            "layers with `trainable=False`), so they stay fixed without a mask. "
-            "Drop the key, or set `layer.trainable = True` before compiling to train them."
-        )
-    if pattern is None:
-        raise ValueError(
-            f"`{argument}` key {key!r} matches no variable path exactly, as a "
-            "'/'-suffix or as a layer, and is not a valid regex either. "
-            f"Trainable variable paths: {_near_paths(key, paths)}."
-        )
+    hint = " or one that broadcasts to it" + (f", such as {' or '.join(examples)}" if examples else "")
     raise ValueError(
-        f"`{argument}` key {key!r} matches no trainable variable. Keys match "
-        "`variable.path` exactly, as a suffix at a '/' boundary ('dense_1/kernel'), "
-        "as a layer name or path ('dense_1'), or as a regex of those (re.fullmatch). "
-        f"Trainable variable paths: {_near_paths(key, paths)}."
+        f"`{what}` has shape {value.shape}, which does not broadcast to the "
+        f"shape {shape} of variable '{variable.path}'. Pass a {noun} of shape "
+        f"{shape}{hint}."
     )
 
 
-def apply_where(
-    full: np.ndarray, where: Where, value: bool, *, path: str, what: str
-) -> None:
+def apply_where(full: np.ndarray, where: Where, value: bool, *, path: str, what: str) -> None:
     """`full[where] = value` in place, with errors that name the variable."""
     if isinstance(where, (str, bytes, dict, set)):
         raise TypeError(
@@ -265,23 +274,14 @@ def apply_where(
 
 
 def fit_to_storage(
-    full: np.ndarray,
-    storage_shape: tuple[int, ...],
-    *,
-    path: str,
-    what: str,
-    kind: str = "mask",
-    dtype: Any = bool,
+    full: np.ndarray, storage_shape: tuple[int, ...], *, path: str, what: str, quantity: Quantity = MASKS
 ) -> np.ndarray:
-    """Reduces a value of the variable's full shape to `storage_shape`.
-
-    Possible when the value is constant along every axis the storage
-    broadcasts over (e.g. a column-aligned change to a `(1, units)` mask).
-    `kind` is "mask" or "multiplier" (the error's wording and its fix).
-    """
+    """Reduces a value of the variable's full shape to `storage_shape`:
+    possible when it is constant along every axis the storage broadcasts over
+    (e.g. a column-aligned change to a `(1, units)` mask)."""
     storage_shape = tuple(storage_shape)
     if full.shape == storage_shape:
-        return np.array(full, dtype=dtype)
+        return np.array(full, dtype=quantity.dtype)
     padded = (1,) * (full.ndim - len(storage_shape)) + storage_shape
     reduced = full
     for axis, (n_store, n_full) in enumerate(zip(padded, full.shape)):
@@ -289,116 +289,51 @@ def fit_to_storage(
             continue
         first = np.take(reduced, [0], axis=axis)
         if not np.array_equal(np.broadcast_to(first, reduced.shape), reduced):
+            noun = quantity.noun
             example = (
                 f"masks={{'{path}': np.ones({full.shape}, bool)}}"
-                if kind == "mask"
-                else f"multipliers={{'{path}': np.ones({full.shape})}}"
+                if quantity is MASKS
+                else f"{quantity.argument}={{'{path}': np.ones({full.shape})}}"
             )
             raise ValueError(
-                f"`{what}`: the {kind} of variable '{path}' is stored with shape "
+                f"`{what}`: the {noun} of variable '{path}' is stored with shape "
                 f"{storage_shape} (fixed when the optimizer was built), and the "
-                f"new {kind} varies along axis {axis} of the variable's shape "
-                f"{full.shape}, so it cannot be stored. Give the variable a {kind} "
+                f"new {noun} varies along axis {axis} of the variable's shape "
+                f"{full.shape}, so it cannot be stored. Give the variable a {noun} "
                 f"of its full shape {full.shape} before the optimizer is built "
                 f"(e.g. `{example}`) to change single elements later."
             )
         reduced = first
-    return np.array(reduced, dtype=dtype).reshape(storage_shape)
-
-
-def resolve_specs(
-    specs: Sequence[tuple[Key, Any]],
-    variables: Sequence[keras.Variable],
-    resolve: Callable[[Any, keras.Variable, str], np.ndarray],
-    *,
-    argument: str,
-    strict: bool = True,
-    others: Sequence[keras.Variable] = (),
-) -> dict[int, np.ndarray]:
-    """`{variable index: resolve(value, variable, what)}` for `(key, value)`
-    specs of the `argument` dict ("masks", "multipliers"); a variable selected
-    by two keys is an error. With `strict=False`, keys that select none of
-    `variables` are skipped (used to look up one variable before build)."""
-    out: dict[int, np.ndarray] = {}
-    owner: dict[int, Key] = {}
-    for key, value in specs:
-        what = f"{argument}[{describe_key(key)}]"
-        for i in select_variables(key, variables, argument=argument, strict=strict, others=others):
-            if i in owner:
-                raise ValueError(
-                    f"Variable '{variables[i].path}' is matched by two `{argument}` "
-                    f"keys: {describe_key(owner[i])} and {describe_key(key)}. "
-                    "Make the keys disjoint (e.g. a more specific regex), or "
-                    + ("combine the two masks into one." if argument == "masks"
-                       else f"give one {argument.rstrip('s')} per variable.")
-                )
-            owner[i] = key
-            out[i] = resolve(value, variables[i], what)
-    return out
-
-
-def select_variables(
-    key: Key,
-    variables: Sequence[keras.Variable],
-    *,
-    argument: str,
-    strict: bool = True,
-    others: Sequence[keras.Variable] = (),
-) -> list[int]:
-    """`match_key`, or `[]` instead of an error when not `strict`."""
-    try:
-        return match_key(key, variables, argument=argument, others=others)
-    except ValueError:
-        if strict:
-            raise
-        return []
+    return np.array(reduced, dtype=quantity.dtype).reshape(storage_shape)
 
 
 @dataclass
-class _Op:
-    kind: str  # "set", "freeze" or "unfreeze"
+class Op:
+    kind: str  # "set", or for masks "freeze" / "unfreeze"
     key: Key
-    payload: Any  # the mask value for "set", `where` otherwise
+    payload: Any  # the value for "set", `where` otherwise
 
 
-def keyed_items(spec: Any, argument: str, keys: str, value: str) -> list[tuple[Key, Any]]:
-    """`(key, value)` pairs from a dict or a list of pairs (TF-backed
-    `keras.Variable`s are unhashable, so variable keys come as pairs);
-    `None` is no pairs. `keys`/`value` word the TypeError."""
-    if spec is None:
-        return []
-    if isinstance(spec, Mapping):
-        return list(spec.items())
-    if isinstance(spec, (list, tuple)) and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 for p in spec
-    ):
-        return [tuple(p) for p in spec]
-    raise TypeError(
-        f"`{argument}` must be a dict mapping keys ({keys}) to {value}s, or a list of "
-        f"`(key, {value})` pairs (use pairs for `keras.Variable` keys, which are "
-        f"unhashable). Received: {spec!r} of type {type(spec).__name__}."
-    )
+class Registry:
+    """The values of one quantity given before build (`masks=`, and calls such
+    as `set_mask` made before build), resolved against variables at build."""
 
-
-class MaskRegistry:
-    """Mask specifications given before build, resolved against variables at build."""
-
-    def __init__(self, masks: Mapping[Key, MaskValue] | None):
-        items = keyed_items(masks, "masks", "a path string / regex", "mask")
-        self.specs: list[tuple[Key, MaskValue]] = []
+    def __init__(self, quantity: Quantity, spec: Mapping[Key, Any] | Sequence | None):
+        self.quantity = quantity
+        q = quantity
+        items = keyed_items(spec, q.argument, "a path string, a layer or a variable", q.noun)
+        self.specs: list[tuple[Key, Any]] = []
         for key, value in items:
-            check_key(key, argument="masks")
+            check_key(key, argument=q.argument)
             if not callable(value):
-                value = to_bool_mask(value, what=f"masks[{describe_key(key)}]")
+                value = q.validate(value, what=f"{q.argument}[{describe_key(key)}]")
             self.specs.append((key, value))
-        self.ops: list[_Op] = []
+        self.ops: list[Op] = []
 
     def record(self, kind: str, key: Key, payload: Any) -> None:
-        """Records a `set_mask`/`freeze`/`unfreeze` call made before build."""
-        check_key(key, argument=f"{kind}")
-        if kind == "set" and not callable(payload):
-            payload = to_bool_mask(payload, what=f"set_mask({describe_key(key)}, mask)")
-        self.ops.append(_Op(kind, key, payload))
+        """Records a call (`set_mask`, `freeze`, `set_multiplier`, ...) made before build."""
+        check_key(key, argument=self.quantity.methods[kind])
+        self.ops.append(Op(kind, key, self.quantity.checked_payload(kind, key, payload)))
 
     def resolve(
         self,
@@ -407,65 +342,26 @@ class MaskRegistry:
         strict: bool = True,
         others: Sequence[keras.Variable] = (),
     ) -> dict[int, np.ndarray]:
-        """Maps variable index -> mask (bool, at its storage shape).
-
-        With `strict=False`, keys that select none of `variables` are skipped
-        instead of raising (used to look up one variable before build).
-        """
-        masks = resolve_specs(
-            self.specs,
-            variables,
-            lambda value, variable, what: resolve_value(value, variable, what=what),
-            argument="masks",
-            strict=strict,
-            others=others,
-        )
+        """Maps variable index -> value (at its storage shape). A variable
+        selected by two keys is an error. With `strict=False`, keys that select
+        none of `variables` are skipped instead of raising (used to look up one
+        variable before build); `others` only improve the error messages."""
+        q = self.quantity
+        out: dict[int, np.ndarray] = {}
+        owner: dict[int, Key] = {}
+        for key, value in self.specs:
+            what = f"{q.argument}[{describe_key(key)}]"
+            for i in select_variables(key, variables, argument=q.argument, strict=strict, others=others):
+                if i in owner:
+                    raise ValueError(
+                        f"Variable '{variables[i].path}' is matched by two `{q.argument}` "
+                        f"keys: {describe_key(owner[i])} and {describe_key(key)}. "
+                        f"Make the keys disjoint (e.g. a more specific regex), or {q.two_keys_fix}"
+                    )
+                owner[i] = key
+                out[i] = q.resolve(value, variables[i], what=what)
         for op in self.ops:
-            for i in select_variables(op.key, variables, argument=op.kind, strict=strict, others=others):
-                masks[i] = apply_op(op.kind, op.payload, variables[i], masks.get(i))
-        return masks
-
-
-def resolve_value(value: MaskValue, variable: keras.Variable, *, what: str) -> np.ndarray:
-    if callable(value) and not isinstance(value, np.ndarray):
-        try:
-            value = value(variable)
-        except (ValueError, TypeError) as e:
-            if variable.path in str(e):
-                raise  # already a clear error about this variable (a builder's)
-            raise ValueError(
-                f"`{what}`: the mask callable raised {type(e).__name__}: {e} "
-                f"when called on variable '{variable.path}' of shape "
-                f"{tuple(variable.shape)}."
-            ) from e
-        except Exception as e:
-            raise ValueError(
-                f"`{what}`: the mask callable raised {type(e).__name__}: {e} "
-                f"when called on variable '{variable.path}' of shape "
-                f"{tuple(variable.shape)}."
-            ) from e
-    arr = to_bool_mask(value, what=what)
-    check_broadcast(arr, variable, what=what)
-    return arr
-
-
-def apply_op(
-    kind: str, payload: Any, variable: keras.Variable, current: np.ndarray | None
-) -> np.ndarray:
-    """The mask after a set/freeze/unfreeze, before any storage shape is fixed."""
-    path = variable.path
-    if kind == "set":
-        new = resolve_value(payload, variable, what=f"set_mask('{path}', mask)")
-        if current is not None and np.broadcast_shapes(new.shape, current.shape) == current.shape:
-            # Keep the registered storage shape (as `set_mask` after build does).
-            return np.array(np.broadcast_to(new, current.shape))
-        return new
-    value = kind == "unfreeze"
-    if payload is None:
-        shape = () if current is None else current.shape
-        return np.full(shape, value)
-    shape = tuple(variable.shape)
-    base = np.ones(shape, bool) if current is None else current
-    full = np.array(np.broadcast_to(base, shape))
-    apply_where(full, payload, value, path=path, what=f"{kind}('{path}', where)")
-    return full
+            argument = q.methods[op.kind]
+            for i in select_variables(op.key, variables, argument=argument, strict=strict, others=others):
+                out[i] = q.apply_op(op.kind, op.payload, variables[i], out.get(i))
+        return out

@@ -144,87 +144,52 @@ def synced(model):
     return model
 
 
-def ulp_distance(a, b) -> np.ndarray:
-    """Elementwise distance between two float arrays of one dtype in units in
-    the last place (0 for equal values, +0 vs -0 and NaN vs NaN included; inf
-    where exactly one side is NaN)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        raise ValueError(f"ulp_distance needs equal dtypes and shapes: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"ulp_distance needs float arrays. Received: {a.dtype}")
-    bits = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
-    wide = np.int64 if a.dtype.itemsize < 8 else object
-
-    def ordered(x):  # integers in the order of the floats, -0 and +0 both 0
-        i = x.view(bits).astype(wide)
-        return np.where(i < 0, int(np.iinfo(bits).min) - i, i)
-
-    dist = np.array(np.abs(ordered(a) - ordered(b)), dtype=np.float64)
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    dist[nan_a & nan_b] = 0
-    dist[nan_a ^ nan_b] = np.inf
-    return dist
-
-
-def assert_max_ulp(got, want, maxulp: int, label: str = "") -> None:
-    """`got` equals `want` within `maxulp` units in the last place (floats),
-    or exactly (other dtypes). For results of two separately compiled
-    programs, which may round differently in the last bits."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, (
-        f"{label}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+def assert_ulp_close(actual, expected, max_ulp: int, err_msg: str = "") -> None:
+    """The suite's one ulp comparison: every element of `actual` within
+    `max_ulp` units in the last place of `expected`, an ulp being the spacing
+    of the floats at the arrays' scale (their largest finite magnitude).
+    Elementwise ulps would blow up where a value cancels towards 0 (Adam's
+    momentum of a gradient that changes sign). `max_ulp=0` is equality
+    (`np.array_equal`, NaN equal to NaN). Shapes and dtypes must
+    match, non-finite values must sit at the same places, and non-float
+    arrays must be equal."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    label = f"{err_msg}: " if err_msg else ""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{label}{actual.dtype}{actual.shape} vs {expected.dtype}{expected.shape}"
     )
-    if not np.issubdtype(got.dtype, np.floating):
-        assert np.array_equal(got, want), f"{label}: values differ"
+    floating = np.issubdtype(actual.dtype, np.floating)
+    if max_ulp == 0 or not floating:
+        assert np.array_equal(actual, expected, equal_nan=floating), f"{label}values differ"
         return
-    dist = ulp_distance(got, want)
-    if dist.size and dist.max() > maxulp:
-        i = np.unravel_index(int(np.argmax(dist)), dist.shape)
-        raise AssertionError(
-            f"{label}: {int(np.sum(dist > maxulp))} of {dist.size} elements differ by more "
-            f"than {maxulp} ulp; worst {dist[i]:.0f} ulp at {i}: {got[i]!r} vs {want[i]!r}"
-        )
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isfinite(actual), finite), f"{label}non-finite values at other places"
+    assert np.array_equal(actual[~finite], expected[~finite], equal_nan=True), f"{label}non-finite values differ"
+    magnitudes = np.abs(np.concatenate([actual[finite], expected[finite]]).astype(np.float64))
+    scale = actual.dtype.type(magnitudes.max(initial=0))
+    bound = max_ulp * np.spacing(scale).astype(np.float64)
+    diff = np.abs(actual[finite].astype(np.float64) - expected[finite].astype(np.float64))
+    worst = diff.max(initial=0)
+    assert worst <= bound, (
+        f"{label}{int(np.sum(diff > bound))} of {diff.size} elements differ by more than "
+        f"{max_ulp} ulp at scale {scale!r} ({bound:.3g}); worst {worst:.3g} "
+        f"({worst / np.spacing(scale):.1f} ulp)"
+    )
 
 
 # Where a masked model and its oracle each get their own compiled train step
 # (JAX's `fit` jits each model's step), the two are separate XLA programs,
 # which XLA may fuse and round differently in the last bit. TensorFlow (graph
 # mode) and torch (eager) run the same kernels op by op there: to the bit.
-# The bound is in ulp at the array's scale (the spacing of its largest
-# magnitude): elementwise ulp would blow up where an optimizer state
-# cancels towards 0 (Adam's momentum of a gradient that changes sign).
 XLA_MAX_ULP = 4
-
-
-def assert_within_ulp(actual, expected, max_ulp: int = XLA_MAX_ULP, err_msg: str = "") -> None:
-    """|actual - expected| <= max_ulp ulp of the arrays' largest magnitude,
-    elementwise (non-float arrays: equal)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, err_msg
-    if not np.issubdtype(actual.dtype, np.floating):
-        assert np.array_equal(actual, expected), err_msg
-        return
-    assert np.array_equal(np.isfinite(actual), np.isfinite(expected)), err_msg
-    finite = np.isfinite(actual)
-    scale = max(np.max(np.abs(actual[finite]), initial=0), np.max(np.abs(expected[finite]), initial=0))
-    bound = max_ulp * np.spacing(actual.dtype.type(scale))
-    worst = np.max(np.abs(actual[finite] - expected[finite]), initial=0)
-    assert worst <= bound, f"{err_msg}: differ by {worst} > {max_ulp} ulp at scale {scale} ({bound})"
 
 
 def assert_equal_across_programs(actual, expected, err_msg: str = "") -> None:
     """`actual == expected` to the bit on torch (eager); within `XLA_MAX_ULP`
-    ulp (at the array's scale) on JAX, where each side is its own XLA
-    program, and on TensorFlow, where a traced step with frozen elements runs
-    the masked update under XLA by default (`jit_compile="auto"`) while the
-    oracle runs in graph mode."""
-    if not IS_TORCH:
-        assert_within_ulp(actual, expected, XLA_MAX_ULP, err_msg)
-    else:
-        actual, expected = np.asarray(actual), np.asarray(expected)
-        assert actual.shape == expected.shape and actual.dtype == expected.dtype, err_msg
-        assert np.array_equal(actual, expected), err_msg
+    ulp on JAX, where each side is its own XLA program, and on TensorFlow,
+    where a traced step with frozen elements runs the masked update under XLA
+    by default (`jit_compile="auto"`) while the oracle runs in graph mode."""
+    assert_ulp_close(actual, expected, 0 if IS_TORCH else XLA_MAX_ULP, err_msg)
 
 
 def grad_masked(optimizer, masks: dict):

@@ -284,12 +284,46 @@ def test_where_of_the_wrong_type_raises_type_error(built):
 
 def test_set_mask_after_build_on_a_variable_without_a_mask_slot(built):
     opt, _ = built
-    with raises(ValueError, "net/dense_1/bias", "has no mask", "before build", "masks=") as e:
+    with raises(ValueError, "`set_mask('dense_1/bias')`", "net/dense_1/bias", "has no mask", "before build",
+                "masks=") as e:
         opt.set_mask("dense_1/bias", False)
     assert_raised_by_masked_opt(e, ValueError)
-    with raises(ValueError, "net/dense_1/bias", "has no mask") as e:
+    assert "`set(" not in str(e.value)  # the method's own name
+    with raises(ValueError, "`freeze('dense_1/bias')`", "net/dense_1/bias", "has no mask") as e:
         opt.freeze("dense_1/bias")
     assert_raised_by_masked_opt(e, ValueError)
+
+
+def test_errors_of_edits_name_the_method_that_was_called(built):
+    opt, _ = built
+    with raises(ValueError, "`set_mask('net/dense_1/kernel'") as e:
+        opt.set_mask("dense_1/kernel", np.ones((2, 2), bool))
+    assert "`set(" not in str(e.value)
+    opt2 = MaskedOptimizer(O.SGD(0.1))
+    with raises(TypeError, "`set_mask` keys") as e:
+        opt2.set_mask(3.5, True)
+
+
+def test_an_inner_optimizer_used_by_another_model_is_refused_naming_the_reuse():
+    inner = O.Adam(0.01)
+    first = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="a")], name="first")
+    first.compile(MaskedOptimizer(inner, {"a/bias": False}), loss="mse")
+    first.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), verbose=0)
+    second = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="b")], name="second")
+    opt = MaskedOptimizer(inner, {"b/bias": False})
+    with raises(ValueError, "'adam'", "already built", "another model or another MaskedOptimizer",
+                "first/a/kernel", "second/b/kernel", "its own optimizer instance") as e:
+        opt.build(second.trainable_variables)
+    assert_raised_by_masked_opt(e, ValueError)
+
+
+def test_an_inner_optimizer_built_on_the_same_variables_is_accepted():
+    variables = net_variables()
+    inner = O.Adam(0.01)
+    inner.build(variables)
+    opt = MaskedOptimizer(inner, {"dense_1/bias": False})
+    opt.build(variables)  # a user who built the inner optimizer first: fine
+    assert opt.built and opt.inner_optimizer is inner
 
 
 def test_element_edit_on_a_column_mask_after_build_explains_the_storage_shape(built):

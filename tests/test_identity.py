@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_JAX, assert_max_ulp, tensor, to_numpy
+from backends import IS_JAX, assert_ulp_close, tensor, to_numpy
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
@@ -63,7 +63,7 @@ def _assert_identical(
     ulp (two separately compiled programs)."""
     for path, g, w in zip(PATHS, got_weights, want_weights):
         if maxulp:
-            assert_max_ulp(g, w, maxulp, f"{label}: weights {path}")
+            assert_ulp_close(g, w, maxulp, f"{label}: weights {path}")
         else:
             assert np.array_equal(g, w), f"{label}: weights {path} differ from the bare optimizer's"
     assert len(got_state) == len(want_state), (
@@ -72,7 +72,7 @@ def _assert_identical(
     for i, (g, w) in enumerate(zip(got_state, want_state)):
         assert g.shape == w.shape, f"{label}: inner variable {i}: {g.shape} vs {w.shape}"
         if maxulp:
-            assert_max_ulp(g, w, maxulp, f"{label}: inner variable {i}")
+            assert_ulp_close(g, w, maxulp, f"{label}: inner variable {i}")
         else:
             assert np.array_equal(g, w), f"{label}: inner variable {i} differs"
 

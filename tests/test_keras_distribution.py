@@ -12,7 +12,7 @@ import pytest
 
 import keras
 from backends import jax_only
-from masked_opt import MaskedOptimizer, _backend
+from masked_opt import MaskedOptimizer, _compat
 
 pytestmark = jax_only  # keras.distribution runs on JAX
 
@@ -21,7 +21,7 @@ COL = np.array([[True, False, True, True, False, True]])
 # Optimizer variables take a layout from Keras 3.10 on; before, the distribution
 # places a mask by its own path (as it places Keras's slots), so the LayoutMap
 # below leaves it replicated.
-MASKS_FOLLOW_WEIGHTS = _backend._ADD_VARIABLE_TAKES_LAYOUT
+MASKS_FOLLOW_WEIGHTS = _compat.ADD_VARIABLE_TAKES_LAYOUT
 
 
 def _devices():
@@ -63,10 +63,17 @@ def _train(distribution=None, steps=4):
         y = rng.normal(size=(8 * steps, 4)).astype("float32")
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         end = [np.array(v.numpy()) for v in model.trainable_variables]
-        masks = {s.variable.path: s.mask for s in opt._slots.values()}
+        masks = {v.path: _mask_variable(opt, v) for v in opt.masked_variables}
         return model, opt, start, end, masks
     finally:
         keras.distribution.set_distribution(None)
+
+
+def _mask_variable(opt, variable):
+    """The optimizer variable holding `variable`'s mask (named after its path:
+    part of the saved format)."""
+    name = variable.path.replace("/", "_") + "_mask"
+    return next(v for v in opt.variables if v.name == name)
 
 
 def _check_frozen(start, end):

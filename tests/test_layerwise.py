@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from masked_opt import MaskedOptimizer, layerwise_decay
-from masked_opt.registry import match_key
+from masked_opt.keys import match_key
 
 L = keras.layers
 

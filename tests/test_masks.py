@@ -498,13 +498,15 @@ def _record_torch_steps(monkeypatch):
     """On torch, the per-example gradient objects `fisher_scores` creates."""
     made = []
     if IS_TORCH:
-        cls = M._SQUARED_GRAD_SUMS["torch"]
+        from masked_opt import _backend
+
+        cls = _backend.squared_grad_sums
 
         def make(*args):
             made.append(cls(*args))
             return made[-1]
 
-        monkeypatch.setitem(M._SQUARED_GRAD_SUMS, "torch", make)
+        monkeypatch.setattr(_backend, "squared_grad_sums", make)
     return made
 
 

@@ -113,8 +113,10 @@ def _grads(rng, shapes_, masks, nan: bool) -> list:
 
 
 def _frozen_same(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> bool:
+    """Bit for bit: a frozen NaN (a trainable element that went NaN, then was
+    frozen) equals itself, and -0.0 differs from 0.0."""
     b, a = before[~mask], after[~mask]
-    return np.array_equal(a, b) and np.array_equal(np.signbit(a), np.signbit(b))
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 @SETTINGS

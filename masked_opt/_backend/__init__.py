@@ -1,0 +1,98 @@
+"""Backend-specific code: one module per Keras backend, one interface.
+
+`common` holds the `keras.ops` implementation of every function in
+`INTERFACE`; `tensorflow`, `jax` and `torch` start from it and replace what
+their backend does differently (TensorFlow: sparse `IndexedSlices`
+gradients, XLA compilation of the masked update, `tf.distribute`-aware
+restores; JAX: the trainer's detached state, bitwise masking inside XLA;
+torch: in-place scatters; each: per-example gradients for Fisher scores).
+This package is the only place in masked_opt that asks which backend is
+active; everything else calls the functions re-exported here.
+
+No backend uses a stateful conditional: JAX's trainer runs `stateless_apply`
+inside `jax.jit`, where a `cond` whose branches assign variables leaks
+tracers; on torch a `cond` is a Python `if` (a host sync each step, a graph
+break under torch.compile); on TensorFlow it traces the update twice.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from masked_opt._backend import common
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    from masked_opt._backend import tensorflow as _impl
+elif BACKEND == "jax":
+    from masked_opt._backend import jax as _impl
+elif BACKEND == "torch":
+    from masked_opt._backend import torch as _impl
+else:  # numpy, openvino: the keras.ops defaults
+    _impl = common
+
+INTERFACE = (
+    "RowSnapshot",
+    "can_jit",
+    "check_jit_compile",
+    "check_strategy_support",
+    "counts_in_trace",
+    "densify",
+    "in_traced_function",
+    "is_compiling",
+    "is_purged",
+    "is_sparse",
+    "jit_compile_from_config",
+    "jit_function",
+    "mask_gradient",
+    "mask_layout",
+    "moves_only_gradient_rows",
+    "no_autograph",
+    "pack_bits",
+    "packs_mask",
+    "restore_frozen",
+    "scatter_flat",
+    "snapshot",
+    "squared_grad_sums",
+    "step_while_detached",
+    "sync_model",
+    "traced_into_xla",
+    "unpack_bits",
+    "unsynced_model",
+)
+"""What every backend provides: the active backend's module where it defines
+the name, else `common`'s `keras.ops` implementation."""
+
+
+def _pick(name: str):
+    return getattr(_impl, name, getattr(common, name))
+
+
+RowSnapshot = _pick("RowSnapshot")
+can_jit = _pick("can_jit")
+check_jit_compile = _pick("check_jit_compile")
+check_strategy_support = _pick("check_strategy_support")
+counts_in_trace = _pick("counts_in_trace")
+densify = _pick("densify")
+in_traced_function = _pick("in_traced_function")
+is_compiling = _pick("is_compiling")
+is_purged = _pick("is_purged")
+is_sparse = _pick("is_sparse")
+jit_compile_from_config = _pick("jit_compile_from_config")
+jit_function = _pick("jit_function")
+mask_gradient = _pick("mask_gradient")
+mask_layout = _pick("mask_layout")
+moves_only_gradient_rows = _pick("moves_only_gradient_rows")
+no_autograph = _pick("no_autograph")
+pack_bits = _pick("pack_bits")
+packs_mask = _pick("packs_mask")
+restore_frozen = _pick("restore_frozen")
+scatter_flat = _pick("scatter_flat")
+snapshot = _pick("snapshot")
+squared_grad_sums = _pick("squared_grad_sums")
+step_while_detached = _pick("step_while_detached")
+sync_model = _pick("sync_model")
+traced_into_xla = _pick("traced_into_xla")
+unpack_bits = _pick("unpack_bits")
+unsynced_model = _pick("unsynced_model")

@@ -1,0 +1,95 @@
+"""torch: in-place scatters for compact state, torch.compile detection, and
+per-example gradients with `torch.func.vmap` (a per-example loop where it
+cannot batch a layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import torch
+
+from masked_opt._backend import common
+
+
+def check_jit_compile(jit_compile: Any) -> None:
+    common.check_jit_compile(
+        jit_compile,
+        "On torch use `model.compile(jit_compile=True)` (torch.compile), which "
+        "compiles the masked update with the train step: drop the argument.",
+    )
+
+
+def is_compiling(x: Any) -> bool:
+    """Whether torch.compile (dynamo) is tracing the update."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def counts_in_trace(x: Any) -> bool:
+    """Not while torch.compile traces: dynamo guards on a Python int that the
+    step changes, and would compile every graph twice."""
+    return not is_compiling(x)
+
+
+def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
+    """`variable.flat[indices] = values`, in place (`index_copy_`)."""
+    with torch.no_grad():
+        flat = variable.value.view(-1)
+        flat.index_copy_(0, indices.long(), values.to(flat.dtype))
+
+
+class squared_grad_sums:  # noqa: N801  (the interface's name for a step factory)
+    """`torch.func.vmap(torch.func.grad(loss))` over the examples of a batch.
+
+    Where `torch.func` cannot batch a layer's kernels (it raises a
+    `RuntimeError` or `NotImplementedError`, e.g. for the channels-last copy
+    in `Conv2D`), this falls back, for this and every later batch, to a loop
+    with one `torch.autograd.grad` per example; a genuine error is raised
+    again by the loop. `vectorised` says which path is in use.
+    """
+
+    def __init__(self, model: keras.Model, loss_fn: Callable, variables: list):
+        self.model, self.loss_fn, self.variables = model, loss_fn, variables
+        self.vectorised = True
+        loss = common.stateless_loss(model, loss_fn, variables)
+        self._per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, None, None, 0, 0))
+
+    def __call__(self, x: Any, y: Any) -> list:
+        x, y = common.as_tensors(x), common.as_tensors(y)
+        if self.vectorised:
+            try:
+                return self._batched(x, y)
+            except (RuntimeError, NotImplementedError):
+                self.vectorised = False
+        return self._looped(x, y)
+
+    def _batched(self, x: Any, y: Any) -> list:
+        def values(variables):
+            return [v.value.detach() for v in variables]
+
+        grads = self._per_example(
+            values(self.variables),
+            values(self.model.trainable_variables),
+            values(self.model.non_trainable_variables),
+            x,
+            y,
+        )
+        return [torch.sum(torch.square(g), dim=0) for g in grads]
+
+    def _looped(self, x: Any, y: Any) -> list:
+        targets = [v.value for v in self.variables]
+        sums = [torch.zeros_like(t.detach()) for t in targets]
+        n = int(keras.tree.flatten(x)[0].shape[0])
+        with torch.enable_grad():
+            for i in range(n):
+                xi = keras.tree.map_structure(lambda t: t[i], x)
+                yi = keras.tree.map_structure(lambda t: t[i], y)
+                y_pred = self.model(common.one_example(xi), training=False)
+                value = keras.ops.mean(self.loss_fn(common.one_example(yi), y_pred))
+                grads = torch.autograd.grad(value, targets, allow_unused=True)
+                for acc, g in zip(sums, grads):
+                    if g is not None:
+                        acc += torch.square(g.detach())
+        return sums

@@ -1,0 +1,163 @@
+"""Every private Keras and TensorFlow API masked_opt touches, in one place.
+
+A Keras upgrade is a review of this file: each row of `PRIVATE_APIS` names
+what is used, where, why, and the Keras versions it was checked on (the
+lowest declared, 3.8.0 with TensorFlow 2.18, and the newest tested, 3.15.1
+with TensorFlow 2.21; CI runs the suite on both). Keras-private attributes
+are read through the functions below; the TensorFlow-private modules are
+used by `masked_opt/_backend/tensorflow.py` only, each behind a fallback.
+`tests/test_compat.py` fails if code elsewhere in the package touches a
+private attribute of an object it does not own, or a private attribute that
+is not listed here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import keras
+from keras.src.utils import tracking
+
+
+class PrivateApi(NamedTuple):
+    name: str  # the attribute or module, as the code spells it
+    owner: str  # the Keras/TF class or module it belongs to
+    used_for: str
+    checked_on: str = "Keras 3.8.0, 3.15.1"
+
+
+PRIVATE_APIS: tuple[PrivateApi, ...] = (
+    PrivateApi("keras.src.utils.tracking", "Keras module",
+               "no_automatic_dependency_tracking (re-exported for code that assigns containers in build)"),
+    PrivateApi("_var_key", "BaseOptimizer", "the per-variable key Keras's optimizers use (id, or TF's unique id)"),
+    PrivateApi("_variables", "BaseOptimizer", "the wrapper's own variables (`variables` is own + inner)"),
+    PrivateApi("_trainable_variables", "BaseOptimizer", "the variables the optimizer was built on"),
+    PrivateApi("_iterations", "BaseOptimizer", "`apply_gradients` returns the step counter as Keras's does"),
+    PrivateApi("_get_variable_index", "BaseOptimizer", "which EMA average belongs to a variable"),
+    PrivateApi("_model_variables_moving_average", "BaseOptimizer",
+               "the EMA averages (also read by keras.callbacks.SwapEMAWeights)"),
+    PrivateApi("_exclude_from_weight_decay", "BaseOptimizer",
+               "compact state: a proxy is excluded from weight decay with its variable"),
+    PrivateApi("_use_weight_decay", "BaseOptimizer", "whether a sparse SGD update may touch other rows"),
+    PrivateApi("_overwrite_variable_with_gradient", "BaseOptimizer (Keras >= 3.9)",
+               "float8 scale variables are never masked (older Keras: the variable flag)"),
+    PrivateApi("_optimizer_map", "MultiOptimizer (Keras >= 3.15)", "the sub-optimizer a variable will get"),
+    PrivateApi("_var_to_optimizer_idx", "MultiOptimizer (Keras >= 3.15)", "the sub-optimizer a variable has"),
+    PrivateApi("_distribution_strategy", "TF optimizer", "the strategy an optimizer was created under"),
+    PrivateApi("_value", "keras.Variable (JAX)", "JAX's trainer detaches values during fit (None)"),
+    PrivateApi("_layout", "keras.Variable", "keras.distribution: masks are laid out like their variable"),
+    PrivateApi("_model", "keras.callbacks.Callback", "the model without the JAX state sync `.model` does"),
+    PrivateApi("_jax_state", "Trainer (JAX)", "the step counter during fit without a full state sync"),
+    PrivateApi("_nodes_by_depth", "Functional", "layerwise_decay orders layers by graph depth"),
+    PrivateApi("_unique_id", "tf.Variable", "(via `_var_key` on TensorFlow)"),
+    PrivateApi("tensorflow.python.ops.control_flow_util", "TensorFlow",
+               "whether a TF graph is compiled by XLA (fallback: never; only a speed-up is lost)",
+               "TF 2.18, 2.21"),
+    PrivateApi("tensorflow.python.distribute.mirrored_strategy", "TensorFlow",
+               "MirroredStrategy family check (fallback: public classes)", "TF 2.18, 2.21"),
+    PrivateApi("tf.__internal__.distribute.interim.maybe_merge_call", "TensorFlow",
+               "restore frozen elements in a replica context, as Keras's TF optimizer does",
+               "TF 2.18, 2.21"),
+    PrivateApi("keras.src.backend.*", "Keras module names",
+               "a saved inner optimizer is named by its public class, not torch's subclass"),
+)
+
+no_automatic_dependency_tracking = tracking.no_automatic_dependency_tracking
+
+
+def var_key(optimizer: keras.optimizers.Optimizer, variable: Any) -> Any:
+    """The key Keras's optimizers file a variable under."""
+    return optimizer._var_key(variable)
+
+
+def own_variables(optimizer: keras.optimizers.Optimizer) -> list:
+    return optimizer._variables[:]
+
+
+def built_on(optimizer: keras.optimizers.Optimizer) -> list:
+    """The variables an optimizer was built on (empty before build)."""
+    return list(getattr(optimizer, "_trainable_variables", []) or [])
+
+
+def step_counter(optimizer: keras.optimizers.Optimizer) -> keras.Variable:
+    return optimizer._iterations
+
+
+def ema_average(optimizer: keras.optimizers.Optimizer, variable: Any) -> Any:
+    """The EMA average of `variable` in an optimizer with `use_ema=True`, or
+    None if the optimizer was not built on it."""
+    try:
+        index = optimizer._get_variable_index(variable)
+    except KeyError:
+        return None
+    return optimizer._model_variables_moving_average[index]
+
+
+def ema_averages(optimizer: keras.optimizers.Optimizer) -> Any:
+    return optimizer._model_variables_moving_average
+
+
+def weight_decay_exclusions(optimizer: keras.optimizers.Optimizer) -> set | None:
+    """The set of variable keys `exclude_from_weight_decay(var_list=...)` made."""
+    return getattr(optimizer, "_exclude_from_weight_decay", None)
+
+
+def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    return bool(optimizer.weight_decay) and bool(optimizer._use_weight_decay(variable))
+
+
+def overwrites_with_gradient(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """Float8 scale variables are overwritten with their gradient (Keras >= 3.9
+    has a helper for it; older versions read the flag)."""
+    check = getattr(optimizer, "_overwrite_variable_with_gradient", None)
+    if check is not None:
+        return bool(check(variable))
+    return bool(getattr(variable, "overwrite_with_gradient", False))
+
+
+def multi_optimizer_map(optimizer: Any) -> Any:
+    """A MultiOptimizer's `variable -> sub-optimizer` function, or None."""
+    mapping = getattr(optimizer, "_optimizer_map", None)
+    return mapping if callable(mapping) else None
+
+
+def multi_optimizer_index(optimizer: Any, variable: Any) -> int | None:
+    """The index of the sub-optimizer a built MultiOptimizer gave `variable`."""
+    return optimizer._var_to_optimizer_idx.get(optimizer._var_key(variable))
+
+
+def creation_strategy(optimizer: Any) -> Any:
+    """The tf.distribute strategy a TF optimizer was created under (or None)."""
+    return getattr(optimizer, "_distribution_strategy", None)
+
+
+def is_detached(variable: Any) -> bool:
+    """Whether JAX's trainer has detached the variable's value during `fit`."""
+    return getattr(variable, "_value", True) is None
+
+
+def variable_layout(variable: Any) -> Any:
+    return getattr(variable, "_layout", None)
+
+
+def callback_model(callback: keras.callbacks.Callback) -> Any:
+    """The callback's model without the JAX state sync `callback.model` does."""
+    return callback._model
+
+
+def jax_trainer_state(model: Any) -> dict:
+    return getattr(model, "_jax_state", None) or {}
+
+
+def nodes_by_depth(model: Any) -> dict:
+    return model._nodes_by_depth
+
+
+ADD_VARIABLE_TAKES_LAYOUT = "layout" in inspect.signature(keras.optimizers.Optimizer.add_variable).parameters
+"""`Optimizer.add_variable(layout=...)` arrived in Keras 3.10 (public signature)."""
+
+MULTI_OPTIMIZER = getattr(keras.optimizers, "MultiOptimizer", None)
+"""keras.optimizers.MultiOptimizer arrived in Keras 3.15."""
+
+BACKEND_MODULE_PREFIX = "keras.src.backend."

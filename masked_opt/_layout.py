@@ -1,0 +1,90 @@
+"""Where masked variables keep their optimizer state, and the step over it.
+
+Two layouts implement one interface: `DenseLayout` (the default: the inner
+optimizer keeps full-size state, masks are bool variables) and
+`CompactLayout` (`compact_state=True`: the inner optimizer keeps state for
+the trainable elements only). The orchestrator (`MaskedOptimizer`) builds the
+table of entries, then asks its layout to create a mask's state, to run a
+step, to finalize the EMA, and to read or edit a mask. Multipliers are
+stored the same way in both layouts (see `add_multiplier`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from masked_opt import _backend, _blend
+from masked_opt._table import Entry, VariableTable
+
+AddState = Callable[..., keras.Variable]
+"""`add_state(variable, value, suffix, sharded=True) -> keras.Variable`: an
+optimizer variable holding `value`, named after `variable` (see
+`MaskedOptimizer._add_state`)."""
+
+Read = Callable[[keras.Variable, str], np.ndarray]
+"""`read(state_variable, path) -> np.ndarray`, syncing JAX's trainer first if
+it holds the value (see `_owner.Owner.read`)."""
+
+
+class StateLayout:
+    """The interface; `DenseLayout` and `CompactLayout` implement it."""
+
+    def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, read: Read):
+        self.inner, self.add_state, self.read = inner, add_state, read
+
+    # -- build
+    def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
+        """Creates the optimizer variables that hold `entry`'s mask (and state)."""
+        raise NotImplementedError
+
+    def add_multiplier(self, entry: Entry, value: np.ndarray) -> None:
+        entry.multiplier_shape = tuple(value.shape)
+        entry.multiplier = self.add_state(entry.variable, np.array(value, np.float32), "_multiplier")
+
+    def inner_variables(self, variables: list, table: VariableTable) -> list:
+        """The variables the inner optimizer is built on."""
+        return list(variables)
+
+    def after_inner_build(self, table: VariableTable) -> None:
+        """Links entries to state the inner optimizer made (its EMA)."""
+
+    def after_load(self, table: VariableTable) -> None:
+        """Brings derived state in line with loaded (or assigned) masks."""
+
+    # -- train
+    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]]) -> None:
+        """The inner optimizer's update with `handled` entries masked/multiplied."""
+        raise NotImplementedError
+
+    def finalize(self, var_list: list, table: VariableTable) -> None:
+        """`finalize_variable_values` with EMA (the average swapped in)."""
+        raise NotImplementedError
+
+    # -- masks on the host
+    def read_mask(self, entry: Entry) -> np.ndarray:
+        """The stored mask, at its storage shape (or the full shape)."""
+        raise NotImplementedError
+
+    def plan_mask(self, entry: Entry, new: np.ndarray, what: str) -> Callable[[], None]:
+        """Validates a mask edit now; returns the function that makes it."""
+        raise NotImplementedError
+
+    def detached(self, table: VariableTable) -> bool:
+        """Whether JAX's trainer holds some mask's value (a failed step)."""
+        raise NotImplementedError
+
+
+def multiplied_only(inner: Any, variable: keras.Variable, multiplier: keras.Variable):
+    """(snapshot, restore items after the step) of a variable with a multiplier
+    and no mask, the same in both layouts."""
+    old = _backend.snapshot(variable)
+    ema = _blend.ema_before(inner, variable)
+
+    def items() -> list[tuple]:
+        return _blend.multiplied_items(variable, None, multiplier.value, old, *ema)
+
+    return items

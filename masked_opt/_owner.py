@@ -1,0 +1,63 @@
+"""The model whose trainer drives the optimizer.
+
+Found once, when the optimizer is built or first traced, by walking up the
+call stack to the `keras.Model` whose `optimizer` is this one (or wraps it).
+Two uses: on JAX, during `fit` the trainer holds the state and detaches the
+variables' values until `model.jax_state_sync()`, so reading a mask from a
+callback that holds only the optimizer syncs through the owner first; and
+error messages name the model's non-trainable variables when a key selects
+only those.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import keras
+import numpy as np
+
+from masked_opt import _backend
+
+
+class Owner:
+    def __init__(self) -> None:
+        self._ref: Any = None
+
+    def find(self, optimizer: Any) -> None:
+        """Remembers the calling model of `optimizer` (trace time only)."""
+        if self._ref is not None:
+            return
+        frame = inspect.currentframe()
+        for _ in range(64):  # a LossScaleOptimizer cond adds ~10 frames
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, keras.Model):
+                opt = getattr(candidate, "optimizer", None)
+                if opt is optimizer or getattr(opt, "inner_optimizer", None) is optimizer:
+                    self._ref = weakref.ref(candidate)
+                    return
+
+    def model(self) -> keras.Model | None:
+        return None if self._ref is None else self._ref()
+
+    def non_trainable_variables(self) -> list:
+        return list(getattr(self.model(), "non_trainable_variables", []) or [])
+
+    def read(self, variable: keras.Variable, path: str) -> np.ndarray:
+        """The value of one of the optimizer's variables, syncing the trainer's
+        state into the model first if it holds it (JAX during `fit`)."""
+        if _backend.is_purged(variable):
+            model = self.model()
+            if model is None or not hasattr(model, "jax_state_sync"):
+                raise RuntimeError(
+                    f"The masks and multipliers of '{path}' are held by JAX's trainer "
+                    "right now (its value is detached from the variable during "
+                    "`fit`). Call `model.jax_state_sync()` first, e.g. by reading "
+                    "`self.model` in your callback."
+                )
+            _backend.sync_model(model)
+        return np.asarray(variable.numpy())

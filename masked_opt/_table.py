@@ -1,0 +1,148 @@
+"""The host-side table: one place that knows, for each model variable the
+optimizer masks or multiplies, its mask and multiplier variables, their
+storage shapes and its compact-state indices.
+
+It is a plain Python object, so neither Keras's nor TensorFlow's attribute
+tracking treats it as optimizer state: the arrays it points at live in the
+optimizer's own variables (saved by position, see `_saving`); the table only
+says which is which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+
+@dataclass(eq=False)
+class CompactState:
+    """The compact state of one masked variable (`compact_state=True`)."""
+
+    proxy: keras.Variable  # (capacity,) the trainable elements, what the inner optimizer updates
+    indices: keras.Variable  # int32 (capacity,) flat positions; `count` of them valid
+    count: keras.Variable  # int32 scalar
+    capacity: int
+
+
+@dataclass(eq=False)
+class Entry:
+    """Everything the optimizer keeps for one masked or multiplied variable."""
+
+    variable: keras.Variable
+    position: int  # among the variables the optimizer is built on
+    mask_shape: tuple[int, ...] | None = None  # storage shape; None: no mask
+    mask: keras.Variable | None = None  # bool, dense state only
+    bits: keras.Variable | None = None  # the mask bit-packed for XLA steps (derived, not saved)
+    compact: CompactState | None = None  # compact state only
+    ema: keras.Variable | None = None  # the inner optimizer's EMA of the variable (dense state)
+    multiplier_shape: tuple[int, ...] | None = None  # storage shape; None: no multiplier
+    multiplier: keras.Variable | None = None  # float32
+
+    @property
+    def path(self) -> str:
+        return self.variable.path
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.variable.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    """What a `MaskedOptimizer` keeps for one variable (see `inspect()`)."""
+
+    path: str
+    shape: tuple[int, ...]
+    mask_shape: tuple[int, ...] | None  # the mask's storage shape, None: no mask
+    multiplier_shape: tuple[int, ...] | None  # None: no multiplier
+    compact_capacity: int | None  # compact_state: elements its state can hold
+    packed_mask: bool  # a bit-packed copy of the mask is read by XLA-compiled steps
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """A read-only view of a `MaskedOptimizer`'s bookkeeping (see `inspect()`).
+
+    `update_traces` counts the Python executions of the masked update (one
+    per trace in a TensorFlow or JAX compiled step, one per call in eager
+    mode; torch.compile's traces are not counted);
+    `xla_functions` the masked updates compiled by `jit_compile` on
+    TensorFlow; `last_update_compiled` whether the last of those executions
+    was traced into a compiled program (XLA, or torch.compile), None before
+    the first.
+    """
+
+    built: bool
+    compact_state: bool
+    variables: tuple[VariableInfo, ...]  # masked or multiplied, in build order
+    update_traces: int
+    xla_functions: int
+    last_update_compiled: bool | None
+
+    def variable(self, path: str) -> VariableInfo:
+        """The row of the variable whose path is (or ends with "/") `path`."""
+        hits = [v for v in self.variables if v.path == path or v.path.endswith("/" + path)]
+        if len(hits) != 1:
+            known = [v.path for v in self.variables]
+            raise KeyError(f"{path!r} selects {len(hits)} of the optimizer's variables {known}")
+        return hits[0]
+
+
+class VariableTable:
+    """Entries by variable, in build order; `identity` says whether every mask
+    is all True and every multiplier 1 (the bare optimizer's update)."""
+
+    def __init__(self, key: Callable[[Any], Any]):
+        self._key = key
+        self._entries: dict[Any, Entry] = {}
+        self.identity = True
+        self.unset: list[str] = []  # masks from a config awaiting their saved values
+        # Entries rebuilt from a config: {argument: {config entry: [variables]}}.
+        self.from_config: dict[str, dict[int, list]] = {}
+
+    def add(self, entry: Entry) -> Entry:
+        self._entries[self._key(entry.variable)] = entry
+        return entry
+
+    def get(self, variable: Any) -> Entry | None:
+        return self._entries.get(self._key(variable))
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.position))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check_loaded(self) -> None:
+        """Refuses to train while masks rebuilt from a config await their values."""
+        if self.unset:
+            more = " ..." if len(self.unset) > 5 else ""
+            raise ValueError(
+                f"The masks of variables {self.unset[:5]}{more} "
+                "were rebuilt from a config without their values, which live in the "
+                "saved weights. Load them (`keras.models.load_model` or "
+                "`model.load_weights`), or give them with `set_mask`, before training."
+            )
+
+    def masked(self) -> list[Entry]:
+        return [e for e in self if e.mask_shape is not None]
+
+    def multiplied(self) -> list[Entry]:
+        return [e for e in self if e.multiplier_shape is not None]
+
+    def info(self) -> tuple[VariableInfo, ...]:
+        return tuple(
+            VariableInfo(
+                path=e.path,
+                shape=tuple(e.variable.shape),
+                mask_shape=e.mask_shape,
+                multiplier_shape=e.multiplier_shape,
+                compact_capacity=None if e.compact is None else e.compact.capacity,
+                packed_mask=e.bits is not None,
+            )
+            for e in self
+        )

@@ -1,0 +1,121 @@
+"""Masks and multipliers on the host: resolved into the table at build, read
+back, and edited after build.
+
+An edit validates the new value of every variable it selects before it
+changes any (a rejected `set_mask` or `set_multiplier` changes nothing, so
+training goes on exactly as if it had not been called), then commits them,
+and refreshes the table's `identity` flag (no element frozen, every
+multiplier 1), which the XLA decision reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from masked_opt import _saving
+from masked_opt._layout import StateLayout
+from masked_opt._owner import Owner
+from masked_opt._table import Entry, VariableTable
+from masked_opt.keys import Key, check_key, match_key
+from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry
+
+
+class Values:
+    def __init__(self, table: VariableTable, layout: StateLayout, owner: Owner, masks: Registry, multipliers: Registry):
+        self.table, self.layout, self.owner = table, layout, owner
+        self.registries = {MASKS.argument: masks, MULTIPLIERS.argument: multipliers}
+
+    def registry(self, quantity: Quantity) -> Registry:
+        return self.registries[quantity.argument]
+
+    # ------------------------------------------------------------- build
+
+    def build(self, var_list: list, maskable: list, key: Callable) -> None:
+        """Resolves every registry against `maskable` (in `var_list`) and adds
+        an entry per masked or multiplied variable, in this order: masks,
+        then multipliers, each by position (the order of the optimizer's
+        variables, which files are saved by)."""
+        position = {key(v): i for i, v in enumerate(var_list)}
+        identity = True
+        for argument, registry in self.registries.items():
+            targets, capacities, unset = _saving.bind_config_specs(registry, maskable, key)
+            self.table.from_config[argument] = {
+                j: [v for v in maskable if key(v) in set(keys)] for j, keys in targets.items()
+            }
+            self.table.unset += [p for p in unset if p not in self.table.unset]
+            resolved = registry.resolve(maskable, others=self.owner.non_trainable_variables())
+            for i, value in sorted(resolved.items()):
+                variable = maskable[i]
+                entry = self.table.get(variable) or self.table.add(Entry(variable, position[key(variable)]))
+                if registry.quantity is MASKS:
+                    self.layout.add_mask(entry, value, capacities.get(key(variable)))
+                else:
+                    self.layout.add_multiplier(entry, value)
+                identity = identity and registry.quantity.is_identity(value)
+        self.table.identity = identity
+
+    # -------------------------------------------------------------- read
+
+    def read(self, quantity: Quantity, entry: Entry) -> np.ndarray | None:
+        """The stored value (None where the entry has none of `quantity`)."""
+        if quantity is MASKS:
+            return None if entry.mask_shape is None else self.layout.read_mask(entry)
+        return None if entry.multiplier_shape is None else self.owner.read(entry.multiplier, entry.path)
+
+    def get(self, quantity: Quantity, variable: keras.Variable, built: bool) -> np.ndarray:
+        """The value at the variable's full shape (the identity where it has none)."""
+        if not built:
+            value = self.registry(quantity).resolve([variable], strict=False).get(0)
+        else:
+            entry = self.table.get(variable)
+            value = None if entry is None else self.read(quantity, entry)
+        value = np.ones((), quantity.dtype) if value is None else value
+        return np.array(np.broadcast_to(value, tuple(variable.shape)), quantity.dtype)
+
+    def refresh_identity(self) -> None:
+        self.table.identity = all(
+            q.is_identity(self.read(q, e)) for q, entries in ((MASKS, self.table.masked()),
+                                                              (MULTIPLIERS, self.table.multiplied()))
+            for e in entries
+        )
+
+    # -------------------------------------------------------------- edit
+
+    def edit(self, quantity: Quantity, kind: str, key: Key, payload: Any, variables: Sequence[keras.Variable]) -> None:
+        """`kind` ("set", "freeze", "unfreeze") of the variables `key` selects."""
+        method = quantity.methods[kind]
+        check_key(key, argument=method)
+        selected = [variables[i] for i in match_key(key, variables, argument=method)]
+        commits = [self._plan(quantity, kind, key, payload, v, method) for v in selected]
+        for commit in commits:
+            commit()
+        paths = {v.path for v in selected}
+        self.table.unset = [p for p in self.table.unset if p not in paths]
+        self.refresh_identity()
+
+    def _plan(self, quantity: Quantity, kind: str, key: Key, payload: Any, variable, method: str) -> Callable[[], None]:
+        entry = self.table.get(variable)
+        current = None if entry is None else self.read(quantity, entry)  # syncs JAX's trainer state
+        if current is None:
+            raise quantity.unallocated(method, key, variable)
+        if quantity is MASKS:
+            new = MASKS.apply_op(kind, payload, variable, None if kind == "set" else current)
+            return self.layout.plan_mask(entry, new, f"{method}('{variable.path}')")
+        what = f"{method}('{variable.path}', value)"
+        new = MULTIPLIERS.resolve(payload, variable, what=what)
+        stored = MULTIPLIERS.to_storage(new, entry.multiplier_shape, variable, what=what)
+        return lambda: entry.multiplier.assign(stored)
+
+    def load_unbuilt(self, store: Any) -> None:
+        """Arrays saved by an optimizer saved before build, bound to the
+        variables its config keys selected."""
+        for argument, registry in self.registries.items():
+            for j, variables in self.table.from_config.get(argument, {}).items():
+                value = _saving.saved_arrays(store, registry, j)
+                if value is not None:
+                    for variable in variables:
+                        self.edit(registry.quantity, "set", variable, value, variables)
