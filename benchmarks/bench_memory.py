@@ -73,10 +73,8 @@ def bytes_part(size: int = 2048) -> list[str]:
             opt = make()
             opt.build([k])
             sizes[name] = _nbytes(opt.variables)
-            if name == "compact":
-                sizes["proxy"] = sum(
-                    _nbytes([s.compact.proxy]) for s in opt._slots.values() if s.compact is not None
-                )
+            if name == "compact":  # the proxies: scratch, one float32 per element of capacity
+                sizes["proxy"] = sum(4 * (v.compact_capacity or 0) for v in opt.inspect().variables)
             del opt, k
             keras.backend.clear_session()
         floor = 2 * 4 * count  # Adam: m and v for exactly the trainable elements

@@ -16,7 +16,7 @@ Variants:
 * ``bare XLA``: the reference;
 * ``masked``: the library as it is;
 * ``masked, select grad mask``: the same, with the gradient masked by
-  ``where(mask, grad, 0)`` under XLA as before (``_backend._compiled_by_xla``
+  ``where(mask, grad, 0)`` under XLA as before (``_backend.common.mask_gradient``
   patched to False while the step is traced): what the bitwise AND replaced;
 * ``masked, no grad mask`` (diagnostic, not exact): the gradient is not
   masked at all; the cost of the snapshot/restore alone;
@@ -94,7 +94,8 @@ def _patched(name: str, value) -> None:
 
 @contextlib.contextmanager
 def _select_grad_mask():
-    with _patched("_compiled_by_xla", lambda x: False):
+    # The `keras.ops.where` mask (a `select` under XLA) instead of the bitwise AND.
+    with _patched("mask_gradient", _backend.common.mask_gradient):
         yield
 
 
@@ -189,7 +190,7 @@ def _runner(inner_name: str, masked: bool, trace_ctx, warmup: int, variant: str)
     if IS_TF and masked:
         # What each TF variant measures: a nested XLA function called from
         # the graph-mode step, or none (the whole step is one XLA program).
-        nested = len(opt._jit_functions) > 0
+        nested = opt.inspect().xla_functions > 0
         if nested != (variant != IN_XLA_STEP):
             raise AssertionError(f"{name}: nested XLA function made: {nested}")
     return run, FrozenCheck(masks if masked else {}, list(OPT_SHAPES), before, now)

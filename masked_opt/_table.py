@@ -117,6 +117,15 @@ class VariableTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def handled(self, grads: list, variables: list) -> list[tuple[int, Entry]]:
+        """(position, entry) of each variable with a gradient that has an entry."""
+        out = []
+        for i, (grad, variable) in enumerate(zip(grads, variables)):
+            entry = None if grad is None else self.get(variable)
+            if entry is not None:
+                out.append((i, entry))
+        return out
+
     def check_loaded(self) -> None:
         """Refuses to train while masks rebuilt from a config await their values."""
         if self.unset:

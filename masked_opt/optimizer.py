@@ -37,15 +37,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: a `keras.optimizers.Optimizer` instance (one per
             model), or anything `keras.optimizers.get` accepts ("adam", a
             config dict).
-        masks: dict from keys to masks, or a list of `(key, mask)` pairs (use
-            pairs for `keras.Variable` keys: TF variables are unhashable). A
-            key is a `keras.Variable`, a layer, or a string matched against
-            `variable.path` (exact, "/"-suffix, layer name or path, regex). A
-            mask is a bool scalar, a bool array-like broadcastable to the
-            variable (0/1 integers accepted), or a callable
-            `variable -> array`; True means trainable. Keys are resolved at
-            build; variables no key matches train as with the inner
-            optimizer alone, at no cost.
+        masks: `{key: mask}`, or `(key, mask)` pairs (for `keras.Variable`
+            keys, unhashable on TF). A key is a variable, a layer, or a string
+            matched against `variable.path` (exact, "/"-suffix, layer, regex);
+            a mask a bool scalar, a bool array-like broadcastable to the
+            variable, or a callable `variable -> array`; True = trainable.
+            Resolved at build; unmatched variables train as bare, at no cost.
         multipliers: update multipliers, given like `masks`: floats >= 0 (or
             arrays, callables). The stored weight becomes
             `w_old + m * (w_inner - w_old)`: 1 leaves the inner update
@@ -61,8 +58,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             int, or a float in (0, 1] (a fraction of each variable).
         name: the optimizer's name.
 
-    After build, `set_mask`/`freeze`/`unfreeze`/`set_multiplier` change the
-    stored values in place: the next step uses them, without retracing.
+    After build, `set_mask`, `freeze`, `unfreeze` and `set_multiplier` change
+    the stored values in place: the next step uses them, without retracing.
+    `inspect()` tells what is stored per variable and how the update ran.
     """
 
     def __init__(
@@ -122,11 +120,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
 
     def _add_state(self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True):
-        """An optimizer variable holding `value` (its dtype and shape), named
-        after `variable`. Values go in through the initializer: an `assign`
-        inside a build that runs while the train function is traced could be
-        lost. `sharded`: under keras.distribution, laid out as `mask_layout`
-        says (like its weight when full-shape, else replicated)."""
+        """An optimizer variable holding `value`, named after `variable`, given its
+        value by the initializer (an `assign` in a build traced by `fit` can be
+        lost); `sharded`: laid out like its variable under keras.distribution."""
         value = np.asarray(value)
         layout = _backend.mask_layout(variable, value.shape) if sharded else None
         return self.add_variable(
@@ -171,11 +167,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:
         self._compile.record(grads)
-        handled = []
-        for i, (grad, variable) in enumerate(zip(grads, variables)):
-            entry = self._table.get(variable) if grad is not None else None
-            if entry is not None:
-                handled.append((i, entry))
+        handled = self._table.handled(grads, variables)
         if handled:
             self._layout.step(grads, variables, handled)
         else:
@@ -279,12 +271,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def optimizers(self):
         """A MultiOptimizer inner's sub-optimizers (what Keras's learning-rate
         callbacks look for); AttributeError for other inner optimizers."""
-        try:
-            return self.inner_optimizer.optimizers
-        except AttributeError:
-            raise AttributeError(
-                f"'{type(self.inner_optimizer).__name__}' inner optimizer has no attribute 'optimizers'"
-            ) from None
+        return self.inner_optimizer.optimizers
 
     @property
     def variables(self):
@@ -352,24 +339,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def load_own_variables(self, store):
         try:
             record = _saving.read_record(store, self.name)
-            if not record.get("built", True) or not self.built:
-                return self._load_unbuilt(store, record)
+            if not (record.get("built", True) and self.built):
+                _saving.skip_next_load(self.inner_optimizer)
+                if record.get("built", True):  # a built file cannot fill an unbuilt optimizer
+                    return _saving.warn_unbuilt(self.name)
+                return self._values.load_unbuilt(store)  # arrays given before build, by config entry
             variables = self._saved_variables()
             own = _saving.meta(self._table, self.built, len(variables))
-            paths = [v.path for v in _compat.built_on(self)]
-            _saving.load_variables(store, variables, record, own, paths, self.name)
+            _saving.load_variables(store, variables, record, own, [v.path for v in self.built_variables], self.name)
         except ValueError:
             _saving.skip_next_load(self.inner_optimizer)
             raise
         self._layout.after_load(self._table)
         self._table.unset = []
         self._values.refresh_identity()
-
-    def _load_unbuilt(self, store, record: dict) -> None:
-        """A file saved before build holds only the arrays given then; a built
-        file cannot load into an unbuilt optimizer."""
-        _saving.skip_next_load(self.inner_optimizer)
-        if record.get("built", True):
-            _saving.warn_unbuilt(self.name)
-        else:
-            self._values.load_unbuilt(store)

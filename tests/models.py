@@ -20,7 +20,7 @@ from backends import gradients, tensor
 def _dense(spec: Any, common: dict) -> keras.layers.Dense:
     if isinstance(spec, int):
         return keras.layers.Dense(spec, **common)
-    name, units, *rest = spec
+    name, units, *rest = spec  # name None: Keras's automatic name
     return keras.layers.Dense(units, name=name, **{**common, **(rest[0] if rest else {})})
 
 

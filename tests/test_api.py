@@ -17,6 +17,7 @@ from backends import (
     tensor,
     to_numpy,
 )
+from models import mlp
 from masked_opt import MaskedOptimizer
 
 O = keras.optimizers
@@ -34,14 +35,7 @@ def masked_paths(opt):
 
 def make_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((3,)),
-            keras.layers.Dense(4, name="dense_1"),
-            keras.layers.Dense(2, name="dense_2"),
-        ],
-        name="seq",
-    )
+    return mlp(3, ("dense_1", 4), ("dense_2", 2), name="seq")
 
 
 def data(n=16):
@@ -524,17 +518,21 @@ def test_set_mask_after_build_takes_effect_in_the_compiled_step_without_retracin
         assert step.traces() == 1
 
 
-def test_eager_apply_and_the_compiled_step_agree_and_keep_frozen_exact():
+@pytest.mark.parametrize("density", [None, 0.01, 0.05, 0.5], ids=["small", "4k_1%", "4k_5%", "4k_50%"])
+def test_eager_apply_and_the_compiled_step_agree_and_keep_frozen_exact(density):
     # Two programs (eager op by op, and tf.function / jax.jit over
     # stateless_apply / eager torch): frozen elements exact in both, the rest
     # within XLA_MAX_ULP ulp (at each array's scale) of each other, weights
-    # and optimizer state.
+    # and optimizer state; at small and realistic sizes (>= 4,096 elements).
     rng = np.random.default_rng(4)
-    mask = rng.random((3, 4)) < 0.5
-    grads = [[tensor(rng.normal(size=s), "float32") for s in [(3, 4), (4,), (4, 2)]] for _ in range(3)]
+    shapes = [(3, 4), (4,), (4, 2)] if density is None else [(64, 96), (4096,), (96, 64)]
+    mask = rng.random(shapes[0]) < (density or 0.5)
+    grads = [[tensor(rng.normal(size=s), "float32") for s in shapes] for _ in range(3)]
     runs = []
     for compiled in (False, True):
-        variables = net_variables()
+        init = np.random.default_rng(0)
+        variables = [scoped_variable(init.normal(size=s), n, "net", layer)
+                     for s, (layer, n) in zip(shapes, [("dense_1", "kernel"), ("dense_1", "bias"), ("dense_2", "kernel")])]
         start = [to_numpy(v) for v in variables]
         opt = MaskedOptimizer(O.AdamW(0.05, weight_decay=0.1), {"dense_1/kernel": mask, "dense_1/bias": False})
         opt.build(variables)

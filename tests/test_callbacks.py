@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from backends import IS_TORCH, TraceCounter, jax_only, synced
+import models
 from masked_opt import MaskedOptimizer
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, current_step, masked_optimizer
 
@@ -17,13 +18,8 @@ def data(n=32, d=6, k=3, seed=0):
 
 
 def mlp(units=(5, 4), d=6, k=3, counter=None):
-    layers = [keras.Input((d,))]
-    if counter is not None:
-        layers.append(counter)
-    for i, u in enumerate(units):
-        layers.append(keras.layers.Dense(u, activation="relu", name=f"hidden_{i}"))
-    layers.append(keras.layers.Dense(k, name="out"))
-    return keras.Sequential(layers, name="net")
+    hidden = [(f"hidden_{i}", u, {"activation": "relu"}) for i, u in enumerate(units)]
+    return models.mlp(d, *hidden, ("out", k), name="net", counter=counter)
 
 
 def compile_(model, inner, masks):

@@ -24,6 +24,7 @@ import pytest
 
 import keras
 from backends import IS_JAX, assert_ulp_close, tensor, to_numpy
+from models import mlp
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
@@ -39,17 +40,7 @@ MASKINGS = {"no_masks": None, "all_true": ALL_TRUE}
 
 def _model() -> keras.Model:
     """Dense(6) -> Dense(4, no bias) on 5 inputs, weights set to fixed random values."""
-    model = keras.Sequential(
-        [
-            keras.Input((5,)),
-            keras.layers.Dense(6, name="d1"),
-            keras.layers.Dense(4, name="d2", use_bias=False),
-        ]
-    )
-    init = np.random.default_rng(5)
-    for v in model.trainable_variables:
-        v.assign(init.normal(size=v.shape).astype("float32"))
-    return model
+    return mlp(5, ("d1", 6), ("d2", 4, {"use_bias": False}), init_seed=5)
 
 
 def _state(optimizer) -> list[np.ndarray]:

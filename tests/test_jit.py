@@ -18,13 +18,16 @@ import pytest
 
 import keras
 from backends import BACKEND, IS_TF, assert_ulp_close, tf_only
+from models import mlp, regression_data
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
 if IS_TF:
     import tensorflow as tf
 
-SHAPES = [(5, 4), (4,), (4, 3)]
+# Small shapes, and realistic ones (>= 4,096 elements per variable, where
+# SIMD bodies and tails round differently) at three densities.
+SIZES = {"small": None, "4k_1%": 0.01, "4k_5%": 0.05, "4k_50%": 0.5}
 # Max ulps between the masked XLA update and a separately compiled bare XLA
 # update, for every optimizer. Measured on an AMD EPYC with AVX-512, 3 steps:
 # Ftrl 1 ulp (weight decay, frozen elements present), every other optimizer 0
@@ -33,15 +36,26 @@ SHAPES = [(5, 4), (4,), (4, 3)]
 JIT_MAX_ULP = 2
 
 
-def _setup(seed=0, steps=3):
+def _shapes(size):
+    return [(5, 4), (4,), (4, 3)] if SIZES[size] is None else [(64, 96), (4096,), (96, 64)]
+
+
+def _setup(seed=0, steps=3, size="small"):
     rng = np.random.default_rng(seed)
-    init = [rng.standard_normal(s).astype("float32") for s in SHAPES]
+    shapes = _shapes(size)
+    init = [rng.standard_normal(s).astype("float32") for s in shapes]
     grads = [
-        [tf.constant(rng.standard_normal(s).astype("float32")) for s in SHAPES]
+        [tf.constant(rng.standard_normal(s).astype("float32")) for s in shapes]
         for _ in range(steps)
     ]
-    # kernel: element-wise, bias: frozen whole, kernel: a (1, 3) column mask
-    masks = [rng.random((5, 4)) < 0.5, np.array(False), np.array([[True, False, True]])]
+    # kernel: element-wise, bias: frozen whole, kernel: a column mask
+    density = SIZES[size]
+    if density is None:
+        masks = [rng.random((5, 4)) < 0.5, np.array(False), np.array([[True, False, True]])]
+    else:
+        columns = rng.random((1, 64)) < density
+        columns[0, 0] = True
+        masks = [rng.random((64, 96)) < density, np.array(False), columns]
     return init, grads, masks
 
 
@@ -58,9 +72,10 @@ def _bare_under_xla(optimizer, init):
 
 
 @tf_only
+@pytest.mark.parametrize("size", ["small", "4k_50%"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_all_true_jit_matches_the_bare_optimizer_under_xla(name):
-    init, grads, _ = _setup()
+def test_all_true_jit_matches_the_bare_optimizer_under_xla(name, size):
+    init, grads, _ = _setup(size=size)
     bare_vars, bare, bare_step = _bare_under_xla(OPTIMIZERS[name](weight_decay=0.01), init)
 
     vs = [keras.Variable(a) for a in init]
@@ -82,12 +97,13 @@ def test_all_true_jit_matches_the_bare_optimizer_under_xla(name):
 
 
 @tf_only
+@pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_jit_keeps_frozen_exact_and_matches_an_xla_oracle(name):
+def test_jit_keeps_frozen_exact_and_matches_an_xla_oracle(name, size):
     # Oracle: the bare optimizer under XLA fed np.where(mask, g, 0), frozen elements
     # copied back with NumPy after each step. Weight decay moves every element.
-    init, grads, masks = _setup(seed=1)
-    full = [np.broadcast_to(m, s) for m, s in zip(masks, SHAPES)]
+    init, grads, masks = _setup(seed=1, size=size)
+    full = [np.broadcast_to(m, s) for m, s in zip(masks, _shapes(size))]
     ref_vars, ref, ref_step = _bare_under_xla(OPTIMIZERS[name](weight_decay=0.05), init)
 
     vs = [keras.Variable(a) for a in init]
@@ -183,30 +199,26 @@ def test_config_saved_with_jit_compile_loads_without_it_off_tensorflow():
 
 
 # ------------------------------------------- jit_compile="auto" (the default)
-def _auto_fit(masks, jit_compile="auto"):
-    model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(5, name="d1"), keras.layers.Dense(3, name="d2")]
-    )
-    init = np.random.default_rng(4)
-    for v in model.trainable_variables:
-        v.assign(init.normal(size=v.shape).astype("float32"))
+def _auto_fit(masks, jit_compile="auto", n_in=6, units=5):
+    model = mlp(n_in, ("d1", units), ("d2", 3), init_seed=4)
     opt = MaskedOptimizer(keras.optimizers.AdamW(0.05, weight_decay=0.1), masks, jit_compile=jit_compile)
     model.compile(optimizer=opt, loss="mse")
     start = [v.numpy() for v in model.trainable_variables]
-    rng = np.random.default_rng(5)
-    x, y = rng.normal(size=(24, 6)).astype("float32"), rng.normal(size=(24, 3)).astype("float32")
+    x, y = regression_data(24, n_in, 3, seed=5)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     return opt, start, [v.numpy() for v in model.trainable_variables]
 
 
 @tf_only
-def test_auto_compiles_the_masked_update_with_xla_when_an_element_is_frozen():
-    elem = np.random.default_rng(6).random((6, 5)) < 0.5
-    opt, start, end = _auto_fit({"d1/kernel": elem, "d1/bias": False})
+@pytest.mark.parametrize("density", [None, 0.01, 0.05, 0.5], ids=["small", "4k_1%", "4k_5%", "4k_50%"])
+def test_auto_compiles_the_masked_update_with_xla_when_an_element_is_frozen(density):
+    n_in, units = (6, 5) if density is None else (64, 96)  # d1/kernel: 30 or 6,144 elements
+    elem = np.random.default_rng(6).random((n_in, units)) < (density or 0.5)
+    opt, start, end = _auto_fit({"d1/kernel": elem, "d1/bias": False}, n_in=n_in, units=units)
     assert opt.inspect().xla_functions == 1  # the XLA path was traced
     assert np.array_equal(end[0][~elem], start[0][~elem]) and np.array_equal(end[1], start[1])
     # Graph mode (jit_compile=False) computes the same update, rounded op by op.
-    ref, _, graph_end = _auto_fit({"d1/kernel": elem, "d1/bias": False}, jit_compile=False)
+    ref, _, graph_end = _auto_fit({"d1/kernel": elem, "d1/bias": False}, jit_compile=False, n_in=n_in, units=units)
     assert ref.inspect().xla_functions == 0
     for a, b in zip(end, graph_end):
         # Graph mode vs XLA: measured 2 ulp here (elementwise it can be more

@@ -12,6 +12,7 @@ import pytest
 
 import keras
 from backends import jax_only
+from models import mlp
 from masked_opt import MaskedOptimizer, _compat
 
 pytestmark = jax_only  # keras.distribution runs on JAX
@@ -32,19 +33,7 @@ def _devices():
 
 
 def _model():
-    model = keras.Sequential(
-        [
-            keras.Input((8,)),
-            keras.layers.Dense(6, name="d1"),
-            keras.layers.Dense(6, name="d2"),
-            keras.layers.Dense(4, name="out"),
-        ],
-        name="net",
-    )
-    init = np.random.default_rng(0)
-    for v in model.trainable_variables:
-        v.assign(init.normal(size=v.shape).astype("float32"))
-    return model
+    return mlp(8, ("d1", 6), ("d2", 6), ("out", 4), name="net", init_seed=0)
 
 
 def _train(distribution=None, steps=4):

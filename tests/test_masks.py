@@ -9,15 +9,14 @@ from hypothesis import strategies as st
 
 import keras
 from backends import IS_TORCH, gradients, jax_only, tensor, tf_only, torch_only
+from models import mlp
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 
 
 def _dense_model(n_in=4, units=(3, 2), activation=None):
-    layers = [keras.Input((n_in,))]
-    layers += [keras.layers.Dense(u, activation=activation) for u in units[:-1]]
-    layers += [keras.layers.Dense(units[-1])]
-    return keras.Sequential(layers)
+    hidden = [(None, u, {"activation": activation}) for u in units[:-1]]
+    return mlp(n_in, *hidden, units[-1])
 
 
 def _mask_variables(opt):

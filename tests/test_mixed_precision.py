@@ -25,6 +25,7 @@ import keras
 from backends import (
     IS_JAX, IS_TF, CompiledStep, assert_equal_across_programs, grad_masked, optimizer_class, tensor,
 )
+from models import mlp
 from masked_opt import MaskedOptimizer
 
 LSO = keras.optimizers.LossScaleOptimizer
@@ -37,13 +38,7 @@ def _data(n=32, d=6, k=3):
 
 
 def _model(weights=None, kernel_constraint=None):
-    model = keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(5, activation="tanh", name="hidden", kernel_constraint=kernel_constraint),
-            keras.layers.Dense(3, name="out"),
-        ]
-    )
+    model = mlp(6, ("hidden", 5, {"activation": "tanh", "kernel_constraint": kernel_constraint}), ("out", 3))
     if weights is not None:
         model.set_weights(weights)
     return model

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_TORCH, TraceCounter, assert_equal_across_programs, synced, tensor, to_numpy
+from backends import assert_ulp_close, IS_TORCH, TraceCounter, assert_equal_across_programs, synced, tensor, to_numpy
+from models import mlp
 from masked_opt import MaskedOptimizer
 from optimizer_table import AVAILABLE
 
@@ -23,18 +24,22 @@ O = keras.optimizers
 SHAPES = {"k": (5, 4), "b": (4,), "o": (4, 3)}
 
 
-def _variables(seed=0):
+# Realistic sizes (>= 4,096 elements per variable) for the compact = dense comparison.
+BIG_SHAPES = {"k": (64, 96), "b": (4096,), "o": (96, 64)}
+
+
+def _variables(seed=0, shapes=SHAPES):
     rng = np.random.default_rng(seed)
     return {
         name: keras.Variable(rng.normal(size=shape).astype("float32"), name=name)
-        for name, shape in SHAPES.items()
+        for name, shape in shapes.items()
     }
 
 
-def _grads(steps, seed=1):
+def _grads(steps, seed=1, shapes=SHAPES):
     rng = np.random.default_rng(seed)
     return [
-        {name: rng.normal(size=shape).astype("float32") for name, shape in SHAPES.items()}
+        {name: rng.normal(size=shape).astype("float32") for name, shape in shapes.items()}
         for _ in range(steps)
     ]
 
@@ -167,27 +172,35 @@ def test_ema_averages_the_weights_actually_stored():
     assert not np.allclose(stored[0], stored[-1], atol=1e-3)
 
 
-def test_compact_state_with_multipliers_is_bit_identical_to_dense_state():
+@pytest.mark.parametrize("density", [None, 0.01, 0.05, 0.5], ids=["small", "4k_1%", "4k_5%", "4k_50%"])
+def test_compact_state_with_multipliers_matches_dense_state(density):
+    # Within compact state's documented bound for AdamW (docs/compact-state.md:
+    # 2 ulp at the variable's scale; measured 0), weights and their EMA.
+    shapes = SHAPES if density is None else BIG_SHAPES
     rng = np.random.default_rng(3)
-    mask = rng.random((5, 4)) < 0.5
-    mults = {"k": np.array([[0.0, 0.5, 1.0, 2.0]], np.float32), "o": 0.3}
+    mask = rng.random(shapes["k"]) < (density or 0.5)
+    cols = shapes["k"][1]
+    mults = {"k": np.linspace(0.0, 2.0, cols, dtype=np.float32)[None, :], "o": 0.3}
     runs = {}
     for compact in (False, True):
-        variables = _variables()
+        variables = _variables(shapes=shapes)
         opt = MaskedOptimizer(
             O.AdamW(0.05, weight_decay=0.1, use_ema=True),
             masks={"k": mask},
             multipliers=mults,
             compact_state=compact,
         )
-        _run(opt, variables, _grads(4))
+        _run(opt, variables, _grads(4, shapes=shapes))
         names = list(variables)
         weights = {n: to_numpy(variables[n]) for n in names}
         opt.finalize_variable_values([variables[n] for n in names])  # EMA swapped in
         runs[compact] = weights, {n: to_numpy(variables[n]) for n in names}
-    for n in SHAPES:
-        assert np.array_equal(runs[True][0][n], runs[False][0][n]), n
-        assert np.array_equal(runs[True][1][n], runs[False][1][n]), f"EMA of {n}"
+    for n in shapes:
+        assert_ulp_close(runs[True][0][n], runs[False][0][n], 2, n)
+        assert_ulp_close(runs[True][1][n], runs[False][1][n], 2, f"EMA of {n}")
+    frozen = ~mask
+    start = to_numpy(_variables(shapes=shapes)["k"])
+    assert np.array_equal(runs[True][0]["k"][frozen], start[frozen])
 
 
 # ------------------------------------------------------------------ API
@@ -249,15 +262,7 @@ def test_multiplier_errors_name_the_variable_and_the_fix():
 
 
 def _model(counter=None):
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            *([counter] if counter is not None else []),
-            keras.layers.Dense(5, activation="relu", name="hidden"),
-            keras.layers.Dense(3, name="out"),
-        ],
-        name="net",
-    )
+    return mlp(6, ("hidden", 5, {"activation": "relu"}), ("out", 3), name="net", counter=counter)
 
 
 def _data(n=32, seed=0):

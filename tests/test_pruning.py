@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from backends import synced
+import models
 from masked_opt import MaskedOptimizer
 from masked_opt.callbacks import masked_optimizer
 from masked_opt.pruning import (
@@ -27,14 +28,7 @@ def data(n=64, d=8, k=3, seed=0):
 
 
 def mlp():
-    return keras.Sequential(
-        [
-            keras.Input((8,)),
-            keras.layers.Dense(12, activation="relu", name="hidden"),
-            keras.layers.Dense(3, name="out"),
-        ],
-        name="net",
-    )
+    return models.mlp(8, ("hidden", 12, {"activation": "relu"}), ("out", 3), name="net")
 
 
 def compiled(inner, masks=None):
