@@ -519,7 +519,7 @@ def test_set_mask_after_build_takes_effect_in_the_compiled_step_without_retracin
 
 
 @pytest.mark.parametrize("density", [None, 0.01, 0.05, 0.5], ids=["small", "4k_1%", "4k_5%", "4k_50%"])
-def test_eager_apply_and_the_compiled_step_agree_and_keep_frozen_exact(density):
+def test_eager_apply_and_the_compiled_step_agree_and_keep_frozen_exact(density):  # cheap: 4 cases
     # Two programs (eager op by op, and tf.function / jax.jit over
     # stateless_apply / eager torch): frozen elements exact in both, the rest
     # within XLA_MAX_ULP ulp (at each array's scale) of each other, weights

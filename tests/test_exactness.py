@@ -652,16 +652,17 @@ def test_sgd_by_hand():
 # ------------------------------------------------------- realistic sizes
 # The matrix above runs on small variables; SIMD kernels treat a vector body
 # and its tail differently, so the central promise is also checked at >= 4,096
-# elements per variable, with 1 %, 5 % and 50 % of the elements trainable.
+# elements per variable: element masks with 1 % and 50 % and a column mask
+# with 5 % of the elements trainable.
 BIG_PATHS = ["a/kernel", "a/bias", "b/kernel"]
 BIG_SHAPES = [(64, 96), (4096,), (96, 64)]
 
 
-def _big_setup(density: float):
+def _big_setup():
     rng = np.random.default_rng(9)
-    cols = rng.random((1, 64)) < density
-    cols[0, 0] = True
-    masks = [rng.random((64, 96)) < density, rng.random((4096,)) < density, cols]
+    cols = rng.random((1, 64)) < 0.05
+    cols[0, :2] = True
+    masks = [rng.random((64, 96)) < 0.01, rng.random((4096,)) < 0.5, cols]
     grads = [[rng.normal(size=s).astype("float32") for s in BIG_SHAPES] for _ in range(2)]
     return masks, [np.broadcast_to(m, s) for m, s in zip(masks, BIG_SHAPES)], grads
 
@@ -676,10 +677,9 @@ def _big_variables() -> list[keras.Variable]:
     return out
 
 
-@pytest.mark.parametrize("density", [0.01, 0.05, 0.5], ids=["1%", "5%", "50%"])
 @pytest.mark.parametrize("opt_id", OPT_IDS)
-def test_frozen_exact_and_the_oracle_at_realistic_sizes(opt_id, density):
-    masks, full, grads = _big_setup(density)
+def test_frozen_exact_and_the_oracle_at_realistic_sizes(opt_id):
+    masks, full, grads = _big_setup()
     kwargs = {"weight_decay": 0.05}  # moves every element
     variables = _big_variables()
     opt = MaskedOptimizer(OPTIMIZERS[opt_id](**kwargs), list(zip(variables, masks)))
@@ -705,7 +705,7 @@ def test_frozen_exact_and_the_oracle_at_realistic_sizes(opt_id, density):
 
 @pytest.mark.parametrize("opt_id", OPT_IDS)
 def test_frozen_exact_in_a_compiled_step_at_realistic_sizes(opt_id):
-    masks, full, grads = _big_setup(0.05)
+    masks, full, grads = _big_setup()
     variables = _big_variables()
     opt = MaskedOptimizer(OPTIMIZERS[opt_id](weight_decay=0.05), list(zip(variables, masks)))
     step = CompiledStep(opt, variables)
