@@ -14,8 +14,9 @@ from masked_opt import _quiet
 if _quiet.launched_as_cli():  # `python -m masked_opt`: a quiet start-up, for the CLI's process only
     _quiet.quiet_cli_startup()
 
-from masked_opt import callbacks, masks, pruning  # noqa: E402
+from masked_opt import callbacks, delta, masks, pruning  # noqa: E402
 from masked_opt._table import OptimizerInfo, VariableInfo  # noqa: E402
+from masked_opt.delta import BaseRecord, SparseDelta  # noqa: E402
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
 from masked_opt.keys import Key  # noqa: E402
 from masked_opt.layerwise import layerwise_decay  # noqa: E402
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BaseRecord",
     "ConstantSparsity",
     "DynamicMask",
     "FrozenSnapshot",
@@ -45,11 +47,13 @@ __all__ = [
     "MultiplierValue",
     "OptimizerInfo",
     "PolynomialSparsity",
+    "SparseDelta",
     "VariableInfo",
     "VerifyFrozen",
     "Where",
     "__version__",
     "callbacks",
+    "delta",
     "format_mask_summary",
     "layerwise_decay",
     "mask_summary",
