@@ -14,7 +14,7 @@ from masked_opt import _quiet
 if _quiet.launched_as_cli():  # `python -m masked_opt`: a quiet start-up, for the CLI's process only
     _quiet.quiet_cli_startup()
 
-from masked_opt import callbacks, delta, masks, pruning  # noqa: E402
+from masked_opt import callbacks, delta, masks, pruning, sparse_training  # noqa: E402
 from masked_opt._table import OptimizerInfo, VariableInfo  # noqa: E402
 from masked_opt.delta import BaseRecord, SparseDelta  # noqa: E402
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
@@ -22,6 +22,7 @@ from masked_opt.keys import Key  # noqa: E402
 from masked_opt.layerwise import layerwise_decay  # noqa: E402
 from masked_opt.optimizer import MaskedOptimizer  # noqa: E402
 from masked_opt.pruning import ConstantSparsity, MagnitudePruning, PolynomialSparsity, prunable_masks  # noqa: E402
+from masked_opt.sparse_training import SET, RigL, SpIEL, layer_densities  # noqa: E402
 from masked_opt.registry import MaskValue, MultiplierValue, Where  # noqa: E402
 from masked_opt.summary import MaskRow, MaskSummary, format_mask_summary, mask_summary, plot_masks, print_mask_summary  # noqa: E402
 from masked_opt.verify import FrozenSnapshot, FrozenWeightsChangedError, VerifyFrozen, snapshot_frozen, verify_frozen  # noqa: E402
@@ -47,6 +48,9 @@ __all__ = [
     "MultiplierValue",
     "OptimizerInfo",
     "PolynomialSparsity",
+    "RigL",
+    "SET",
+    "SpIEL",
     "SparseDelta",
     "VariableInfo",
     "VerifyFrozen",
@@ -55,6 +59,7 @@ __all__ = [
     "callbacks",
     "delta",
     "format_mask_summary",
+    "layer_densities",
     "layerwise_decay",
     "mask_summary",
     "masked_optimizer",
@@ -64,5 +69,6 @@ __all__ = [
     "prunable_masks",
     "pruning",
     "snapshot_frozen",
+    "sparse_training",
     "verify_frozen",
 ]

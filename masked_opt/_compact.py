@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import StateLayout, multiplied_only
+from masked_opt._layout import StateLayout, multiplied_only, reset_slots
 from masked_opt._table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
@@ -279,6 +279,16 @@ class CompactLayout(StateLayout):
             c.count.assign(np.array(new_count, np.int32))
 
         return commit
+
+    def reset_state(self, entry: Entry | None, variable: keras.Variable, positions: np.ndarray) -> None:
+        if entry is None or entry.compact is None:  # state of the variable's own shape
+            return super().reset_state(entry, variable, positions)
+        c = entry.compact
+        active = np.asarray(self.read(c.indices, entry.path))[: int(self.read(c.count, entry.path))]
+        loc = np.searchsorted(active, positions)  # frozen positions have no state to reset
+        loc = loc[(loc < len(active)) & (active[np.minimum(loc, len(active) - 1)] == positions)] if len(active) else loc[:0]
+        weights = np.asarray(self.read(variable, variable.path)).reshape(-1)
+        reset_slots(self.inner, c.proxy, variable, loc, weights[active[loc]], self.read)
 
     def detached(self, table: VariableTable) -> bool:
         return any(_backend.is_purged(e.compact.indices) for e in table.masked())

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _blend
+from masked_opt import _backend, _blend, _inner
 from masked_opt._table import Entry, VariableTable
 
 AddState = Callable[..., keras.Variable]
@@ -76,6 +76,32 @@ class StateLayout:
     def detached(self, table: VariableTable) -> bool:
         """Whether JAX's trainer holds some mask's value (a failed step)."""
         raise NotImplementedError
+
+    # -- optimizer state on the host
+    def reset_state(self, entry: Entry | None, variable: keras.Variable, positions: np.ndarray) -> None:
+        """Gives the elements at flat `positions` a fresh inner optimizer's
+        state (the inner optimizer's slots made from `variable`)."""
+        weights = np.asarray(self.read(variable, variable.path)).reshape(-1)
+        reset_slots(self.inner, variable, variable, positions, weights[positions], self.read)
+
+
+def reset_slots(inner: Any, reference: keras.Variable, variable: keras.Variable, at: np.ndarray,
+                weights: np.ndarray, read: Read) -> None:
+    """Sets the inner optimizer's slots made from `reference` to a fresh
+    optimizer's values at flat positions `at` (whose weights are `weights`)."""
+    if at.size == 0:
+        return
+    fresh = _inner.fresh_state(inner, reference, weights)
+    for suffix, slot in _inner.slot_variables(inner.variables, reference).items():
+        if tuple(slot.shape) != tuple(reference.shape) or suffix not in fresh:
+            raise ValueError(
+                f"`reset_state('{variable.path}')`: the inner optimizer's state '{slot.name}' has shape "
+                f"{tuple(slot.shape)}, not the variable's {tuple(reference.shape)}: it is not kept per element, so "
+                "it cannot be reset per element. Use an element-wise optimizer (Adam, AdamW, SGD, ...)."
+            )
+        values = np.array(read(slot, variable.path)).reshape(-1)
+        values[at] = np.asarray(fresh[suffix]).reshape(-1)
+        slot.assign(values.reshape(tuple(slot.shape)))
 
 
 def multiplied_only(inner: Any, variable: keras.Variable, multiplier: keras.Variable):

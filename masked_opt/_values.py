@@ -21,7 +21,7 @@ from masked_opt._layout import StateLayout
 from masked_opt._owner import Owner
 from masked_opt._table import Entry, VariableTable
 from masked_opt.keys import Key, check_key, match_key
-from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry
+from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry, apply_where
 
 
 class Values:
@@ -109,6 +109,19 @@ class Values:
         new = MULTIPLIERS.resolve(payload, variable, what=what)
         stored = MULTIPLIERS.to_storage(new, entry.multiplier_shape, variable, what=what)
         return lambda: entry.multiplier.assign(stored)
+
+    def reset_state(self, key: Key, where: Any, variables: Sequence[keras.Variable]) -> None:
+        """Fresh inner-optimizer state for the elements `key` and `where` select."""
+        check_key(key, argument="reset_state")
+        plan = []
+        for i in match_key(key, variables, argument="reset_state"):
+            variable = variables[i]
+            full = np.zeros(tuple(variable.shape), bool)
+            apply_where(full, slice(None) if where is None else where, True, path=variable.path,
+                        what=f"reset_state('{variable.path}')")
+            plan.append((variable, np.flatnonzero(full)))
+        for variable, positions in plan:
+            self.layout.reset_state(self.table.get(variable), variable, positions)
 
     def load_unbuilt(self, store: Any) -> None:
         """Arrays saved by an optimizer saved before build, bound to the

@@ -20,38 +20,29 @@ model whose variable differs raises. Composition (`a + b`, LT-SFT's language
 + task) sums differences; `a + b` refuses overlapping elements, and
 `SparseDelta.compose([a, b], overlap="sum")` adds them.
 
-File format (`save`): a NumPy ``.npz`` read with ``allow_pickle=False``.
-Member ``header`` is UTF-8 JSON (uint8) ``{"format": "masked_opt_delta",
-"version": 1, "variables": [{"path", "shape", "dtype", "base_sha256",
-"count", "dense", "position", "num_weights"}, ...]}``; for variable ``i``,
-``i.values`` holds the differences (bfloat16 as its uint16 bits),
-``i.positions`` (sparse only) the sorted flat positions as LEB128 varints of
-the gaps minus one (1 byte for gaps under 128, 2 under 16,384), and
-``i.apply_fix_at`` / ``i.apply_fix`` / ``i.revert_fix_at`` / ``i.revert_fix``
-the fix-ups (indices into the changed elements, exact values). Bytes per
-changed element: the dtype's size plus the position (about 1.3 at 1 %
-density), plus about 1 KB per variable.
+The file (`save`) is a pickle-free ``.npz`` (format in
+`masked_opt/_delta_file.py`): per changed element the dtype's size plus its
+position (about 1.3 bytes at 1 % density), plus about 1 KB per variable.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import keras
 import ml_dtypes
 import numpy as np
 
+from masked_opt import _delta_file
+from masked_opt._delta_file import Part, bits, fingerprint
+
 __all__ = ["BaseRecord", "SparseDelta"]
 
-FORMAT = "masked_opt_delta"
-VERSION = 1
 _AUTO_NUMBER = re.compile(r"_\d+(?=/|$)")
 
 
@@ -75,89 +66,15 @@ def _write(variable: keras.Variable, flat: np.ndarray) -> None:
     variable.assign(values)
 
 
-def _bits(values: np.ndarray) -> np.ndarray:
-    """The values' bit patterns (so -0.0 != 0.0 and NaN == NaN of the same bits)."""
-    return values.view(np.dtype(f"u{values.dtype.itemsize}"))
-
-
-def fingerprint(values: np.ndarray) -> str:
-    """SHA-256 of a flat array's dtype and little-endian bytes."""
-    digest = hashlib.sha256(str(values.dtype).encode())
-    bits = _bits(values)
-    digest.update(np.ascontiguousarray(bits, dtype=bits.dtype.newbyteorder("<")).tobytes())
-    return digest.hexdigest()
-
-
-def encode_positions(positions: np.ndarray) -> np.ndarray:
-    """Sorted distinct flat positions -> LEB128 varints of (gap - 1), uint8."""
-    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
-    nbytes = np.ones(gaps.size, np.int64)
-    for k in range(1, 10):
-        nbytes += gaps >= 1 << (7 * k)
-    out = np.zeros(int(nbytes.sum()), np.uint8)
-    starts = np.cumsum(nbytes) - nbytes
-    for k in range(int(nbytes.max(initial=0))):
-        has = nbytes > k
-        more = (nbytes > k + 1)[has]
-        out[starts[has] + k] = ((gaps[has] >> (7 * k)) & 0x7F) | np.where(more, 0x80, 0)
-    return out
-
-
-def decode_positions(data: np.ndarray) -> np.ndarray:
-    """Inverse of `encode_positions`."""
-    data = np.asarray(data, np.uint8)
-    if data.size == 0:
-        return np.zeros(0, np.int64)
-    ends = np.flatnonzero(data < 0x80)
-    if ends.size == 0 or ends[-1] != data.size - 1:
-        raise ValueError("Corrupt delta file: a position's varint is cut off.")
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    k = np.arange(data.size) - np.repeat(starts, ends - starts + 1)
-    gaps = np.add.reduceat((data & 0x7F).astype(np.int64) << (7 * k), starts)
-    return np.cumsum(gaps + 1) - 1
-
-
-# ----------------------------------------------------------------- entries
-
-
-@dataclass(eq=False)
-class _Part:
-    """One variable's share of a delta."""
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    base_sha256: str
-    positions: np.ndarray | None  # sorted int64 flat positions; None: dense
-    diff: np.ndarray  # at `positions` (or everywhere), the variable's dtype
-    apply_fix_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    apply_fix: np.ndarray | None = None
-    revert_fix_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    revert_fix: np.ndarray | None = None
-    position: int = -1  # among the base model's weights (for renamed-model matching)
-    num_weights: int = -1
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def count(self) -> int:
-        return self.size if self.positions is None else int(self.positions.size)
-
-    def flat_positions(self) -> np.ndarray:
-        return np.arange(self.size) if self.positions is None else self.positions
-
-    def index(self) -> Any:
-        return slice(None) if self.positions is None else self.positions
+# ----------------------------------------------------------------- parts
 
 
 def _fixes(computed: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    at = np.flatnonzero(_bits(computed) != _bits(wanted))
+    at = np.flatnonzero(bits(computed) != bits(wanted))
     return at, wanted[at].copy()
 
 
-def _part(path: str, shape: tuple, base: np.ndarray, tuned: np.ndarray, changed: np.ndarray, **where: int) -> _Part:
+def _part(path: str, shape: tuple, base: np.ndarray, tuned: np.ndarray, changed: np.ndarray, **where: int) -> Part:
     itemsize = base.dtype.itemsize
     dense = changed.size * (itemsize + 2) >= base.size * itemsize
     index = slice(None) if dense else changed
@@ -166,7 +83,7 @@ def _part(path: str, shape: tuple, base: np.ndarray, tuned: np.ndarray, changed:
         diff = t - b
         apply_at, apply_fix = _fixes(b + diff, t)
         revert_at, revert_fix = _fixes(t - diff, b)
-    return _Part(
+    return Part(
         path, tuple(shape), base.dtype, fingerprint(base), None if dense else changed.astype(np.int64), diff,
         apply_at, apply_fix, revert_at, revert_fix, **where,
     )
@@ -193,7 +110,7 @@ def _normalized(path: str) -> str:
     return _AUTO_NUMBER.sub("", path)
 
 
-def _find(part: _Part, weights: list[keras.Variable]) -> keras.Variable:
+def _find(part: Part, weights: list[keras.Variable]) -> keras.Variable:
     """The model variable `part` belongs to: the same path (up to a scope
     prefix), else the same position among as many weights with the same
     path up to Keras's auto-numbering ("dense_3/kernel" for "dense_1/kernel")."""
@@ -212,7 +129,7 @@ def _find(part: _Part, weights: list[keras.Variable]) -> keras.Variable:
     )
 
 
-def _check_matches(part: _Part, variable: keras.Variable, current: np.ndarray, action: str) -> None:
+def _check_matches(part: Part, variable: keras.Variable, current: np.ndarray, action: str) -> None:
     if tuple(variable.shape) != part.shape or current.dtype != part.dtype:
         raise ValueError(
             f"Cannot {action} the delta: variable {variable.path!r} has shape {tuple(variable.shape)} and dtype "
@@ -231,8 +148,8 @@ class SparseDelta:
     ship with `save` / `SparseDelta.load`; use with `apply` / `revert`.
     """
 
-    def __init__(self, parts: Iterable[_Part] = ()):
-        self._parts: dict[str, _Part] = {}
+    def __init__(self, parts: Iterable[Part] = ()):
+        self._parts: dict[str, Part] = {}
         for part in parts:
             if part.path in self._parts:
                 raise ValueError(f"Two entries for variable {part.path!r} in one delta.")
@@ -264,7 +181,7 @@ class SparseDelta:
             if not _is_float(b) or (trainable_only and not b.trainable):
                 continue
             bv, tv = _read(b), _read(t)
-            changed = np.flatnonzero(_bits(bv) != _bits(tv))
+            changed = np.flatnonzero(bits(bv) != bits(tv))
             if changed.size:
                 parts.append(_part(b.path, tuple(b.shape), bv, tv, changed, position=i, num_weights=len(bases)))
         return cls(parts)
@@ -289,7 +206,7 @@ class SparseDelta:
         """``tuned - base`` at `positions(path)`, in the variable's dtype."""
         return self._part(path).diff.copy()
 
-    def _part(self, path: str) -> _Part:
+    def _part(self, path: str) -> Part:
         if path not in self._parts:
             raise KeyError(f"The delta does not change {path!r}; it changes {self.paths}.")
         return self._parts[path]
@@ -384,7 +301,7 @@ class SparseDelta:
         for d in deltas:
             if not isinstance(d, SparseDelta):
                 raise TypeError(f"`compose` takes SparseDelta objects. Received: {type(d).__name__}.")
-        by_variable: dict[Any, list[_Part]] = {}
+        by_variable: dict[Any, list[Part]] = {}
         for d in deltas:  # one variable: the same path up to Keras's auto-numbering, at the same position
             for part in d._parts.values():
                 key = (_normalized(part.path), part.position, part.num_weights) if part.position >= 0 else part.path
@@ -394,71 +311,19 @@ class SparseDelta:
     # ---------------------------------------------------------- save/load
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the delta as a ``.npz`` (see the module docstring)."""
+        """Writes the delta as a ``.npz`` (format: `masked_opt._delta_file`)."""
         path = os.fspath(path)
         if not path.endswith(".npz"):
             raise ValueError(f"A delta file's name must end in '.npz'. Received: {path!r}.")
-        arrays: dict[str, np.ndarray] = {}
-        header = {"format": FORMAT, "version": VERSION, "variables": []}
-        for i, part in enumerate(self._parts.values()):
-            header["variables"].append({
-                "path": part.path, "shape": list(part.shape), "dtype": str(part.dtype), "base_sha256": part.base_sha256,
-                "count": part.count, "dense": part.positions is None, "position": part.position,
-                "num_weights": part.num_weights,
-            })
-            arrays[f"{i}.values"] = _storable(part.diff)
-            if part.positions is not None:
-                arrays[f"{i}.positions"] = encode_positions(part.positions)
-            for name in ("apply_fix", "revert_fix"):
-                at = getattr(part, f"{name}_at")
-                if at.size:
-                    arrays[f"{i}.{name}_at"] = encode_positions(at)
-                    arrays[f"{i}.{name}"] = _storable(getattr(part, name))
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
-        np.savez(path, **arrays)
+        _delta_file.write(list(self._parts.values()), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseDelta:
         """Reads a delta written by `save` (no pickle)."""
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            if "header" not in data.files:
-                raise ValueError(f"{os.fspath(path)!r} is not a masked_opt delta file (no header).")
-            header = json.loads(bytes(data["header"]).decode())
-            if header.get("format") != FORMAT or header.get("version") != VERSION:
-                raise ValueError(
-                    f"{os.fspath(path)!r} is not a version-{VERSION} masked_opt delta file: "
-                    f"format {header.get('format')!r}, version {header.get('version')!r}."
-                )
-            return cls(_loaded(i, entry, data) for i, entry in enumerate(header["variables"]))
+        return cls(_delta_file.read(os.fspath(path)))
 
 
-def _storable(values: np.ndarray) -> np.ndarray:
-    return _bits(values) if values.dtype == ml_dtypes.bfloat16 else values
-
-
-def _loaded(i: int, entry: dict, data: Any) -> _Part:
-    dtype = np.dtype(ml_dtypes.bfloat16) if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"])
-
-    def values(name: str) -> np.ndarray:
-        raw = data[name]
-        return raw.view(dtype) if dtype == ml_dtypes.bfloat16 else raw.astype(dtype, copy=False)
-
-    positions = None if entry["dense"] else decode_positions(data[f"{i}.positions"])
-    fixes = {}
-    for name in ("apply_fix", "revert_fix"):
-        present = f"{i}.{name}_at" in data.files
-        fixes[f"{name}_at"] = decode_positions(data[f"{i}.{name}_at"]) if present else np.zeros(0, np.int64)
-        fixes[name] = values(f"{i}.{name}") if present else np.zeros(0, dtype)
-    part = _Part(
-        entry["path"], tuple(entry["shape"]), dtype, entry["base_sha256"], positions, values(f"{i}.values"),
-        position=entry["position"], num_weights=entry["num_weights"], **fixes,
-    )
-    if part.diff.size != part.count or part.count != entry["count"]:
-        raise ValueError(f"Corrupt delta file: variable {part.path!r} has {part.diff.size} values for {entry['count']} elements.")
-    return part
-
-
-def _merge(parts: list[_Part], overlap: str) -> _Part:
+def _merge(parts: list[Part], overlap: str) -> Part:
     first = parts[0]
     for other in parts[1:]:
         if other.base_sha256 != first.base_sha256 or other.shape != first.shape or other.dtype != first.dtype:
@@ -490,7 +355,7 @@ def _merge(parts: list[_Part], overlap: str) -> _Part:
             values.append(getattr(part, name)[keep])
     dense = union.size == first.size
     merged = {name: (np.concatenate(w).astype(np.int64), np.concatenate(v).astype(first.dtype)) for name, (w, v) in fixes.items()}
-    return _Part(
+    return Part(
         first.path, first.shape, first.dtype, first.base_sha256, None if dense else union, diff,
         merged["apply_fix"][0], merged["apply_fix"][1], merged["revert_fix"][0], merged["revert_fix"][1],
         position=first.position, num_weights=first.num_weights,
@@ -559,7 +424,7 @@ class BaseRecord:
                         "recorded, so their base values are unknown: record after the last mask change that "
                         "unfreezes elements, or build the delta with `SparseDelta.from_models(base, tuned)`."
                     )
-            changed_at = np.flatnonzero(_bits(tuned[positions]) != _bits(base))
+            changed_at = np.flatnonzero(bits(tuned[positions]) != bits(base))
             if changed_at.size == 0:
                 continue
             full_base = tuned.copy()

@@ -117,7 +117,7 @@ def fisher_scores(
     if num_batches is not None:
         _check_count(num_batches, "num_batches", " or None")
     verbose = _check_verbose(verbose, caller="fisher_scores")
-    loss_fn = _resolve_loss(model, loss)
+    loss_fn = resolve_loss(model, loss)
     batches = _batches(data, int(batch_size))  # checks a tuple `data`
     target = _num_batches(data, int(batch_size), num_batches)
     if num_batches is not None:
@@ -185,18 +185,19 @@ def _num_batches(data: Any, batch_size: int, num_batches: int | None) -> int | N
     return n
 
 
-def _resolve_loss(model: keras.Model, loss: Any) -> Callable:
+def resolve_loss(model: keras.Model, loss: Any, caller: str = "fisher_scores") -> Callable:
+    """`loss`, else the model's compiled loss, as `(y_true, y_pred) -> loss`."""
     if loss is None:
         loss = getattr(model, "loss", None)
         if loss is None:
             raise ValueError(
-                f"`fisher_scores`: model '{model.name}' is not compiled with a "
+                f"`{caller}`: model '{model.name}' is not compiled with a "
                 "loss. Pass `loss=` (e.g. `loss='sparse_categorical_crossentropy'` "
                 "or a `keras.losses.Loss`), or compile the model first."
             )
     if isinstance(loss, (dict, list, tuple)):
         raise ValueError(
-            "`fisher_scores`: the model's loss is a structure "
+            f"`{caller}`: the model's loss is a structure "
             f"({type(loss).__name__}) for several outputs; pass one callable "
             "`loss=(y_true, y_pred) -> scalar` that combines them."
         )
@@ -204,7 +205,7 @@ def _resolve_loss(model: keras.Model, loss: Any) -> Callable:
         loss = keras.losses.get(loss)
     if not callable(loss):
         raise TypeError(
-            "`fisher_scores`: `loss` must be a callable `(y_true, y_pred) -> loss`, "
+            f"`{caller}`: `loss` must be a callable `(y_true, y_pred) -> loss`, "
             f"a `keras.losses.Loss` or a loss name. Received: {loss!r}."
         )
     return loss

@@ -24,7 +24,6 @@ and a `MaskFn` with arrays, bools and other `MaskFn`s (the result is again a
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import zlib

@@ -27,11 +27,10 @@ from masked_opt.registry import MASKS, MULTIPLIERS, MaskValue, MultiplierValue, 
 class MaskedOptimizer(keras.optimizers.Optimizer):
     """Wraps any Keras optimizer and keeps masked-out elements bit-identical.
 
-    Each step, gradients of masked variables are zeroed where the mask is
-    False (NaN/inf there included), the inner optimizer applies them as usual
-    (weight decay, momentum, EMA, constraints and all), and the elements that
-    are frozen are then restored to their exact values from before the step.
-    Trainable elements receive exactly the inner optimizer's update.
+    Each step, masked gradients are zeroed where the mask is False (NaN/inf
+    too), the inner optimizer applies them as usual (weight decay, momentum,
+    EMA, constraints), and frozen elements are restored to their exact
+    values; trainable elements get exactly the inner optimizer's update.
 
     Args:
         inner_optimizer: a `keras.optimizers.Optimizer` instance (one per
@@ -58,9 +57,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             int, or a float in (0, 1] (a fraction of each variable).
         name: the optimizer's name.
 
-    After build, `set_mask`, `freeze`, `unfreeze` and `set_multiplier` change
-    the stored values in place: the next step uses them, without retracing.
-    `inspect()` tells what is stored per variable and how the update ran.
+    After build, `set_mask`, `freeze`, `unfreeze`, `set_multiplier` change the
+    stored values in place (the next step uses them, no retrace); `inspect()`
+    tells what is stored per variable and how the update ran.
     """
 
     def __init__(
@@ -175,9 +174,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         var_list = list(var_list)
-        # On JAX `fit` calls this from a `finally` in which the variables may
-        # still be detached after an error: read nothing then (it would hide
-        # that error). Without an EMA nothing moves weights here.
+        # JAX's `fit` calls this from a `finally`, where the variables may still be
+        # detached after an error: read nothing then (it would hide that error).
         if any(_backend.is_purged(v) for v in var_list) or self._layout.detached(self._table):
             return
         if not _inner.uses_ema(self.inner_optimizer):
@@ -206,6 +204,13 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         """Sets the update multiplier of the variable(s) `key` selects (only
         variables that had one at build have one); like `set_mask`."""
         self._edit(MULTIPLIERS, "set", key, value)
+
+    def reset_state(self, key: Key, where: Where = None) -> None:
+        """Gives the selected elements a fresh inner optimizer's state (zero
+        moments, the EMA at the weight), as for a newly grown connection."""
+        if not self.built:  # nothing to reset
+            raise ValueError("`reset_state` needs a built optimizer: build it (or run a step) first.")
+        self._values.reset_state(key, where, _compat.built_on(self))
 
     def _edit(self, quantity, kind: str, key: Key, payload: Any) -> None:
         if self.built:  # validates every selected variable, then changes them all

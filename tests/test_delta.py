@@ -13,7 +13,8 @@ import pytest
 
 import masked_opt
 from masked_opt import MaskedOptimizer, SparseDelta
-from masked_opt.delta import BaseRecord, decode_positions, encode_positions
+from masked_opt._delta_file import decode_positions, encode_positions
+from masked_opt.delta import BaseRecord
 from models import classification_data, mlp
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

@@ -45,6 +45,7 @@ INTERFACE = (
     "is_sparse",
     "jit_compile_from_config",
     "jit_function",
+    "loss_gradients",
     "mask_gradient",
     "mask_layout",
     "moves_only_gradient_rows",
@@ -81,6 +82,7 @@ is_purged = _pick("is_purged")
 is_sparse = _pick("is_sparse")
 jit_compile_from_config = _pick("jit_compile_from_config")
 jit_function = _pick("jit_function")
+loss_gradients = _pick("loss_gradients")
 mask_gradient = _pick("mask_gradient")
 mask_layout = _pick("mask_layout")
 moves_only_gradient_rows = _pick("moves_only_gradient_rows")

@@ -258,6 +258,34 @@ def stateless_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Ca
     return loss
 
 
+def batch_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`loss(chosen, trainable, non_trainable, x, y)`: the mean loss of a
+    batch as a pure function of the values of `variables` (`chosen`)."""
+    trainable = list(model.trainable_variables)
+    non_trainable = list(model.non_trainable_variables)
+    positions = [next(i for i, t in enumerate(trainable) if t is v) for v in variables]
+
+    def loss(chosen, trainable_values, non_trainable_values, x, y):
+        values = list(trainable_values)
+        for i, value in zip(positions, chosen):
+            values[i] = value
+        mapping = list(zip(trainable, values)) + list(zip(non_trainable, non_trainable_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return keras.ops.mean(loss_fn(y, model(x, training=False)))
+
+    return loss
+
+
+def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`step(x, y) -> [gradient of the batch's mean loss]`, one dense tensor
+    per variable in `variables` (the model in inference mode: no dropout, no
+    BatchNorm statistics update)."""
+    raise NotImplementedError(
+        "Gradient-based mask updates (RigL, SpIEL) compute gradients on the TensorFlow, JAX and torch "
+        f"backends; the active backend is '{BACKEND}'. Set KERAS_BACKEND to one of those, or use SET."
+    )
+
+
 def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
     """`step(x, y) -> [sum over the batch of squared per-example gradients]`,
     one tensor per variable in `variables`."""

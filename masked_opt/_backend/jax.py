@@ -100,7 +100,24 @@ def step_while_detached(model: Any, optimizer: Any, variables: list) -> int | No
     return None
 
 
-# ---------------------------------------- per-example gradients (Fisher)
+# ---------------------------------------- gradients (RigL, Fisher)
+
+
+def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`jax.grad` of the batch loss under `jax.jit` (compiled once per batch shape)."""
+    grad = jax.jit(jax.grad(common.batch_loss(model, loss_fn, variables)))
+
+    def step(x, y):
+        return grad(
+            [v.value for v in variables],
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            common.as_tensors(x),
+            common.as_tensors(y),
+        )
+
+    return step
+
 
 
 def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:

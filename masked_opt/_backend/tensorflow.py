@@ -290,7 +290,21 @@ def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
     variable.value.scatter_nd_update(tf.stack(coords[::-1], axis=1), values)
 
 
-# ---------------------------------------- per-example gradients (Fisher)
+# ---------------------------------------- gradients (RigL, Fisher)
+
+
+def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """A `tf.function` over one GradientTape."""
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            value = keras.ops.mean(loss_fn(y, model(x, training=False)))
+        grads = tape.gradient(value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [tf.convert_to_tensor(g) for g in grads]
+
+    return step
+
 
 
 def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:

@@ -40,6 +40,20 @@ def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
         flat.index_copy_(0, indices.long(), values.to(flat.dtype))
 
 
+def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """One `torch.autograd.grad` of the batch loss."""
+
+    def step(x, y):
+        x, y = common.as_tensors(x), common.as_tensors(y)
+        targets = [v.value for v in variables]
+        with torch.enable_grad():
+            value = keras.ops.mean(loss_fn(y, model(x, training=False)))
+            grads = torch.autograd.grad(value, targets, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(targets, grads)]
+
+    return step
+
+
 class squared_grad_sums:  # noqa: N801  (the interface's name for a step factory)
     """`torch.func.vmap(torch.func.grad(loss))` over the examples of a batch.
 
