@@ -269,11 +269,11 @@ class CompactLayout(StateLayout):
             loc = np.searchsorted(old_idx, valid)  # both sorted (np.flatnonzero)
             kept = loc < len(old_idx)
             kept[kept] = old_idx[loc[kept]] == valid[kept]
-            flat_w = np.asarray(keras.ops.convert_to_numpy(entry.variable.value)).reshape(-1)
+            flat_w = _backend.to_numpy(entry.variable).reshape(-1)
             fresh = _inner.fresh_state(self.inner, c.proxy, flat_w[new_idx])
             for suffix, var in _inner.slot_variables(self.inner.variables, c.proxy).items():
                 values = np.array(fresh[suffix])
-                values[:new_count][kept] = np.asarray(var.numpy())[loc[kept]]
+                values[:new_count][kept] = _backend.to_numpy(var)[loc[kept]]
                 var.assign(values)
             c.indices.assign(new_idx)
             c.count.assign(np.array(new_count, np.int32))

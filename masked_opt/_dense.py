@@ -39,7 +39,7 @@ class DenseLayout(StateLayout):
     def after_load(self, table: VariableTable) -> None:
         for entry in table.masked():  # the packed copies follow the loaded masks
             if entry.bits is not None:
-                entry.bits.assign(_backend.pack_bits(entry.mask.numpy()))
+                entry.bits.assign(_backend.pack_bits(_backend.to_numpy(entry.mask)))
 
     def _mask_tensor(self, entry: Entry, grad) -> object:
         if entry.bits is not None and _backend.traced_into_xla(grad):

@@ -60,4 +60,4 @@ class Owner:
                     "`self.model` in your callback."
                 )
             _backend.sync_model(model)
-        return np.asarray(variable.numpy())
+        return _backend.to_numpy(variable)

@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _compat
+from masked_opt import _backend, _compat
 from masked_opt._table import VariableTable
 from masked_opt.keys import match_key
 from masked_opt.registry import MASKS, Quantity, Registry
@@ -186,7 +186,7 @@ def save_state(store: Any, variables: list, record: dict, registries: Sequence[R
     """Writes the optimizer's variables by position, the record, and (saved
     before build) the arrays given to the registries."""
     for i, variable in enumerate(variables):
-        store[str(i)] = variable.numpy()
+        store[str(i)] = _backend.to_numpy(variable)
     store[META_KEY] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     if record["built"]:
         return

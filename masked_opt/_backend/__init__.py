@@ -58,6 +58,7 @@ INTERFACE = (
     "squared_grad_sums",
     "step_while_detached",
     "sync_model",
+    "to_numpy",
     "traced_into_xla",
     "unpack_bits",
     "unsynced_model",
@@ -95,6 +96,7 @@ snapshot = _pick("snapshot")
 squared_grad_sums = _pick("squared_grad_sums")
 step_while_detached = _pick("step_while_detached")
 sync_model = _pick("sync_model")
+to_numpy = _pick("to_numpy")
 traced_into_xla = _pick("traced_into_xla")
 unpack_bits = _pick("unpack_bits")
 unsynced_model = _pick("unsynced_model")

@@ -228,6 +228,11 @@ def step_while_detached(model: Any, optimizer: Any, variables: list) -> int | No
 # ---------------------------------------------- per-example gradients
 
 
+def to_numpy(x: Any) -> np.ndarray:
+    """A variable's (or tensor's) value as a NumPy array on the host."""
+    return np.asarray(keras.ops.convert_to_numpy(getattr(x, "value", x)))
+
+
 def one_example(tree: Any) -> Any:
     """One example as a batch of one."""
     return keras.tree.map_structure(lambda t: t[None], tree)

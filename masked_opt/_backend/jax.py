@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 from jax import lax
 
 from masked_opt import _compat
@@ -63,6 +64,18 @@ def unpack_bits(packed: Any, shape: tuple[int, ...]) -> Any:
 
 
 # ------------------------------------------------- trainer state
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Also for an array sharded over the devices of several processes
+    (`keras.distribution.initialize`): gathered from all of them, which is a
+    collective: every process must read the same variables in the same order."""
+    value = getattr(x, "value", x)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable and not value.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return common.to_numpy(value)
 
 
 def is_purged(variable: Any) -> bool:
