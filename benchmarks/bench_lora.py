@@ -1,0 +1,161 @@
+"""Sparse fine-tuning side by side with LoRA on a KerasHub causal LM.
+
+A Gemma-style backbone built from config (random weights, nothing
+downloaded): 6 decoder blocks, hidden 512, 8 query heads and 1 key/value
+head of 64, intermediate 8192, vocabulary 32,000 (about 58 M parameters),
+`GemmaCausalLM` on a batch of 4 x 128 tokens, AdamW, `model.compile()`'s
+defaults (the trainer's `jax.jit` on JAX, `tf.function` on TensorFlow).
+
+Variants, each in its own process (peak RSS is per process):
+
+* ``full``: full fine-tuning, every weight trainable.
+* ``lora``: `backbone.enable_lora(rank)` (KerasHub: rank-r adapters on the
+  query and value kernels; everything else frozen).
+* ``dense``: masked_opt with default (dense) optimizer state: the query and
+  value kernels trainable, at random elements, as many as LoRA trains;
+  every other weight frozen (``trainable=False``, as a user freezes whole
+  layers).
+* ``compact``: the same with ``compact_state=True``.
+* ``compact-all``: compact state, the same number of trainable elements
+  spread over every decoder kernel (attention and MLP), all else frozen.
+
+Reported: time to the first step (the first `train_on_batch`: tracing,
+compiling and one step), median step time over the timed steps (wall and
+process CPU time), peak RSS of the process (``ru_maxrss``) and its RSS
+before the first step (model and data built), and the ratio of each to
+LoRA. Run:
+
+    python benchmarks/bench_lora.py --backends jax,tensorflow --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+VARIANTS = ("full", "lora", "dense", "compact", "compact-all")
+CONFIG = dict(vocabulary_size=32000, num_layers=6, num_query_heads=8, num_key_value_heads=1,
+              hidden_dim=512, intermediate_dim=8192, head_dim=64)
+BATCH, SEQ = 4, 128
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(variant: str, steps: int, rank: int) -> dict:
+    import keras
+    import keras_hub
+    import numpy as np
+
+    from masked_opt import MaskedOptimizer
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(**CONFIG)
+    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    total = sum(int(np.prod(v.shape)) for v in model.weights)
+    lora_targets = ("attention/query/kernel", "attention/value/kernel")
+    # The number LoRA trains (KerasHub's EinsumDense LoRA): A of shape kernel.shape[:-1] + (r,), B (r, last).
+    lora_count = sum(int(np.prod(v.shape[:-1])) * rank + rank * int(v.shape[-1])
+                     for v in backbone.trainable_variables if v.path.endswith(lora_targets))
+    optimizer = keras.optimizers.AdamW(1e-4)
+    if variant == "lora":
+        backbone.enable_lora(rank)
+    elif variant != "full":
+        every_kernel = variant == "compact-all"
+        kernels = [v for v in model.trainable_variables if len(v.shape) >= 2 and "decoder_block" in v.path]
+        chosen = [v for v in kernels if every_kernel or v.path.endswith(lora_targets)]
+        chosen_ids = {id(v) for v in chosen}
+        for v in model.trainable_variables:
+            if id(v) not in chosen_ids:
+                v.trainable = False
+        size = sum(int(np.prod(v.shape)) for v in chosen)
+        density = lora_count / size
+        rng = np.random.default_rng(0)
+        masks = {v.path: rng.random(tuple(v.shape)) < density for v in chosen}
+        optimizer = MaskedOptimizer(optimizer, masks=masks, compact_state=variant != "dense")
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    if variant in ("dense", "compact", "compact-all"):
+        trainable_elements = sum(int(m.sum()) for m in masks.values())
+    else:
+        trainable_elements = trainable
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, CONFIG["vocabulary_size"], (BATCH, SEQ + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((BATCH, SEQ), bool)}
+    y = tokens[:, 1:]
+    rss_before = _current_rss_mb()
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    first = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(steps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        model.train_on_batch(x, y)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return {
+        "variant": variant, "backend": keras.backend.backend(), "parameters": total,
+        "trainable_variables_elements": trainable, "trained_elements": trainable_elements,
+        "first_step_s": first, "step_s": float(np.median(walls)), "step_cpu_s": float(np.median(cpus)),
+        "rss_before_mb": rss_before, "peak_rss_mb": _rss_mb(),
+        "optimizer_variables_mb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                                      for v in model.optimizer.variables) / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="jax,tensorflow")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.steps, args.rank)))
+        return
+    rows = []
+    for backend in args.backends.split(","):
+        for variant in args.variants.split(","):
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)],
+                env=env, capture_output=True, text=True,
+            )
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{backend} {variant} failed (exit {out.returncode})")
+            rows.append(json.loads(line[0][7:]))
+            print(f"  {backend} {variant}: {rows[-1]}", flush=True)
+    print(f"\n- command: `python benchmarks/bench_lora.py --backends {args.backends} --steps {args.steps} "
+          f"--rank {args.rank}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
+    print("| backend | variant | trained elements | first step (s) | vs LoRA | step wall (s) | vs LoRA | "
+          "step CPU (s) | vs LoRA | peak RSS (MB) | vs LoRA | RSS before step 1 (MB) | optimizer variables (MB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lora = next((q for q in rows if q["backend"] == r["backend"] and q["variant"] == "lora"), r)
+        print(
+            f"| {r['backend']} | {r['variant']} | {r['trained_elements']:,} | {r['first_step_s']:.1f} | "
+            f"{r['first_step_s'] / lora['first_step_s']:.2f} | {r['step_s']:.2f} | {r['step_s'] / lora['step_s']:.2f} | "
+            f"{r['step_cpu_s']:.2f} | {r['step_cpu_s'] / lora['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} | {r['rss_before_mb']:.0f} | {r['optimizer_variables_mb']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
