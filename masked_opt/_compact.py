@@ -138,6 +138,8 @@ def _scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, lay
 
 
 class CompactLayout(StateLayout):
+    bare_at_identity = False  # the inner optimizer updates proxies, not the variables
+
     def __init__(self, inner, add_state, read, capacity: Any):
         super().__init__(inner, add_state, read)
         self.capacity = capacity  # the `compact_capacity` argument

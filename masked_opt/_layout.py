@@ -33,6 +33,8 @@ it holds the value (see `_owner.Owner.read`)."""
 class StateLayout:
     """The interface; `DenseLayout` and `CompactLayout` implement it."""
 
+    bare_at_identity = True  # with nothing frozen or scaled, the step is the bare inner update
+
     def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, read: Read):
         self.inner, self.add_state, self.read = inner, add_state, read
 

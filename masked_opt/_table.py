@@ -17,6 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from masked_opt import _backend
+
 
 @dataclass(eq=False)
 class CompactState:
@@ -117,8 +119,14 @@ class VariableTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def handled(self, grads: list, variables: list) -> list[tuple[int, Entry]]:
-        """(position, entry) of each variable with a gradient that has an entry."""
+    def handled(self, grads: list, variables: list, bare_at_identity: bool) -> list[tuple[int, Entry]]:
+        """(position, entry) of each variable with a gradient that has an entry;
+        none when nothing is frozen or scaled and the layout's update is then
+        the bare one (`bare_at_identity`), in an update that runs eagerly (where
+        the host-side `identity` flag may decide; a trace would bake it in)."""
+        first = next((g for g in grads if g is not None), None)
+        if bare_at_identity and self.identity and first is not None and _backend.runs_eagerly(first):
+            return []
         out = []
         for i, (grad, variable) in enumerate(zip(grads, variables)):
             entry = None if grad is None else self.get(variable)

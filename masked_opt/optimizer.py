@@ -166,7 +166,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:
         self._compile.record(grads)
-        handled = self._table.handled(grads, variables)
+        handled = self._table.handled(grads, variables, self._layout.bare_at_identity)
         if handled:
             self._layout.step(grads, variables, handled)
         else:

@@ -100,3 +100,9 @@ to_numpy = _pick("to_numpy")
 traced_into_xla = _pick("traced_into_xla")
 unpack_bits = _pick("unpack_bits")
 unsynced_model = _pick("unsynced_model")
+
+
+def runs_eagerly(x) -> bool:
+    """Whether the update reading `x` runs op by op (no trace that later calls
+    replay), so a host-side flag may decide what it does."""
+    return not (in_traced_function() or is_compiling(x))
