@@ -9,6 +9,8 @@ Variants, all with AdamW:
 * ``bare``: the inner optimizer alone;
 * ``whole``: every Conv2D kernel but the last block frozen whole, by one regex
   key (scalar ``False`` masks);
+* ``columns``: the same kernels with every other output channel frozen (a
+  column mask, stored at its broadcast shape ``(1, 1, 1, channels)``);
 * ``element``: the same kernels with random 50 % element masks (full-shape);
 * ``<variant>:nojit`` / ``<variant>:xla``: the same with
   ``MaskedOptimizer(..., jit_compile=False)`` / ``jit_compile=True`` instead of
@@ -56,6 +58,9 @@ if kind == "bare":
     opt = inner
 elif kind == "whole":
     opt = MaskedOptimizer(inner, {key: False}, jit_compile=jit)
+elif kind == "columns":
+    opt = MaskedOptimizer(inner, {key: lambda v: (np.arange(v.shape[-1]) % 2 == 0).reshape(
+        (1,) * (len(v.shape) - 1) + (-1,))}, jit_compile=jit)
 else:
     rng = np.random.default_rng(0)
     opt = MaskedOptimizer(inner, {key: lambda v: rng.random(tuple(v.shape)) < 0.5}, jit_compile=jit)
@@ -89,7 +94,7 @@ def measure(variant: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", default="bare,whole,element")
+    p.add_argument("--variants", default="bare,whole,columns,element")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",")]
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")

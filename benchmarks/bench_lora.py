@@ -22,8 +22,10 @@ Variants, each in its own process (peak RSS is per process):
 Reported: time to the first step (the first `train_on_batch`: tracing,
 compiling and one step), median step time over the timed steps (wall and
 process CPU time), peak RSS of the process (``ru_maxrss``) and its RSS
-before the first step (model and data built), and the ratio of each to
-LoRA. Run:
+before the first step (model and data built), the ratio of each to LoRA,
+and on JAX the temporary buffers XLA allocates for the compiled train step
+(`memory_analysis()`: activations, gradients, scratch), measured after the
+timings so they do not count in the peak. Run:
 
     python benchmarks/bench_lora.py --backends jax,tensorflow --steps 6
 """
@@ -107,11 +109,22 @@ def child(variant: str, steps: int, rank: int) -> dict:
         model.train_on_batch(x, y)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
+    peak = _rss_mb()
+    xla = {}
+    if keras.backend.backend() == "jax":  # the compiled step's buffers, from XLA itself
+        import jax
+
+        state = model._get_jax_state(True, True, True, True)
+        data = jax.tree_util.tree_map(jax.numpy.asarray, (x, y))
+        memory = jax.jit(model.train_step, donate_argnums=0).lower(state, data).compile().memory_analysis()
+        xla = {"xla_temp_mb": memory.temp_size_in_bytes / 2**20,
+               "xla_argument_mb": memory.argument_size_in_bytes / 2**20}
     return {
+        **xla,
         "variant": variant, "backend": keras.backend.backend(), "parameters": total,
         "trainable_variables_elements": trainable, "trained_elements": trainable_elements,
         "first_step_s": first, "step_s": float(np.median(walls)), "step_cpu_s": float(np.median(cpus)),
-        "rss_before_mb": rss_before, "peak_rss_mb": _rss_mb(),
+        "rss_before_mb": rss_before, "peak_rss_mb": peak,
         "optimizer_variables_mb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                                       for v in model.optimizer.variables) / 2**20,
     }
@@ -145,15 +158,17 @@ def main() -> None:
     print(f"\n- command: `python benchmarks/bench_lora.py --backends {args.backends} --steps {args.steps} "
           f"--rank {args.rank}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
     print("| backend | variant | trained elements | first step (s) | vs LoRA | step wall (s) | vs LoRA | "
-          "step CPU (s) | vs LoRA | peak RSS (MB) | vs LoRA | RSS before step 1 (MB) | optimizer variables (MB) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "step CPU (s) | vs LoRA | peak RSS (MB) | vs LoRA | RSS before step 1 (MB) | optimizer variables (MB) | "
+          "XLA temp buffers (MB, JAX) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lora = next((q for q in rows if q["backend"] == r["backend"] and q["variant"] == "lora"), r)
         print(
             f"| {r['backend']} | {r['variant']} | {r['trained_elements']:,} | {r['first_step_s']:.1f} | "
             f"{r['first_step_s'] / lora['first_step_s']:.2f} | {r['step_s']:.2f} | {r['step_s'] / lora['step_s']:.2f} | "
             f"{r['step_cpu_s']:.2f} | {r['step_cpu_s'] / lora['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} | {r['rss_before_mb']:.0f} | {r['optimizer_variables_mb']:.1f} |"
+            f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} | {r['rss_before_mb']:.0f} | {r['optimizer_variables_mb']:.1f} | "
+            f"{r.get('xla_temp_mb', float('nan')):.0f} |"
         )
 
 
