@@ -51,8 +51,11 @@ def commands(backend: str, rounds: int) -> dict[str, list[str]]:
 
 
 def device_line(backend: str) -> str:
-    code = ("import keras; d = keras.distribution.list_devices(); "
-            "print(keras.backend.backend(), keras.__version__, d[0] if d else 'cpu', len(d))")
+    code = ("import keras\n"
+            "try:\n    d = keras.distribution.list_devices()\n"
+            "except Exception:  # torch: no keras.distribution\n"
+            "    import torch\n    d = [f'cuda:{i}' for i in range(torch.cuda.device_count())] or ['cpu:0']\n"
+            "print(keras.backend.backend(), keras.__version__, d[0], len(d))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3"))
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
