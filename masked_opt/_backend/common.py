@@ -242,43 +242,54 @@ def as_tensors(tree: Any) -> Any:
     return keras.tree.map_structure(keras.ops.convert_to_tensor, tree)
 
 
-def stateless_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
-    """`loss(chosen, trainable, non_trainable, xi, yi)`: one example's loss as
-    a pure function of the values of `variables` (`chosen`): the model is
-    called in a `keras.StatelessScope` (as `model.stateless_call` does, but
-    through `model(...)`, which drops `training` for a `call` without it)."""
+def stateless_call(model: keras.Model, variables: list) -> Callable:
+    """`call(chosen, trainable, non_trainable, x)`: the model's output in
+    inference mode as a pure function of the values of `variables` (`chosen`),
+    in a `keras.StatelessScope` (as `model.stateless_call` does, but through
+    `model(...)`, which drops `training` for a `call` without it)."""
     trainable = list(model.trainable_variables)
     non_trainable = list(model.non_trainable_variables)
     positions = [next(i for i, t in enumerate(trainable) if t is v) for v in variables]
 
-    def loss(chosen, trainable_values, non_trainable_values, xi, yi):
+    def call(chosen, trainable_values, non_trainable_values, x):
         values = list(trainable_values)
         for i, value in zip(positions, chosen):
             values[i] = value
         mapping = list(zip(trainable, values)) + list(zip(non_trainable, non_trainable_values))
         with keras.StatelessScope(state_mapping=mapping):
-            y_pred = model(one_example(xi), training=False)
+            return model(x, training=False)
+
+    return call
+
+
+def stateless_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
+    """`loss(chosen, trainable, non_trainable, xi, yi)`: one example's loss
+    (see `stateless_call`)."""
+    call = stateless_call(model, variables)
+
+    def loss(chosen, trainable_values, non_trainable_values, xi, yi):
+        y_pred = call(chosen, trainable_values, non_trainable_values, one_example(xi))
         return keras.ops.mean(loss_fn(one_example(yi), y_pred))
 
     return loss
 
 
 def batch_loss(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
-    """`loss(chosen, trainable, non_trainable, x, y)`: the mean loss of a
-    batch as a pure function of the values of `variables` (`chosen`)."""
-    trainable = list(model.trainable_variables)
-    non_trainable = list(model.non_trainable_variables)
-    positions = [next(i for i, t in enumerate(trainable) if t is v) for v in variables]
+    """`loss(chosen, trainable, non_trainable, x, y)`: the mean loss of a batch
+    (see `stateless_call`)."""
+    call = stateless_call(model, variables)
 
     def loss(chosen, trainable_values, non_trainable_values, x, y):
-        values = list(trainable_values)
-        for i, value in zip(positions, chosen):
-            values[i] = value
-        mapping = list(zip(trainable, values)) + list(zip(non_trainable, non_trainable_values))
-        with keras.StatelessScope(state_mapping=mapping):
-            return keras.ops.mean(loss_fn(y, model(x, training=False)))
+        return keras.ops.mean(loss_fn(y, call(chosen, trainable_values, non_trainable_values, x)))
 
     return loss
+
+
+def state_values(model: keras.Model, variables: list) -> tuple[list, list, list]:
+    """(values of `variables`, of the trainable, of the non-trainable variables):
+    the first three arguments of a `stateless_loss` or `batch_loss`."""
+    return ([v.value for v in variables], [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables])
 
 
 def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:

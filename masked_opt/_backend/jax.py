@@ -121,16 +121,9 @@ def loss_gradients(model: keras.Model, loss_fn: Callable, variables: list) -> Ca
     grad = jax.jit(jax.grad(common.batch_loss(model, loss_fn, variables)))
 
     def step(x, y):
-        return grad(
-            [v.value for v in variables],
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            common.as_tensors(x),
-            common.as_tensors(y),
-        )
+        return grad(*common.state_values(model, variables), common.as_tensors(x), common.as_tensors(y))
 
     return step
-
 
 
 def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) -> Callable:
@@ -145,12 +138,6 @@ def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) ->
         return [jnp.sum(jnp.square(g), axis=0) for g in grads]
 
     def step(x, y):
-        return sums(
-            [v.value for v in variables],
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            common.as_tensors(x),
-            common.as_tensors(y),
-        )
+        return sums(*common.state_values(model, variables), common.as_tensors(x), common.as_tensors(y))
 
     return step
