@@ -124,9 +124,10 @@ class VariableTable:
         none when nothing is frozen or scaled and the layout's update is then
         the bare one (`bare_at_identity`), in an update that runs eagerly (where
         the host-side `identity` flag may decide; a trace would bake it in)."""
-        first = next((g for g in grads if g is not None), None)
-        if bare_at_identity and self.identity and first is not None and _backend.runs_eagerly(first):
-            return []
+        if bare_at_identity and self.identity:
+            first = next((g for g in grads if g is not None), None)
+            if first is not None and _backend.runs_eagerly(first):
+                return []
         out = []
         for i, (grad, variable) in enumerate(zip(grads, variables)):
             entry = None if grad is None else self.get(variable)

@@ -61,6 +61,8 @@ def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
         for variable, mask, old in items:
             value = variable.value
             ints, ones = _bits_mask(mask, value.dtype)
+            # `ones` is flipped in place twice (no second mask-sized buffer): first to the
+            # frozen elements, for the old bits kept there; then back, to clear them in `value`.
             kept_old = torch.bitwise_and(old.view(ints), ones.bitwise_not_())
             value.view(ints).bitwise_and_(ones.bitwise_not_()).bitwise_or_(kept_old)
 
