@@ -59,6 +59,9 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi("tf.__internal__.distribute.interim.maybe_merge_call", "TensorFlow",
                "restore frozen elements in a replica context, as Keras's TF optimizer does",
                "TF 2.18, 2.21"),
+    PrivateApi("_version", "torch.Tensor",
+               "eager torch: a mask's frozen positions are looked up again after each in-place write (an edit)",
+               "torch 2.14"),
     PrivateApi("keras.src.backend.*", "Keras module names",
                "a saved inner optimizer is named by its public class, not torch's subclass"),
 )

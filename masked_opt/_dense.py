@@ -55,10 +55,12 @@ class DenseLayout(StateLayout):
                 pending.append(multiplied_only(self.inner, variable, entry.multiplier))
                 continue
             mask = self._mask_tensor(entry, grads[i])
+            if entry.multiplier is None:
+                mask = _backend.step_mask(mask, variable)
             masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
             if entry.multiplier is None:
                 # A sparse gradient lets the snapshot keep only the rows it names.
-                old = _backend.snapshot(variable, masked_grads[i], self.inner)
+                old = _backend.snapshot(variable, masked_grads[i], self.inner, mask)
                 pending.append(lambda e=entry, m=mask, o=old: _blend.frozen_items(e.variable, e.ema, m, o))
             else:  # a multiplier blends the whole value: no row-only snapshot
                 old = _backend.snapshot(variable)

@@ -3,7 +3,8 @@
 On torch a stateful `cond` is a Python `if tensor:`: a host sync every step and
 a graph break under torch.compile. MaskedOptimizer has no conditionals off
 TensorFlow, so under torch.compile it adds no graph break and no recompile to
-the bare optimizer's, and in eager mode it reads no tensor back to the host.
+the bare optimizer's, and in eager mode it reads no tensor back to the host
+(but once per mask edit: how many elements the edited mask freezes).
 """
 
 import numpy as np
@@ -73,6 +74,22 @@ def test_torch_compile_adds_no_graph_break_or_recompile():
         np.testing.assert_allclose(c, to_numpy(e), rtol=1e-5, atol=1e-6)
 
 
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
+
+
+def _watch_host_reads(monkeypatch, calls: list) -> None:
+    import torch
+
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _orig=original, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+
 def test_eager_step_reads_nothing_back_to_the_host(monkeypatch):
     import torch
 
@@ -86,16 +103,23 @@ def test_eager_step_reads_nothing_back_to_the_host(monkeypatch):
     grads = [torch.ones((16, 32)), torch.ones((32,))]
     opt.apply(grads, variables)  # build outside the watch
     calls = []
-    for name in ("__bool__", "item", "tolist", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _name=name, _orig=original, **k):
-            calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    _watch_host_reads(monkeypatch, calls)
     for _ in range(3):
         opt.apply(grads, variables)
     monkeypatch.undo()
     assert calls == []
     assert np.array_equal(to_numpy(variables[0])[~ELEM], np.ones((16, 32), "float32")[~ELEM])
+    # After a mask edit the first step looks at the new mask once (what it
+    # freezes: few elements here, restored by position); later steps do not.
+    few_frozen = np.ones((16, 32), bool)
+    few_frozen[3, 5] = False
+    opt.set_mask("k", few_frozen)
+    at_edit = to_numpy(variables[0])[3, 5]
+    opt.apply(grads, variables)
+    _watch_host_reads(monkeypatch, calls)
+    for _ in range(3):
+        opt.apply(grads, variables)
+    monkeypatch.undo()
+    assert calls == []
+    assert to_numpy(variables[0])[3, 5] == at_edit
+    assert np.all(np.delete(to_numpy(variables[0]).ravel(), 3 * 32 + 5) != 1.0)

@@ -56,6 +56,7 @@ INTERFACE = (
     "scatter_flat",
     "snapshot",
     "squared_grad_sums",
+    "step_mask",
     "step_while_detached",
     "sync_model",
     "to_numpy",
@@ -94,6 +95,7 @@ restore_frozen = _pick("restore_frozen")
 scatter_flat = _pick("scatter_flat")
 snapshot = _pick("snapshot")
 squared_grad_sums = _pick("squared_grad_sums")
+step_mask = _pick("step_mask")
 step_while_detached = _pick("step_while_detached")
 sync_model = _pick("sync_model")
 to_numpy = _pick("to_numpy")

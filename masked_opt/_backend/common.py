@@ -43,6 +43,12 @@ def zero(dtype: Any) -> Any:
     return ops.convert_to_tensor(0, dtype=dtype)
 
 
+def step_mask(mask: Any, variable: keras.Variable) -> Any:
+    """The mask in the form this step's `mask_gradient` and `restore_frozen`
+    read (here: the bool mask itself)."""
+    return mask
+
+
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     """Zeroes `grad` where the bool `mask` (broadcastable to `variable_shape`)
     is False, NaN and inf there included."""
@@ -158,7 +164,7 @@ def no_distribution() -> bool:
 # ------------------------------------------------------ snapshot/restore
 
 
-def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None) -> Any:
+def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """A copy of the variable's value that later writes cannot alias."""
     return ops.copy(variable.value)
 

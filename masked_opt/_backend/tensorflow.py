@@ -224,7 +224,7 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     return _non_default_strategy(opt) is None
 
 
-def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None) -> Any:
+def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """What `restore_frozen` needs to put frozen elements back after the step:
     the variable's whole current value (a copy), or, when `grad` is a
     `tf.IndexedSlices` and the inner optimizer provably moves only the rows

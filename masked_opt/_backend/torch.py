@@ -33,38 +33,107 @@ def counts_in_trace(x: Any) -> bool:
     return not is_compiling(x)
 
 
-# Eager masking is bitwise: torch's CPU `where` is a scalar loop (~2 ns per
-# element, 20x an `add`), while AND/OR on the same-width integer view of the
-# floats are vectorised, and as exact (a zeroed element is +0.0; NaN/inf
-# bits are cleared like any others). torch.compile gets the `where` forms.
+# Eager masking is integer arithmetic on the same-width integer view of the
+# floats: torch's CPU `where` is a scalar loop (~2 ns per element, 20x an
+# `add`), while multiplying the bits by the bool mask (1 or 0) and XOR are
+# vectorised and as exact (a zeroed element is +0.0; NaN/inf bits are cleared
+# like any others). Each new tensor the size of a variable costs page faults
+# on CPU (the allocator returns large blocks to the OS), so the restore works
+# in the variable's own storage and the masked gradient is the one new tensor.
+# torch.compile gets the `where` forms.
 _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits_mask(mask: Any, dtype: Any) -> tuple[Any, Any]:
-    """(integer view dtype, all-ones where `mask` is True, else zeros)."""
-    ints = _SAME_WIDTH[torch.empty((), dtype=dtype).element_size()]
-    return ints, mask.to(ints).neg_()
+def _ints(dtype: Any) -> Any:
+    return _SAME_WIDTH[torch.empty((), dtype=dtype).element_size()]
+
+
+def _as(mask: Any, ints: Any) -> Any:
+    return mask if mask.dtype == ints else mask.to(ints)
+
+
+class FrozenAt:
+    """A mask with few frozen elements, as their flat positions: the step
+    masks, snapshots and restores just those (index ops)."""
+
+    __slots__ = ("positions",)
+
+    def __init__(self, positions: Any):
+        self.positions = positions
+
+
+ALL_TRAINABLE = FrozenAt(None)
+"""A mask with no frozen element: the variable's update is the bare one."""
+
+_FEW_FROZEN = 1 / 8
+"""At most this fraction of elements frozen: `FrozenAt` (8-byte positions,
+at most one byte per element, less than the bool mask)."""
+
+
+def step_mask(mask: Any, variable: keras.Variable) -> Any:
+    """The mask as this step's eager kernels read it. A full-shape mask is
+    looked at on the host once per edit (torch counts in-place writes to a
+    tensor: `_version`): with few frozen elements it is their positions
+    (`FrozenAt`), with none `ALL_TRAINABLE`; otherwise, as any broadcast
+    mask, 0/1 at the integer width of the variable's dtype, converted once for
+    the gradient and the restore (a bool operand would be converted by each)."""
+    value = variable.value
+    if is_compiling(value) or not value.dtype.is_floating_point:
+        return mask
+    ints = _ints(value.dtype)
+    if tuple(mask.shape) != tuple(value.shape) or not value.is_contiguous():
+        return _as(mask, ints)
+    cached = getattr(mask, "_masked_opt_form", None)
+    if cached is None or cached[0] != mask._version:
+        flat = mask.reshape(-1)
+        frozen = flat.numel() - int(torch.count_nonzero(flat))
+        if frozen == 0:
+            form = ALL_TRAINABLE
+        elif frozen <= flat.numel() * _FEW_FROZEN:
+            form = FrozenAt(torch.nonzero(torch.logical_not(flat)).reshape(-1))
+        else:
+            form = None
+        cached = mask._masked_opt_form = (mask._version, form)
+    return _as(mask, ints) if cached[1] is None else cached[1]
 
 
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
+    if isinstance(mask, FrozenAt):
+        if mask is ALL_TRAINABLE:
+            return grad
+        return grad.reshape(-1).index_fill(0, mask.positions, 0).reshape(grad.shape)
     if is_compiling(grad) or not grad.dtype.is_floating_point:
         return common.mask_gradient(grad, mask, variable_shape)
-    ints, ones = _bits_mask(mask, grad.dtype)
-    return torch.bitwise_and(grad.view(ints), ones).view(grad.dtype)
+    ints = _ints(grad.dtype)
+    return torch.mul(grad.view(ints), _as(mask, ints)).view(grad.dtype)
+
+
+def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
+    """What the restore needs: the frozen elements' values for `FrozenAt`,
+    nothing for `ALL_TRAINABLE`, else a copy of the variable's value."""
+    if isinstance(mask, FrozenAt):
+        if mask is ALL_TRAINABLE:
+            return None
+        return variable.value.reshape(-1).index_select(0, mask.positions)
+    return common.snapshot(variable)
 
 
 def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
-    """`variable = where(mask, variable, old)`, in the variable's own storage."""
+    """`variable = where(mask, variable, old)`, in the variable's own storage:
+    `v ^= old; v *= mask; v ^= old` on the integer view (`v` where the mask is
+    1, `old` where it is 0), no new tensor; for `FrozenAt`, `index_copy_`."""
     if any(is_compiling(variable) for variable, _, _ in items):
         return common.restore_frozen(items)
     with torch.no_grad():
         for variable, mask, old in items:
             value = variable.value
-            ints, ones = _bits_mask(mask, value.dtype)
-            # `ones` is flipped in place twice (no second mask-sized buffer): first to the
-            # frozen elements, for the old bits kept there; then back, to clear them in `value`.
-            kept_old = torch.bitwise_and(old.view(ints), ones.bitwise_not_())
-            value.view(ints).bitwise_and_(ones.bitwise_not_()).bitwise_or_(kept_old)
+            if isinstance(mask, FrozenAt):
+                if mask is not ALL_TRAINABLE:
+                    value.view(-1).index_copy_(0, mask.positions, old)
+                continue
+            ints = _ints(value.dtype)
+            old_bits = old.view(ints)
+            value.view(ints).bitwise_xor_(old_bits).mul_(_as(mask, ints)).bitwise_xor_(old_bits)
 
 
 def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
