@@ -108,6 +108,8 @@ Masks = dict[str, object]
 InnerFactory = Callable[[], keras.optimizers.Optimizer]
 
 VARIANT_FILTER = ""  # regex from --variants; "bare" always runs
+JIT_COMPILE = None  # --jit-compile: `model.compile(jit_compile=True)` in the full part
+GRAPH_BREAKS: dict[str, int] = {}  # torch.compile: graph breaks while a variant is built and warmed up
 FAILED: dict[str, str] = {}  # variant name -> error, shown under the tables
 RETRACED: set[str] = set()  # opt-part variants whose step retraced while timed
 SKIPPED: dict[str, str] = {}  # "part: variant" -> why it does not run on this backend
@@ -115,7 +117,12 @@ SKIPPED: dict[str, str] = {}  # "part: variant" -> why it does not run on this b
 INNERS: dict[str, InnerFactory] = {
     "Adam": lambda: keras.optimizers.Adam(1e-3),
     "AdamW": lambda: keras.optimizers.AdamW(1e-3),  # weight_decay=0.004 (default)
+    # Not run by default (--inners): no square root in the update, so what the
+    # masking costs apart from Adam's sqrt of the frozen elements' zero velocity.
+    "SGD": lambda: keras.optimizers.SGD(1e-3, momentum=0.9),
+    "Lion": lambda: keras.optimizers.Lion(1e-4),
 }
+DEFAULT_INNERS = ("Adam", "AdamW")
 
 TF_ONLY = ("tensorflow",)
 ALL_BACKENDS = ("tensorflow", "jax", "torch")
@@ -485,13 +492,22 @@ def full_step_runners(inner: InnerFactory, warmup: int, label: str) -> tuple[dic
     runners, checks = {}, {}
     for name, variant in variants("full").items():
         try:
-            runners[name], checks[name] = _full_step_runner(variant, inner, x, y, warmup)
+            runners[name], checks[name] = _full_step_runner(variant, inner, x, y, warmup, f"{label}, {name}")
         except Exception as e:  # a variant under development must not sink the others
             _record_failure(f"{label}, {name}", e)
     return runners, checks
 
 
-def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int):
+def _graph_breaks() -> int | None:
+    """torch.compile's graph-break count so far (None when nothing is compiled)."""
+    if not (IS_TORCH and JIT_COMPILE):
+        return None
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, label: str):
     """Builds, compiles and warms up one model; returns (run(k), FrozenCheck)."""
     model = build_mlp(variant.grad_only)
     shapes = {_short(v.path): tuple(v.shape) for v in model.trainable_variables}
@@ -499,14 +515,19 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int):
     opt = variant.make(inner, masks)
     if variant.grad_only:
         model.set_grad_masks(float_masks(masks, shapes))
+    compile_args = {} if JIT_COMPILE is None else {"jit_compile": JIT_COMPILE}
     model.compile(
         optimizer=opt,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **compile_args,
     )
     paths = [_short(v.path) for v in model.trainable_variables]
     before = [to_numpy(v) for v in model.trainable_variables]
+    breaks = _graph_breaks()
     for _ in range(warmup):
         model.train_on_batch(x, y)
+    if breaks is not None:
+        GRAPH_BREAKS[label] = _graph_breaks() - breaks
 
     def run(k: int) -> None:
         for _ in range(k):
@@ -717,6 +738,15 @@ FULL_COMPILE = {
     "jax": "the trainer's `jax.jit`",
     "torch": "eager",
 }
+
+
+def full_compile() -> str:
+    if JIT_COMPILE is None:
+        return f"default compile ({FULL_COMPILE[BACKEND]}"
+    return f"`model.compile(jit_compile={JIT_COMPILE})` ({JIT_HOW[BACKEND]}"
+
+
+JIT_HOW = {"tensorflow": "XLA", "jax": "the trainer's `jax.jit`", "torch": "torch.compile"}
 OPT_HOW = {
     "tensorflow": "`opt.apply` in a `tf.function`",
     "jax": "`opt.stateless_apply` in `jax.jit`, state donated",
@@ -738,13 +768,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opt-steps", type=int, help="steps per round, opt part (default 3; quick 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after tracing")
     p.add_argument("--parts", default="full,opt", help="comma list of: full, opt")
-    p.add_argument("--inners", default=",".join(INNERS), help="comma list of inner optimizers")
+    p.add_argument("--inners", default=",".join(DEFAULT_INNERS), help=f"comma list of: {', '.join(INNERS)}")
     p.add_argument(
         "--variants", default="", help="regex: run only matching variants (and bare)"
     )
+    p.add_argument(
+        "--jit-compile", action="store_true", help="full part: model.compile(jit_compile=True) for every variant"
+    )
     args = p.parse_args(argv)
-    global VARIANT_FILTER
+    global VARIANT_FILTER, JIT_COMPILE
     VARIANT_FILTER = args.variants
+    JIT_COMPILE = True if args.jit_compile else None
+    if IS_TORCH and JIT_COMPILE:
+        import torch._dynamo
+
+        # Every variant's model compiles Keras's one `train_step` code object
+        # (guarded on the model): without a higher limit dynamo would run the
+        # ninth and later models eagerly.
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     rounds = args.rounds or (4 if args.quick else 15)
     steps = args.steps or (2 if args.quick else 3)
     opt_steps = args.opt_steps or (2 if args.quick else 3)
@@ -764,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
     if "full" in parts:
         print(
             f"\n## Full training step ({BACKEND}): `train_on_batch`, MLP 784-1024-1024-10, "
-            f"batch 256, default compile ({FULL_COMPILE[BACKEND]}, CPU)\n"
+            f"batch 256, {full_compile()}, CPU)\n"
         )
         rows, frozen_lines = [], []
         for inner_name in inners:
@@ -782,6 +824,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ngrad-only: {GRAD_ONLY_HOW[BACKEND]} plus one line multiplying the gradients.")
         print("\nFrozen elements after all timed steps (bit-identical check):\n")
         print("\n".join(frozen_lines))
+        if GRAPH_BREAKS:
+            print("\ntorch.compile graph breaks while building and warming up (stock Keras breaks at `loss.backward()`):\n")
+            print("\n".join(f"- {k}: {v}" for k, v in GRAPH_BREAKS.items()))
 
     if "opt" in parts:
         n = sum(int(np.prod(s)) for s in OPT_SHAPES.values())

@@ -199,7 +199,7 @@ class CompactLayout(StateLayout):
         if c.capacity:
             _backend.scatter_flat(variable, c.indices.value, ops.where(valid, c.proxy.value, old))
 
-    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]]) -> None:
+    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
         grads, inner_vars = list(grads), list(variables)
         dense, pending = [], []
         for i, entry in handled:

@@ -5,11 +5,15 @@ large full-shape masks, read by XLA-compiled steps).
 Each step, for every handled variable: (1) zero the gradient where the mask
 is False (NaN/inf there included), (2) snapshot the variable, (3) let the
 inner optimizer apply every gradient as usual, (4) write the frozen elements
-back from the snapshot, and blend multiplied updates. There are no
-conditionals: with an all-True mask (a multiplier of 1) every step is exact
-(`where` with a True condition returns its input), so the result is the bare
-optimizer's. A `cond` shortcut would trace the inner update twice on
-TensorFlow, leak tracers on JAX and sync the host on torch.
+back from the snapshot, and blend multiplied updates. The inner update is
+never behind a conditional (a `cond` around it would trace it twice on
+TensorFlow, leak tracers on JAX and sync the host on torch): with an all-True
+mask (a multiplier of 1) every step is exact (`where` with a True condition
+returns its input), so the result is the bare optimizer's. Only the masking
+itself may be skipped while nothing is frozen: eagerly by a host-side flag
+(`VariableTable.handled`, and per variable on torch), in TensorFlow's graph
+mode by a `cond` around the masking of frozen-only variables
+(`_backend.frozen_guard`); under XLA it fuses into the update and always runs.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ class DenseLayout(StateLayout):
             return _backend.unpack_bits(entry.bits.value, entry.mask_shape)  # 1 bit per element read
         return entry.mask.value
 
-    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]]) -> None:
+    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
         masked_grads = list(grads)
-        pending = []
+        pending, frozen = [], []
         for i, entry in handled:
             variable = variables[i]
             if entry.mask is None:
@@ -56,21 +60,54 @@ class DenseLayout(StateLayout):
                 continue
             mask = self._mask_tensor(entry, grads[i])
             if entry.multiplier is None:
-                mask = _backend.step_mask(mask, variable)
+                frozen.append((i, entry, _backend.step_mask(mask, variable)))
+                continue
+            # A multiplier blends the whole value: no row-only snapshot.
             masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
-            if entry.multiplier is None:
-                # A sparse gradient lets the snapshot keep only the rows it names.
-                old = _backend.snapshot(variable, masked_grads[i], self.inner, mask)
-                pending.append(lambda e=entry, m=mask, o=old: _blend.frozen_items(e.variable, e.ema, m, o))
-            else:  # a multiplier blends the whole value: no row-only snapshot
-                old = _backend.snapshot(variable)
-                ema = _blend.ema_before(self.inner, variable)
-                pending.append(
-                    lambda v=variable, m=mask, x=entry.multiplier, o=old, a=ema:
-                    _blend.multiplied_items(v, m, x.value, o, *a)
-                )
+            old = _backend.snapshot(variable)
+            ema = _blend.ema_before(self.inner, variable)
+            pending.append(
+                lambda v=variable, m=mask, x=entry.multiplier, o=old, a=ema:
+                _blend.multiplied_items(v, m, x.value, o, *a)
+            )
+        # A TF graph-mode step traced while nothing is frozen (all-True masks
+        # registered for later edits) masks frozen-only variables only while
+        # some element is frozen: a runtime `cond` around the masking, not
+        # around the inner update, so all-True masks cost what the bare step
+        # costs. A step traced with frozen elements has no `cond` (it would
+        # slow the first step of a many-variable model by ~10 %).
+        guard = None if not identity else _backend.frozen_guard(
+            [m for _, _, m in frozen], [grads[i] for i, _, _ in frozen], [variables[i] for i, _, _ in frozen]
+        )
+
+        def mask_and_snapshot() -> list:
+            out = []
+            for i, _, mask in frozen:  # a sparse gradient lets the snapshot keep only its rows
+                g = _backend.mask_gradient(grads[i], mask, tuple(variables[i].shape))
+                out.append((g, _backend.snapshot(variables[i], g, self.inner, mask)))
+            return out
+
+        def untouched() -> list:
+            return [(grads[i], _backend.no_snapshot(variables[i])) for i, _, _ in frozen]
+
+        taken = mask_and_snapshot() if guard is None else _backend.if_frozen(guard, mask_and_snapshot, untouched)
+        olds = []
+        for (i, _, _), (g, old) in zip(frozen, taken):
+            masked_grads[i] = g
+            olds.append(old)
         self.inner.apply(masked_grads, variables)
         _backend.restore_frozen([item for items in pending for item in items()])
+
+        def restore() -> None:
+            items = []
+            for (_, entry, mask), old in zip(frozen, olds):
+                items.extend(_blend.frozen_items(entry.variable, entry.ema, mask, old))
+            _backend.restore_frozen(items)
+
+        if guard is None:
+            restore()
+        else:
+            _backend.if_frozen(guard, restore, lambda: None)
 
     def finalize(self, var_list: list, table: VariableTable) -> None:
         restore = []

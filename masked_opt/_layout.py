@@ -58,8 +58,9 @@ class StateLayout:
         """Brings derived state in line with loaded (or assigned) masks."""
 
     # -- train
-    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]]) -> None:
-        """The inner optimizer's update with `handled` entries masked/multiplied."""
+    def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
+        """The inner optimizer's update with `handled` entries masked/multiplied;
+        `identity`: nothing is frozen or scaled now (the host-side flag)."""
         raise NotImplementedError
 
     def finalize(self, var_list: list, table: VariableTable) -> None:

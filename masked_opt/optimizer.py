@@ -168,7 +168,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._compile.record(grads)
         handled = self._table.handled(grads, variables, self._layout.bare_at_identity)
         if handled:
-            self._layout.step(grads, variables, handled)
+            self._layout.step(grads, variables, handled, self._table.identity)
         else:
             self.inner_optimizer.apply(grads, variables)
 

@@ -235,6 +235,44 @@ def test_auto_keeps_graph_mode_while_no_element_is_frozen():
     assert opt.inspect().xla_functions == 0
 
 
+@tf_only
+def test_graph_step_traced_with_nothing_frozen_masks_only_while_something_is():
+    # Traced with all-True masks, the graph-mode step keeps the masking behind
+    # a runtime `cond` (the inner update is outside it, traced once): while
+    # nothing is frozen it runs the bare update (weights bit-identical to the
+    # bare optimizer's graph step); after an edit it masks, without a retrace.
+    def variables():
+        with keras.name_scope("g"):
+            return [keras.Variable(np.random.default_rng(4).normal(size=(64, 96)).astype("float32"), name="k"),
+                    keras.Variable(np.zeros((96,), "float32"), name="b")]
+
+    masked_vars, bare_vars = variables(), variables()
+    opt = MaskedOptimizer(keras.optimizers.AdamW(0.01, weight_decay=0.1), [(masked_vars[0], np.ones((64, 96), bool)), (masked_vars[1], True)])
+    bare = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+    masked_step = tf.function(lambda g: opt.apply(g, masked_vars))
+    bare_step = tf.function(lambda g: bare.apply(g, bare_vars))
+    rng = np.random.default_rng(5)
+    for _ in range(2):
+        g = [tf.constant(rng.normal(size=(64, 96)).astype("float32")), tf.constant(rng.normal(size=(96,)).astype("float32"))]
+        masked_step(g)
+        bare_step(g)
+    for m, b in zip(masked_vars, bare_vars):
+        assert np.array_equal(m.numpy(), b.numpy())
+    graph = masked_step.get_concrete_function(g).graph
+    assert any(op.type in ("If", "StatelessIf") for op in graph.get_operations())
+    traces = masked_step.experimental_get_tracing_count()
+    frozen = rng.random((64, 96)) < 0.3
+    opt.set_mask("g/k", ~frozen)
+    opt.freeze("g/b")
+    before = [v.numpy() for v in masked_vars]
+    masked_step(g)
+    assert np.array_equal(masked_vars[0].numpy()[frozen], before[0][frozen])
+    assert np.array_equal(masked_vars[1].numpy(), before[1])
+    assert np.all(masked_vars[0].numpy()[~frozen] != before[0][~frozen])
+    assert masked_step.experimental_get_tracing_count() == traces
+    assert opt.inspect().xla_functions == 0
+
+
 def test_xla_pays_for_few_variables_or_large_ones_not_many_small_ones():
     from masked_opt import _xla
 

@@ -39,6 +39,8 @@ INTERFACE = (
     "check_strategy_support",
     "counts_in_trace",
     "densify",
+    "frozen_guard",
+    "if_frozen",
     "in_traced_function",
     "is_compiling",
     "is_purged",
@@ -50,6 +52,7 @@ INTERFACE = (
     "mask_layout",
     "moves_only_gradient_rows",
     "no_autograph",
+    "no_snapshot",
     "pack_bits",
     "packs_mask",
     "restore_frozen",
@@ -78,6 +81,8 @@ check_jit_compile = _pick("check_jit_compile")
 check_strategy_support = _pick("check_strategy_support")
 counts_in_trace = _pick("counts_in_trace")
 densify = _pick("densify")
+frozen_guard = _pick("frozen_guard")
+if_frozen = _pick("if_frozen")
 in_traced_function = _pick("in_traced_function")
 is_compiling = _pick("is_compiling")
 is_purged = _pick("is_purged")
@@ -89,6 +94,7 @@ mask_gradient = _pick("mask_gradient")
 mask_layout = _pick("mask_layout")
 moves_only_gradient_rows = _pick("moves_only_gradient_rows")
 no_autograph = _pick("no_autograph")
+no_snapshot = _pick("no_snapshot")
 pack_bits = _pick("pack_bits")
 packs_mask = _pick("packs_mask")
 restore_frozen = _pick("restore_frozen")

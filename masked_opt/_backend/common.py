@@ -43,6 +43,21 @@ def zero(dtype: Any) -> Any:
     return ops.convert_to_tensor(0, dtype=dtype)
 
 
+def frozen_guard(masks: list, grads: list, variables: list) -> Any:
+    """A tensor saying whether any of `masks` freezes an element, where a
+    runtime conditional around the masking pays (TensorFlow's graph mode);
+    None here: the masking always runs."""
+    return None
+
+
+def if_frozen(guard: Any, fn: Callable, otherwise: Callable) -> Any:
+    return fn()
+
+
+def no_snapshot(variable: keras.Variable) -> Any:
+    return None
+
+
 def step_mask(mask: Any, variable: keras.Variable) -> Any:
     """The mask in the form this step's `mask_gradient` and `restore_frozen`
     read (here: the bool mask itself)."""

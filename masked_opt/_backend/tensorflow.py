@@ -96,6 +96,31 @@ def in_traced_function() -> bool:
     return tf.inside_function()
 
 
+def frozen_guard(masks: list, grads: list, variables: list) -> Any:
+    """In a graph-mode step (a `tf.function` without XLA, the default
+    strategy, dense gradients): a scalar bool tensor, whether any of `masks`
+    freezes an element now, for `if_frozen`. None elsewhere: the masking
+    always runs (under XLA it fuses into the update; a conditional would
+    split it)."""
+    if not masks or not tf.inside_function() or traced_into_xla(masks[0]) or tf.distribute.has_strategy():
+        return None
+    if any(is_sparse(g) for g in grads) or any(
+        isinstance(v.value, tf.distribute.DistributedValues) for v in variables
+    ):
+        return None
+    return tf.reduce_any(tf.stack([tf.reduce_any(tf.logical_not(m)) for m in masks]))
+
+
+def if_frozen(guard: Any, fn: Callable, otherwise: Callable) -> Any:
+    """`fn()` if `guard` (from `frozen_guard`) is True, else `otherwise()`."""
+    return tf.cond(guard, fn, otherwise)
+
+
+def no_snapshot(variable: keras.Variable) -> Any:
+    """What stands for a snapshot in the branch that takes none."""
+    return tf.zeros((0,), variable.dtype)
+
+
 def can_jit(grads: list) -> bool:
     """The default strategy (merge_call cannot be compiled), no sparse gradients."""
     return not tf.distribute.has_strategy() and not any(is_sparse(g) for g in grads)
