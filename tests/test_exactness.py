@@ -736,18 +736,20 @@ def _edit_masks() -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
 @pytest.mark.parametrize("opt_id", OPT_IDS)
-def test_frozen_exact_through_edits_of_the_frozen_fraction(opt_id):
+def test_frozen_exact_through_edits_of_the_frozen_fraction(opt_id, ema):
     rng = np.random.default_rng(22)
     masks = _edit_masks()
+    kwargs = {"weight_decay": 0.05, **({"use_ema": True, "ema_momentum": 0.9} if ema else {})}
 
     def variable():
         with keras.name_scope("e"):
             return keras.Variable(np.random.default_rng(23).normal(size=EDIT_SHAPE).astype("float32"), name="kernel")
 
     var, oracle_var = variable(), variable()
-    opt = MaskedOptimizer(OPTIMIZERS[opt_id](weight_decay=0.05), [(var, masks[0])])
-    oracle = OPTIMIZERS[opt_id](weight_decay=0.05)
+    opt = MaskedOptimizer(OPTIMIZERS[opt_id](**kwargs), [(var, masks[0])])
+    oracle = OPTIMIZERS[opt_id](**kwargs)
     oracle.build([oracle_var])
     for k, mask in enumerate(masks):
         if k:
@@ -764,6 +766,12 @@ def test_frozen_exact_through_edits_of_the_frozen_fraction(opt_id):
             old = to_numpy(oracle_var)
             oracle.apply([tensor(np.where(mask, g, np.float32(0)))], [oracle_var])
             oracle_var.assign(np.where(mask, to_numpy(oracle_var), old))
+            (average,) = _ema_variables(oracle, [oracle_var])
+            if average is not None:  # the EMA of a frozen element is the element
+                average.assign(np.where(mask, to_numpy(average), old))
         assert_ulp_close(to_numpy(var), to_numpy(oracle_var), 0, f"{opt_id}: vs the oracle at {EDIT_FRACTIONS[k]:.3g}")
+        if ema:
+            (average,) = _ema_variables(opt.inner_optimizer, [var])
+            assert average is not None and np.array_equal(to_numpy(average)[~mask], to_numpy(var)[~mask])
     for s, o in zip(opt.inner_optimizer.variables, oracle.variables):
         assert_ulp_close(to_numpy(s), to_numpy(o), 0, f"{opt_id}: inner state {s.path}")
