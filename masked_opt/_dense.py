@@ -96,18 +96,19 @@ class DenseLayout(StateLayout):
             masked_grads[i] = g
             olds.append(old)
         self.inner.apply(masked_grads, variables)
-        _backend.restore_frozen([item for items in pending for item in items()])
+        multiplied = [item for items in pending for item in items()]
 
-        def restore() -> None:
+        def frozen_items() -> list:
             items = []
             for (_, entry, mask), old in zip(frozen, olds):
                 items.extend(_blend.frozen_items(entry.variable, entry.ema, mask, old))
-            _backend.restore_frozen(items)
+            return items
 
-        if guard is None:
-            restore()
+        if guard is None:  # one restore (one merge_call under tf.distribute)
+            _backend.restore_frozen(multiplied + frozen_items())
         else:
-            _backend.if_frozen(guard, restore, lambda: None)
+            _backend.restore_frozen(multiplied)
+            _backend.if_frozen(guard, lambda: _backend.restore_frozen(frozen_items()), lambda: None)
 
     def finalize(self, var_list: list, table: VariableTable) -> None:
         restore = []
