@@ -18,7 +18,8 @@ Variants, all with AdamW:
 
 Each measurement runs in a fresh subprocess (no tracing cache shared between
 variants); variants are interleaved over rounds and the medians reported with
-the ratio to bare.
+the ratio to bare, and the median of the ratios paired within each round (on a
+shared machine whose speed drifts between rounds, the steadier figure).
 
 Usage::
 
@@ -91,6 +92,16 @@ def measure(variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def paired(ms: list[dict], bare: list[dict] | None) -> str:
+    """Median (IQR) over rounds of the CPU-time ratio to bare *in the same
+    round*: the machine's drift between rounds cancels out."""
+    if not bare:
+        return "n/a"
+    ratios = sorted(m["first_cpu"] / b["first_cpu"] for m, b in zip(ms, bare))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"**{statistics.median(ratios):.2f}** ({q[0]:.2f}-{q[2]:.2f})"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -110,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
           f"benchmarks/bench_first_step.py {' '.join(sys.argv[1:])}`")
     print(f"- load average at end: {os.getloadavg()}\n")
     print("| variant | masked variables | time to first step (s) | ratio vs bare "
-          "| CPU time to first step (s) | CPU ratio vs bare | steady step (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| CPU time to first step (s) | CPU ratio vs bare | paired CPU ratio (IQR) | steady step (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     bare = statistics.median(m["first"] for m in results["bare"]) if "bare" in results else None
     bare_cpu = statistics.median(m["first_cpu"] for m in results["bare"]) if "bare" in results else None
     for v, ms in results.items():
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"**{first / bare:.2f}**" if bare else "n/a"
         cpu_ratio = f"**{first_cpu / bare_cpu:.2f}**" if bare_cpu else "n/a"
         print(f"| {v} | {ms[0]['masked']} | {first:.1f} | {ratio} | {first_cpu:.1f} | {cpu_ratio} "
-              f"| {step:.0f} |")
+              f"| {paired(ms, results.get('bare'))} | {step:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The default layout: the inner optimizer keeps full-size state; each mask is
 a bool optimizer variable at its storage shape (plus a bit-packed copy for
-large full-shape masks, read by XLA-compiled steps).
+large full-shape masks, read by compiled steps: XLA, torch.compile).
 
 Each step, for every handled variable: (1) zero the gradient where the mask
 is False (NaN/inf there included), (2) snapshot the variable, (3) let the
@@ -46,7 +46,7 @@ class DenseLayout(StateLayout):
                 entry.bits.assign(_backend.pack_bits(_backend.to_numpy(entry.mask)))
 
     def _mask_tensor(self, entry: Entry, grad) -> object:
-        if entry.bits is not None and _backend.traced_into_xla(grad):
+        if entry.bits is not None and _backend.is_compiling(grad):
             return _backend.unpack_bits(entry.bits.value, entry.mask_shape)  # 1 bit per element read
         return entry.mask.value
 

@@ -38,7 +38,7 @@ class Entry:
     position: int  # among the variables the optimizer is built on
     mask_shape: tuple[int, ...] | None = None  # storage shape; None: no mask
     mask: keras.Variable | None = None  # bool, dense state only
-    bits: keras.Variable | None = None  # the mask bit-packed for XLA steps (derived, not saved)
+    bits: keras.Variable | None = None  # the mask bit-packed for compiled steps (derived, not saved)
     compact: CompactState | None = None  # compact state only
     ema: keras.Variable | None = None  # the inner optimizer's EMA of the variable (dense state)
     multiplier_shape: tuple[int, ...] | None = None  # storage shape; None: no multiplier
@@ -62,7 +62,7 @@ class VariableInfo:
     mask_shape: tuple[int, ...] | None  # the mask's storage shape, None: no mask
     multiplier_shape: tuple[int, ...] | None  # None: no multiplier
     compact_capacity: int | None  # compact_state: elements its state can hold
-    packed_mask: bool  # a bit-packed copy of the mask is read by XLA-compiled steps
+    packed_mask: bool  # a bit-packed copy of the mask is read by compiled steps
 
 
 @dataclass(frozen=True)

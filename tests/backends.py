@@ -76,7 +76,8 @@ class CompiledStep:
     """`grads -> None`: the optimizer's update as each backend's trainer
     compiles it: `tf.function` (TF), `jax.jit` over `stateless_apply` (JAX,
     exactly what the JAX trainer runs), `torch.compile` (torch, only with
-    `torch_compile=True`; eager otherwise). `traces()` counts compilations."""
+    `torch_compile=True`; eager otherwise). `traces()` counts compilations
+    (under torch.compile: the graphs dynamo made)."""
 
     def __init__(self, optimizer, variables, *, torch_compile: bool = False):
         self.optimizer, self.variables = optimizer, list(variables)
@@ -107,7 +108,11 @@ class CompiledStep:
 
             if torch_compile:
                 import torch
+                from torch._dynamo.utils import counters
 
+                torch._dynamo.reset()
+                self._graphs = lambda: counters["stats"]["unique_graphs"]
+                self._count = -self._graphs()
                 self._fn = torch.compile(step)
             else:
                 self._fn = step
@@ -128,6 +133,8 @@ class CompiledStep:
     def traces(self) -> int:
         if IS_TF:
             return self._fn.experimental_get_tracing_count()
+        if hasattr(self, "_graphs"):  # torch.compile: graphs dynamo made since
+            return self._count + self._graphs()
         return self._count
 
 

@@ -8,6 +8,7 @@ the bare optimizer's, and in eager mode it reads no tensor back to the host
 """
 
 import numpy as np
+import pytest
 
 import keras
 from backends import to_numpy, torch_only
@@ -56,9 +57,15 @@ def _compiled_fit(masked: bool):
     return model, start, stats
 
 
-def test_torch_compile_adds_no_graph_break_or_recompile():
+@pytest.mark.parametrize("packed", [False, True], ids=["bool-mask", "bit-packed-mask"])
+def test_torch_compile_adds_no_graph_break_or_recompile(packed, monkeypatch):
+    from masked_opt import _backend
+
+    # A compiled step reads the bit-packed copy of a mask that has one.
+    monkeypatch.setattr(_backend._impl, "PACK_MIN_SIZE", 1 if packed else 1 << 40)
     _, _, bare = _compiled_fit(masked=False)
     model, start, masked = _compiled_fit(masked=True)
+    assert model.optimizer.inspect().variable("d1/kernel").packed_mask == packed
     # Stock Keras's torch train step breaks the graph at `loss.backward()`;
     # the masked optimizer must add nothing on top of that.
     assert masked == bare, (masked, bare)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 import torch
 
 from masked_opt._backend import common
@@ -95,6 +96,36 @@ def step_mask(mask: Any, variable: keras.Variable) -> Any:
             form = None
         cached = mask._masked_opt_form = (mask._version, form)
     return _as(mask, ints) if cached[1] is None else cached[1]
+
+
+# torch.compile's CPU kernels read a bool tensor one element at a time (a
+# scalar loop per vector of 16 floats: ~2 ns per element, 10x the fused Adam
+# update it sits in). Compiled steps read a bit-packed copy instead, as int32
+# words of 32 elements each (the bytes of `np.packbits(mask.ravel(),
+# bitorder="little")`), unpacked by vector shifts at the bare update's cost
+# (benchmarks/README.md, "torch.compile").
+PACK_MIN_SIZE = 1 << 12
+
+
+def packs_mask(variable_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> bool:
+    """A full-shape mask of at least `PACK_MIN_SIZE` elements, a multiple of 32."""
+    if tuple(mask_shape) != tuple(variable_shape) or not variable_shape:
+        return False
+    size = int(np.prod(variable_shape, dtype=np.int64))
+    return size >= PACK_MIN_SIZE and size % 32 == 0 and common.no_distribution()
+
+
+def pack_bits(mask: np.ndarray) -> np.ndarray:
+    """The mask's elements in C order, 32 per int32 word (element 32j + i is
+    bit i of word j)."""
+    packed = np.packbits(np.asarray(mask, bool).reshape(-1), bitorder="little")
+    return packed.view("<i4").astype(np.int32)
+
+
+def unpack_bits(packed: Any, shape: tuple[int, ...]) -> Any:
+    """The bool mask of `shape` that `pack_bits` packed (inside a compiled step)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)
+    return (torch.bitwise_and(torch.bitwise_right_shift(packed[:, None], shifts), 1) != 0).reshape(shape)
 
 
 def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
