@@ -22,7 +22,7 @@ processes on a shared machine.
   ``tf.function`` (TensorFlow); ``opt.stateless_apply(opt_vars, grads, vars)``
   inside ``jax.jit`` with the state donated (JAX: what the JAX trainer does);
   eager ``opt.apply`` under ``torch.no_grad()`` (torch: what the torch trainer
-  does). Every timed round waits for its last step's results (JAX dispatches
+  does; with ``--jit-compile`` inside ``torch.compile``). Every timed round waits for its last step's results (JAX dispatches
   asynchronously; eager torch on CPU is synchronous).
 
 Variants (``variants(part)`` builds a dict name -> ``Variant``; add a line there
@@ -44,6 +44,8 @@ to add one):
   multiplied by the same masks (full part: the backend trainer's own
   ``train_step`` plus that one line). Not exact: weight decay and momentum
   still move "frozen" elements;
+* ``masked, 50% + bias, bool masks``: the same with no bit-packed mask copies,
+  so compiled steps read the bool masks (torch.compile: one element at a time);
 * ``bare, XLA step`` (opt part, TensorFlow only): the bare optimizer's step
   traced with ``tf.function(jit_compile=True)``: the yardstick for a
   jit-compiled masked step (on JAX every step is an XLA step already);
@@ -65,6 +67,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import os
@@ -73,6 +76,7 @@ import random
 import re
 import statistics
 import sys
+import types
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,9 +149,29 @@ class Variant:
     masks: str = "none"
     grad_only: bool = False
     xla_step: bool = False  # opt part: trace the step with tf.function(jit_compile=True)
+    unpacked: bool = False  # no bit-packed mask copies: compiled steps read the bool masks
     parts: tuple[str, ...] = ("full", "opt")
     backends: tuple[str, ...] = ALL_BACKENDS
     why_not: str = ""
+
+
+@contextlib.contextmanager
+def packing(enabled: bool):
+    """Bit-packed mask copies as the library makes them, or (False) none."""
+    from masked_opt import _backend
+
+    if enabled:
+        yield
+        return
+    modules = [m for m in (_backend.common, _backend._impl) if hasattr(m, "PACK_MIN_SIZE")]
+    saved = [m.PACK_MIN_SIZE for m in modules]
+    for m in modules:
+        m.PACK_MIN_SIZE = 1 << 62
+    try:
+        yield
+    finally:
+        for m, v in zip(modules, saved):
+            m.PACK_MIN_SIZE = v
 
 
 def masked_accepts_jit() -> bool:
@@ -170,6 +194,11 @@ def variants(part: str) -> dict[str, Variant]:
             lambda inner, m: MaskedOptimizer(inner(), m, multipliers={".*": 0.5}), "realistic"
         ),
     }
+    # What a compiled step costs reading the bool masks instead of their
+    # bit-packed copies (the state before issue 16's torch.compile change).
+    table["masked, 50% + bias, bool masks"] = Variant(
+        lambda inner, m: MaskedOptimizer(inner(), m), "realistic", unpacked=True
+    )
     # What XLA does for the bare optimizer: the yardstick for a jit-compiled masked step.
     table["bare, XLA step"] = Variant(
         lambda inner, m: inner(),
@@ -524,8 +553,9 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, 
     paths = [_short(v.path) for v in model.trainable_variables]
     before = [to_numpy(v) for v in model.trainable_variables]
     breaks = _graph_breaks()
-    for _ in range(warmup):
-        model.train_on_batch(x, y)
+    with packing(not variant.unpacked):  # the optimizer is built by the first step
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
     if breaks is not None:
         GRAPH_BREAKS[label] = _graph_breaks() - breaks
 
@@ -587,7 +617,8 @@ def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant
     variables, grads = opt_variables()
     masks = make_masks(variant.masks, OPT_SHAPES)
     opt = variant.make(inner, masks)
-    opt.build(variables)
+    with packing(not variant.unpacked):
+        opt.build(variables)
     fmasks = float_masks(masks, OPT_SHAPES) if variant.grad_only else {}
     mask_list = [fmasks.get(p) for p in OPT_SHAPES]
     paths = list(OPT_SHAPES)
@@ -659,13 +690,21 @@ def _jax_opt_step(opt, variables, grads, mask_list, variant, warmup, variant_nam
 
 
 def _torch_opt_step(opt, variables, grads, mask_list, variant, warmup, variant_name):
-    """Eager `opt.apply` under `torch.no_grad()`: what the torch trainer does.
-    On CPU each op has finished when it returns."""
+    """Eager `opt.apply` under `torch.no_grad()`: what the torch trainer does
+    (with `--jit-compile`, in `torch.compile`, as `model.compile(jit_compile=True)`
+    compiles it). On CPU each op has finished when it returns."""
+
+    def apply(grads):
+        opt.apply(_masked(grads, mask_list), variables)
+
+    if JIT_COMPILE:  # a code object of its own: dynamo caches compiled frames per code object
+        apply = types.FunctionType(apply.__code__.replace(), apply.__globals__, "apply", None, apply.__closure__)
+    step = torch.compile(apply) if JIT_COMPILE else apply
 
     def run(k: int) -> None:
         with torch.no_grad():
             for _ in range(k):
-                opt.apply(_masked(grads, mask_list), variables)
+                step(grads)
 
     run(warmup)
     return run, lambda: [to_numpy(v) for v in variables]
@@ -752,6 +791,14 @@ OPT_HOW = {
     "jax": "`opt.stateless_apply` in `jax.jit`, state donated",
     "torch": "eager `opt.apply` under `torch.no_grad()`",
 }
+
+
+def opt_how() -> str:
+    if IS_TORCH and JIT_COMPILE:
+        return "`opt.apply` in `torch.compile` under `torch.no_grad()`"
+    return OPT_HOW[BACKEND]
+
+
 GRAD_ONLY_HOW = {
     "tensorflow": "the TF trainer's `train_step` (GradientTape)",
     "jax": "the JAX trainer's stateless `train_step` (jax.value_and_grad over "
@@ -831,7 +878,7 @@ def main(argv: list[str] | None = None) -> None:
     if "opt" in parts:
         n = sum(int(np.prod(s)) for s in OPT_SHAPES.values())
         print(
-            f"\n## Optimizer step alone ({BACKEND}): {OPT_HOW[BACKEND]}, "
+            f"\n## Optimizer step alone ({BACKEND}): {opt_how()}, "
             f"{n:,} parameters, fixed gradients (CPU)\n"
         )
         rows, frozen_lines = [], []
