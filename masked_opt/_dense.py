@@ -79,6 +79,13 @@ class DenseLayout(StateLayout):
         guard = None if not identity else _backend.frozen_guard(
             [m for _, _, m in frozen], [grads[i] for i, _, _ in frozen], [variables[i] for i, _, _ in frozen]
         )
+        olds = self._mask_frozen(frozen, grads, variables, masked_grads, guard)
+        self.inner.apply(masked_grads, variables)
+        _restore(frozen, olds, [item for items in pending for item in items()], guard)
+
+    def _mask_frozen(self, frozen: list, grads: list, variables: list, masked_grads: list, guard) -> list:
+        """Masks the gradients of the frozen-only variables `(i, entry, mask)`
+        into `masked_grads` and returns their snapshots (behind `guard`, if any)."""
 
         def mask_and_snapshot() -> list:
             out = []
@@ -95,20 +102,7 @@ class DenseLayout(StateLayout):
         for (i, _, _), (g, old) in zip(frozen, taken):
             masked_grads[i] = g
             olds.append(old)
-        self.inner.apply(masked_grads, variables)
-        multiplied = [item for items in pending for item in items()]
-
-        def frozen_items() -> list:
-            items = []
-            for (_, entry, mask), old in zip(frozen, olds):
-                items.extend(_blend.frozen_items(entry.variable, entry.ema, mask, old))
-            return items
-
-        if guard is None:  # one restore (one merge_call under tf.distribute)
-            _backend.restore_frozen(multiplied + frozen_items())
-        else:
-            _backend.restore_frozen(multiplied)
-            _backend.if_frozen(guard, lambda: _backend.restore_frozen(frozen_items()), lambda: None)
+        return olds
 
     def finalize(self, var_list: list, table: VariableTable) -> None:
         restore = []
@@ -135,3 +129,20 @@ class DenseLayout(StateLayout):
 
     def detached(self, table: VariableTable) -> bool:
         return any(_backend.is_purged(e.mask) for e in table.masked())
+
+
+def _restore(frozen: list, olds: list, multiplied: list, guard) -> None:
+    """Writes back the frozen elements of `frozen` from `olds` (behind `guard`,
+    if any) and the blended `multiplied` items."""
+
+    def frozen_items() -> list:
+        items = []
+        for (_, entry, mask), old in zip(frozen, olds):
+            items.extend(_blend.frozen_items(entry.variable, entry.ema, mask, old))
+        return items
+
+    if guard is None:  # one restore (one merge_call under tf.distribute)
+        _backend.restore_frozen(multiplied + frozen_items())
+    else:
+        _backend.restore_frozen(multiplied)
+        _backend.if_frozen(guard, lambda: _backend.restore_frozen(frozen_items()), lambda: None)
