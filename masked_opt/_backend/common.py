@@ -144,12 +144,17 @@ SAME_WIDTH_INT = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "
 PACK_MIN_SIZE = 1 << 16
 
 
+def full_shape_size(variable_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> int:
+    """The element count of a full-shape mask (of a non-scalar variable); 0 otherwise."""
+    if tuple(mask_shape) != tuple(variable_shape) or not variable_shape:
+        return 0
+    return int(np.prod(variable_shape, dtype=np.int64))
+
+
 def packable(variable_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> bool:
     """A full-shape mask of at least `PACK_MIN_SIZE` elements whose last axis is
     a multiple of 8, without a keras.distribution."""
-    if tuple(mask_shape) != tuple(variable_shape) or not variable_shape:
-        return False
-    size = int(np.prod(variable_shape, dtype=np.int64))
+    size = full_shape_size(variable_shape, mask_shape)
     return size >= PACK_MIN_SIZE and variable_shape[-1] % 8 == 0 and no_distribution()
 
 

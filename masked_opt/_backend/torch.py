@@ -109,9 +109,7 @@ PACK_MIN_SIZE = 1 << 12
 
 def packs_mask(variable_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> bool:
     """A full-shape mask of at least `PACK_MIN_SIZE` elements, a multiple of 32."""
-    if tuple(mask_shape) != tuple(variable_shape) or not variable_shape:
-        return False
-    size = int(np.prod(variable_shape, dtype=np.int64))
+    size = common.full_shape_size(variable_shape, mask_shape)
     return size >= PACK_MIN_SIZE and size % 32 == 0 and common.no_distribution()
 
 
