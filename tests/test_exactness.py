@@ -110,16 +110,22 @@ def _variables(constraint: bool = False) -> list[keras.Variable]:
     """The three variables at fixed random values; with `constraint`, the Dense
     kernel constraints MaxNorm(0.3) on a/kernel and NonNeg on b/kernel (the
     model.fit cases below put them on real Dense layers)."""
-    init = np.random.default_rng(3)
-    variables = []
-    for path, shape in zip(PATHS, SHAPES):
-        scope, name = path.split("/")
-        with keras.name_scope(scope):
-            variables.append(keras.Variable(init.normal(size=shape).astype("float32"), name=name))
-    assert [v.path for v in variables] == PATHS
+    variables = _scoped_variables(PATHS, SHAPES, seed=3)
     if constraint:
         variables[0].constraint = keras.constraints.MaxNorm(0.3)
         variables[2].constraint = keras.constraints.NonNeg()
+    return variables
+
+
+def _scoped_variables(paths: list[str], shapes: list[tuple], seed: int) -> list[keras.Variable]:
+    """float32 variables at `paths` ("scope/name"), normal random values from `seed`."""
+    init = np.random.default_rng(seed)
+    variables = []
+    for path, shape in zip(paths, shapes):
+        scope, name = path.split("/")
+        with keras.name_scope(scope):
+            variables.append(keras.Variable(init.normal(size=shape).astype("float32"), name=name))
+    assert [v.path for v in variables] == list(paths)
     return variables
 
 
@@ -668,13 +674,7 @@ def _big_setup():
 
 
 def _big_variables() -> list[keras.Variable]:
-    init = np.random.default_rng(10)
-    out = []
-    for path, shape in zip(BIG_PATHS, BIG_SHAPES):
-        scope, name = path.split("/")
-        with keras.name_scope(scope):
-            out.append(keras.Variable(init.normal(size=shape).astype("float32"), name=name))
-    return out
+    return _scoped_variables(BIG_PATHS, BIG_SHAPES, seed=10)
 
 
 @pytest.mark.parametrize("opt_id", OPT_IDS)
