@@ -2,7 +2,8 @@
 multiplied updates blended, and the EMA of both kept consistent.
 
 Each function returns `(target, keep, new)` items for
-`_backend.restore_frozen`, which writes `where(keep, target, new)`.
+`_backend.restore_frozen`, which writes `where(keep, target, new)`
+(`_backend.select` is `where`, vectorised on eager torch).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from masked_opt import _inner
+from masked_opt import _backend, _inner
 
 
 def frozen_items(variable: keras.Variable, ema: Any, mask: Any, old: Any) -> list[tuple]:
@@ -57,10 +58,10 @@ def multiplied_items(target, mask, m, old, ema=None, old_ema=None, momentum=None
         keep = ops.logical_and(mask, keep)
     current = target.value
     scaled = ops.add(old, ops.multiply(m, ops.subtract(current, old)))
-    new = ops.where(moving, scaled, old)
+    new = _backend.select(moving, scaled, old)
     items = [(target, keep, new)]
     if ema is not None:
-        stored = ops.where(keep, current, new)
+        stored = _backend.select(keep, current, new)
         average = ops.add(ops.multiply(momentum, old_ema), ops.multiply(ops.subtract(1, momentum), stored))
-        items.append((ema, keep, ops.where(moving, average, old)))
+        items.append((ema, keep, _backend.select(moving, average, old)))
     return items

@@ -57,6 +57,7 @@ INTERFACE = (
     "packs_mask",
     "restore_frozen",
     "scatter_flat",
+    "select",
     "snapshot",
     "squared_grad_sums",
     "step_mask",
@@ -99,6 +100,7 @@ pack_bits = _pick("pack_bits")
 packs_mask = _pick("packs_mask")
 restore_frozen = _pick("restore_frozen")
 scatter_flat = _pick("scatter_flat")
+select = _pick("select")
 snapshot = _pick("snapshot")
 squared_grad_sums = _pick("squared_grad_sums")
 step_mask = _pick("step_mask")

@@ -184,6 +184,11 @@ def no_distribution() -> bool:
 # ------------------------------------------------------ snapshot/restore
 
 
+def select(condition: Any, x: Any, y: Any) -> Any:
+    """`where(condition, x, y)`, bit for bit (the blends of multiplied updates)."""
+    return ops.where(condition, x, y)
+
+
 def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """A copy of the variable's value that later writes cannot alias."""
     return ops.copy(variable.value)

@@ -137,6 +137,22 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     return torch.mul(grad.view(ints), _as(mask, ints)).view(grad.dtype)
 
 
+def select(condition: Any, x: Any, y: Any) -> Any:
+    """`where(condition, x, y)`; eagerly, for float tensors of one dtype and
+    shape, on their integer views: `y ^ ((x ^ y) * condition)` (the same bits,
+    vectorised; `where` is the scalar loop)."""
+    same = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
+    if not same or is_compiling(x) or not x.dtype.is_floating_point:
+        return common.select(condition, x, y)
+    ints = _ints(x.dtype)
+    with torch.no_grad():
+        condition = _as(torch.as_tensor(condition, device=x.device), ints)
+        y_bits = y.view(ints)
+        if condition.dim() == 0 or condition.shape == x.shape:  # one new tensor
+            return torch.bitwise_xor(x.view(ints), y_bits).mul_(condition).bitwise_xor_(y_bits).view(x.dtype)
+        return torch.bitwise_xor(y_bits, torch.mul(torch.bitwise_xor(x.view(ints), y_bits), condition)).view(x.dtype)
+
+
 def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """What the restore needs: the frozen elements' values for `FrozenAt`,
     nothing for `ALL_TRAINABLE`, else a copy of the variable's value."""
