@@ -46,6 +46,9 @@ to add one):
   still move "frozen" elements;
 * ``masked, 50% + bias, bool masks``: the same with no bit-packed mask copies,
   so compiled steps read the bool masks (torch.compile: one element at a time);
+* ``masked, 50% + bias, multipliers 0.5, where blend`` (torch only): the
+  multiplier blends by torch's ``where`` (a scalar loop on CPU) instead of
+  the library's integer-bit ``select``: the before/after in one process;
 * ``bare, XLA step`` (opt part, TensorFlow only): the bare optimizer's step
   traced with ``tf.function(jit_compile=True)``: the yardstick for a
   jit-compiled masked step (on JAX every step is an XLA step already);
@@ -150,6 +153,7 @@ class Variant:
     grad_only: bool = False
     xla_step: bool = False  # opt part: trace the step with tf.function(jit_compile=True)
     unpacked: bool = False  # no bit-packed mask copies: compiled steps read the bool masks
+    where_blend: bool = False  # multiplier blends by `where` (before the torch `select`)
     parts: tuple[str, ...] = ("full", "opt")
     backends: tuple[str, ...] = ALL_BACKENDS
     why_not: str = ""
@@ -172,6 +176,30 @@ def packing(enabled: bool):
     finally:
         for m, v in zip(modules, saved):
             m.PACK_MIN_SIZE = v
+
+
+@contextlib.contextmanager
+def blending(where: bool):
+    """Multiplier blends as the library does them, or (True) by `keras.ops.where`."""
+    from masked_opt import _backend
+
+    saved = _backend.select
+    if where:
+        _backend.select = _backend.common.select
+    try:
+        yield
+    finally:
+        _backend.select = saved
+
+
+def _blended(variant: Variant, run: Callable[[int], None]) -> Callable[[int], None]:
+    """`run` under the variant's `blending`."""
+
+    def blended(k: int) -> None:
+        with blending(variant.where_blend):
+            run(k)
+
+    return blended
 
 
 def masked_accepts_jit() -> bool:
@@ -200,6 +228,15 @@ def variants(part: str) -> dict[str, Variant]:
         lambda inner, m: MaskedOptimizer(inner(), m), "realistic", unpacked=True
     )
     # What XLA does for the bare optimizer: the yardstick for a jit-compiled masked step.
+    # Multiplier blends by torch's `where` (a scalar loop on CPU), as before the
+    # integer-bit `select`: the before/after in one process.
+    table["masked, 50% + bias, multipliers 0.5, where blend"] = Variant(
+        lambda inner, m: MaskedOptimizer(inner(), m, multipliers={".*": 0.5}),
+        "realistic",
+        where_blend=True,
+        backends=("torch",),
+        why_not="only torch has a blend other than `keras.ops.where`",
+    )
     table["bare, XLA step"] = Variant(
         lambda inner, m: inner(),
         xla_step=True,
@@ -553,7 +590,7 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, 
     paths = [_short(v.path) for v in model.trainable_variables]
     before = [to_numpy(v) for v in model.trainable_variables]
     breaks = _graph_breaks()
-    with packing(not variant.unpacked):  # the optimizer is built by the first step
+    with packing(not variant.unpacked), blending(variant.where_blend):  # the first step builds
         for _ in range(warmup):
             model.train_on_batch(x, y)
     if breaks is not None:
@@ -567,7 +604,7 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, 
     def now() -> list[np.ndarray]:
         return [to_numpy(v) for v in model.trainable_variables]
 
-    return run, FrozenCheck(masks, paths, before, now)
+    return _blended(variant, run), FrozenCheck(masks, paths, before, now)
 
 
 # ------------------------------------------------------- optimizer step alone
@@ -624,8 +661,9 @@ def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant
     paths = list(OPT_SHAPES)
     before = [to_numpy(v) for v in variables]
     build = {"tensorflow": _tf_opt_step, "jax": _jax_opt_step, "torch": _torch_opt_step}[BACKEND]
-    run, now = build(opt, variables, grads, mask_list, variant, warmup, variant_name)
-    return run, FrozenCheck(masks, paths, before, now)
+    with blending(variant.where_blend):
+        run, now = build(opt, variables, grads, mask_list, variant, warmup, variant_name)
+    return _blended(variant, run), FrozenCheck(masks, paths, before, now)
 
 
 def _masked(grads, mask_list) -> list:

@@ -6,8 +6,9 @@ velocity of exactly 0.0; one frozen after training keeps a velocity that
 decays by `beta_2` each step and, after ~64,000 steps at `beta_2=0.999`,
 falls into the subnormal range. This script times that `sqrt` (and, for
 scale, a `mul` and NumPy's `sqrt`) on 1 M float32 elements that are all
-normal, all zero, half zero and all subnormal, interleaved rounds, medians:
-the cost outside the wrapper that bare Keras pays on the same state.
+normal, all zero, half zero and all subnormal, interleaved rounds, medians
+of wall and process CPU time: the cost outside the wrapper that bare Keras
+pays on the same state.
 
     KERAS_BACKEND=torch python benchmarks/bench_torch_sqrt.py [--rounds 9] [--size 1048576]
 """
@@ -43,11 +44,12 @@ def ops() -> dict[str, object]:
     }
 
 
-def time_once(fn, x, calls: int) -> float:
-    start = time.perf_counter()
+def time_once(fn, x, calls: int) -> tuple[float, float]:
+    """Wall and process CPU seconds per call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn(x)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,23 +62,24 @@ def main(argv: list[str] | None = None) -> None:
     cases = [(op, kind) for op in fns for kind in xs]
     for op, kind in cases:  # warm-up
         time_once(fns[op], xs[kind], 2)
-    samples: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in cases}
     for _ in range(args.rounds):
         random.shuffle(cases)
         for op, kind in cases:
             samples[(op, kind)].append(time_once(fns[op], xs[kind], args.calls))
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}, {args.size:,} float32 elements, {args.rounds} rounds\n")
-    print("| op | " + " | ".join(f"{k} ms (x normal)" for k in xs) + " |")
+    print("Wall ms per call, CPU ms per call in brackets, and the ratio of CPU time to normal values.\n")
+    print("| op | " + " | ".join(xs) + " |")
     print("|---|" + "---:|" * len(xs))
     for op in fns:
-        ref = statistics.median(samples[(op, "normal")])
+        ref = statistics.median(c for _, c in samples[(op, "normal")])
         cells = []
         for kind in xs:
-            m = statistics.median(samples[(op, kind)])
-            cells.append(f"{m * 1e3:.3f} ({m / ref:.1f}x)")
+            wall = statistics.median(w for w, _ in samples[(op, kind)])
+            cpu = statistics.median(c for _, c in samples[(op, kind)])
+            cells.append(f"{wall * 1e3:.3f} ({cpu * 1e3:.3f}) **{cpu / ref:.1f}x**")
         print(f"| {op} | " + " | ".join(cells) + " |")
-
 
 if __name__ == "__main__":
     main()
