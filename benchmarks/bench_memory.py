@@ -17,7 +17,7 @@ Two parts:
   dense state vs compact state; medians over interleaved rounds.
 * ``rss``: peak resident memory of a fresh process (``ru_maxrss``) that
   builds a 4096 x 4096 Dense kernel, trains it for 3 steps with Adam and
-  exits: bare vs masked dense vs masked compact at 1 % density. Each variant
+  exits: bare vs masked dense vs masked compact at 1 % density (`--density`). Each variant
   runs in its own subprocess; the backend's import cost is the same for all.
 
 Usage::
@@ -212,6 +212,7 @@ def _compiled_step(backend, opt, k, grad):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="bytes,speed,rss")
+    p.add_argument("--density", type=float, default=0.01, help="trainable fraction, speed and rss parts")
     args = p.parse_args(argv)
     import keras
 
@@ -222,11 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         print("\n### Optimizer variable bytes, one 2048 x 2048 kernel, Adam\n")
         print("\n".join(bytes_part()))
     if "speed" in parts:
-        print("\n### Optimizer step alone, one 4096 x 4096 kernel, Adam, 1 % density\n")
-        print("\n".join(speed_part()))
+        print(f"\n### Optimizer step alone, one 4096 x 4096 kernel, Adam, {args.density * 100:g} % density\n")
+        print("\n".join(speed_part(density=args.density)))
     if "rss" in parts:
-        print("\n### Peak RSS of a process training a 4096 x 4096 kernel with Adam, 1 % density\n")
-        print("\n".join(rss_part()))
+        print(f"\n### Peak RSS of a process training a 4096 x 4096 kernel with Adam, {args.density * 100:g} % density\n")
+        print("\n".join(rss_part(density=args.density)))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ to add one):
   still move "frozen" elements;
 * ``masked, 50% + bias, bool masks``: the same with no bit-packed mask copies,
   so compiled steps read the bool masks (torch.compile: one element at a time);
+* ``masked, 50% + bias, held int masks`` (torch only): eager masks converted
+  to 0/1 integers once per step and held across the inner update, as before
+  they became temporaries;
 * ``masked, 50% + bias, multipliers 0.5, where blend`` (torch only): the
   multiplier blends by torch's ``where`` (a scalar loop on CPU) instead of
   the library's integer-bit ``select``: the before/after in one process;
@@ -152,54 +155,67 @@ class Variant:
     masks: str = "none"
     grad_only: bool = False
     xla_step: bool = False  # opt part: trace the step with tf.function(jit_compile=True)
-    unpacked: bool = False  # no bit-packed mask copies: compiled steps read the bool masks
-    where_blend: bool = False  # multiplier blends by `where` (before the torch `select`)
+    # Around the build, the warm-up and every timed run: a library internal
+    # swapped for what it was before a change (the before/after in one process).
+    patch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     parts: tuple[str, ...] = ("full", "opt")
     backends: tuple[str, ...] = ALL_BACKENDS
     why_not: str = ""
 
 
 @contextlib.contextmanager
-def packing(enabled: bool):
-    """Bit-packed mask copies as the library makes them, or (False) none."""
-    from masked_opt import _backend
-
-    if enabled:
-        yield
-        return
-    modules = [m for m in (_backend.common, _backend._impl) if hasattr(m, "PACK_MIN_SIZE")]
-    saved = [m.PACK_MIN_SIZE for m in modules]
-    for m in modules:
-        m.PACK_MIN_SIZE = 1 << 62
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        for m, v in zip(modules, saved):
-            m.PACK_MIN_SIZE = v
+        setattr(module, name, saved)
 
 
-@contextlib.contextmanager
-def blending(where: bool):
-    """Multiplier blends as the library does them, or (True) by `keras.ops.where`."""
+def unpacked():
+    """No bit-packed mask copies (set at build): compiled steps read the bool masks."""
     from masked_opt import _backend
 
-    saved = _backend.select
-    if where:
-        _backend.select = _backend.common.select
-    try:
-        yield
-    finally:
-        _backend.select = saved
+    stack = contextlib.ExitStack()
+    for m in (_backend.common, _backend._impl):
+        if hasattr(m, "PACK_MIN_SIZE"):
+            stack.enter_context(_patched(m, "PACK_MIN_SIZE", 1 << 62))
+    return stack
 
 
-def _blended(variant: Variant, run: Callable[[int], None]) -> Callable[[int], None]:
-    """`run` under the variant's `blending`."""
+def where_blend():
+    """Multiplier blends by `keras.ops.where` (torch's scalar loop on CPU)."""
+    from masked_opt import _backend
 
-    def blended(k: int) -> None:
-        with blending(variant.where_blend):
+    return _patched(_backend, "select", _backend.common.select)
+
+
+def held_int_masks():
+    """Eager torch: each half-frozen mask converted to 0/1 integers once per
+    step and held across the inner update (the masking and the restore read
+    that copy), instead of a temporary where each is used."""
+    from masked_opt import _backend
+
+    step_mask = _backend.step_mask
+
+    def converted(mask, variable):
+        form = step_mask(mask, variable)
+        if getattr(form, "dtype", None) is torch.bool and variable.value.dtype.is_floating_point:
+            return form.to(_backend._impl._ints(variable.value.dtype))
+        return form
+
+    return _patched(_backend, "step_mask", converted)
+
+
+def _patched_run(variant: Variant, run: Callable[[int], None]) -> Callable[[int], None]:
+    """`run` under the variant's `patch`."""
+
+    def patched(k: int) -> None:
+        with variant.patch():
             run(k)
 
-    return blended
+    return patched
 
 
 def masked_accepts_jit() -> bool:
@@ -225,7 +241,7 @@ def variants(part: str) -> dict[str, Variant]:
     # What a compiled step costs reading the bool masks instead of their
     # bit-packed copies (the state before issue 16's torch.compile change).
     table["masked, 50% + bias, bool masks"] = Variant(
-        lambda inner, m: MaskedOptimizer(inner(), m), "realistic", unpacked=True
+        lambda inner, m: MaskedOptimizer(inner(), m), "realistic", patch=unpacked
     )
     # What XLA does for the bare optimizer: the yardstick for a jit-compiled masked step.
     # Multiplier blends by torch's `where` (a scalar loop on CPU), as before the
@@ -233,9 +249,16 @@ def variants(part: str) -> dict[str, Variant]:
     table["masked, 50% + bias, multipliers 0.5, where blend"] = Variant(
         lambda inner, m: MaskedOptimizer(inner(), m, multipliers={".*": 0.5}),
         "realistic",
-        where_blend=True,
+        patch=where_blend,
         backends=("torch",),
         why_not="only torch has a blend other than `keras.ops.where`",
+    )
+    table["masked, 50% + bias, held int masks"] = Variant(
+        lambda inner, m: MaskedOptimizer(inner(), m),
+        "realistic",
+        patch=held_int_masks,
+        backends=("torch",),
+        why_not="eager torch's integer masking only",
     )
     table["bare, XLA step"] = Variant(
         lambda inner, m: inner(),
@@ -590,7 +613,7 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, 
     paths = [_short(v.path) for v in model.trainable_variables]
     before = [to_numpy(v) for v in model.trainable_variables]
     breaks = _graph_breaks()
-    with packing(not variant.unpacked), blending(variant.where_blend):  # the first step builds
+    with variant.patch():  # the first step builds the optimizer
         for _ in range(warmup):
             model.train_on_batch(x, y)
     if breaks is not None:
@@ -604,7 +627,7 @@ def _full_step_runner(variant: Variant, inner: InnerFactory, x, y, warmup: int, 
     def now() -> list[np.ndarray]:
         return [to_numpy(v) for v in model.trainable_variables]
 
-    return _blended(variant, run), FrozenCheck(masks, paths, before, now)
+    return _patched_run(variant, run), FrozenCheck(masks, paths, before, now)
 
 
 # ------------------------------------------------------- optimizer step alone
@@ -654,16 +677,16 @@ def _opt_step_runner(variant: Variant, inner: InnerFactory, warmup: int, variant
     variables, grads = opt_variables()
     masks = make_masks(variant.masks, OPT_SHAPES)
     opt = variant.make(inner, masks)
-    with packing(not variant.unpacked):
+    with variant.patch():
         opt.build(variables)
     fmasks = float_masks(masks, OPT_SHAPES) if variant.grad_only else {}
     mask_list = [fmasks.get(p) for p in OPT_SHAPES]
     paths = list(OPT_SHAPES)
     before = [to_numpy(v) for v in variables]
     build = {"tensorflow": _tf_opt_step, "jax": _jax_opt_step, "torch": _torch_opt_step}[BACKEND]
-    with blending(variant.where_blend):
+    with variant.patch():
         run, now = build(opt, variables, grads, mask_list, variant, warmup, variant_name)
-    return _blended(variant, run), FrozenCheck(masks, paths, before, now)
+    return _patched_run(variant, run), FrozenCheck(masks, paths, before, now)
 
 
 def _masked(grads, mask_list) -> list:

@@ -36,12 +36,14 @@ def counts_in_trace(x: Any) -> bool:
 
 # Eager masking is integer arithmetic on the same-width integer view of the
 # floats: torch's CPU `where` is a scalar loop (~2 ns per element, 20x an
-# `add`), while multiplying the bits by the bool mask (1 or 0) and XOR are
+# `add`), while multiplying the bits by the mask as 0/1 integers and XOR are
 # vectorised and as exact (a zeroed element is +0.0; NaN/inf bits are cleared
-# like any others). Each new tensor the size of a variable costs page faults
-# on CPU (the allocator returns large blocks to the OS), so the restore works
-# in the variable's own storage and the masked gradient is the one new tensor.
-# torch.compile gets the `where` forms.
+# like any others). The 0/1 integers are a temporary converted where they are
+# used (an `int * bool` operand is a slow mixed-dtype loop). Each new tensor
+# the size of a variable costs page faults on CPU (the allocator returns large
+# blocks to the OS), so the restore works in the variable's own storage: the
+# masked gradient and the snapshot are the new tensors held across the inner
+# update. torch.compile gets the `where` forms.
 _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -76,14 +78,16 @@ def step_mask(mask: Any, variable: keras.Variable) -> Any:
     looked at on the host once per edit (torch counts in-place writes to a
     tensor: `_version`): with few frozen elements it is their positions
     (`FrozenAt`), with none `ALL_TRAINABLE`; otherwise, as any broadcast
-    mask, 0/1 at the integer width of the variable's dtype, converted once for
-    the gradient and the restore (a bool operand would be converted by each)."""
+    mask, the bool mask itself, which the gradient's masking and the restore
+    each convert to 0/1 at the integer width of the variable's dtype: a
+    temporary freed at once, not one held across the inner update for every
+    variable (4 bytes per element at the step's peak, and fresh pages each
+    step: benchmarks/README.md, "held int masks")."""
     value = variable.value
     if is_compiling(value) or not value.dtype.is_floating_point:
         return mask
-    ints = _ints(value.dtype)
     if tuple(mask.shape) != tuple(value.shape) or not value.is_contiguous():
-        return _as(mask, ints)
+        return mask
     cached = getattr(mask, "_masked_opt_form", None)
     if cached is None or cached[0] != mask._version:
         flat = mask.reshape(-1)
@@ -95,7 +99,7 @@ def step_mask(mask: Any, variable: keras.Variable) -> Any:
         else:
             form = None
         cached = mask._masked_opt_form = (mask._version, form)
-    return _as(mask, ints) if cached[1] is None else cached[1]
+    return mask if cached[1] is None else cached[1]
 
 
 # torch.compile's CPU kernels read a bool tensor one element at a time (a
