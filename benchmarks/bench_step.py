@@ -173,15 +173,16 @@ def _patched(module, name: str, value):
         setattr(module, name, saved)
 
 
+@contextlib.contextmanager
 def unpacked():
     """No bit-packed mask copies (set at build): compiled steps read the bool masks."""
     from masked_opt import _backend
 
-    stack = contextlib.ExitStack()
-    for m in (_backend.common, _backend._impl):
-        if hasattr(m, "PACK_MIN_SIZE"):
-            stack.enter_context(_patched(m, "PACK_MIN_SIZE", 1 << 62))
-    return stack
+    with contextlib.ExitStack() as stack:
+        for m in (_backend.common, _backend._impl):
+            if hasattr(m, "PACK_MIN_SIZE"):
+                stack.enter_context(_patched(m, "PACK_MIN_SIZE", 1 << 62))
+        yield
 
 
 def where_blend():
