@@ -57,8 +57,7 @@ def multiplied_items(target, mask, m, old, ema=None, old_ema=None, momentum=None
         moving = ops.logical_and(mask, moving)
         keep = ops.logical_and(mask, keep)
     current = target.value
-    scaled = ops.add(old, ops.multiply(m, ops.subtract(current, old)))
-    new = _backend.select(moving, scaled, old)
+    new = _backend.blend(old, current, m, moving)
     items = [(target, keep, new)]
     if ema is not None:
         stored = _backend.select(keep, current, new)

@@ -34,6 +34,7 @@ else:  # numpy, openvino: the keras.ops defaults
 
 INTERFACE = (
     "RowSnapshot",
+    "blend",
     "can_jit",
     "check_jit_compile",
     "check_strategy_support",
@@ -77,6 +78,7 @@ def _pick(name: str):
 
 
 RowSnapshot = _pick("RowSnapshot")
+blend = _pick("blend")
 can_jit = _pick("can_jit")
 check_jit_compile = _pick("check_jit_compile")
 check_strategy_support = _pick("check_strategy_support")

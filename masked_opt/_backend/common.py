@@ -189,6 +189,11 @@ def select(condition: Any, x: Any, y: Any) -> Any:
     return ops.where(condition, x, y)
 
 
+def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
+    """A multiplied update: `old + m * (current - old)` where `moving`, else `old`."""
+    return select(moving, ops.add(old, ops.multiply(m, ops.subtract(current, old))), old)
+
+
 def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """A copy of the variable's value that later writes cannot alias."""
     return ops.copy(variable.value)

@@ -157,6 +157,28 @@ def select(condition: Any, x: Any, y: Any) -> Any:
         return torch.bitwise_xor(y_bits, torch.mul(torch.bitwise_xor(x.view(ints), y_bits), condition)).view(x.dtype)
 
 
+def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
+    """`where(moving, old + m * (current - old), old)`; eagerly in one new
+    tensor: the difference, scaled and added to in place (`out=` keeps each
+    operation's operand order, so NaN payloads follow too), then selected on
+    its integer view."""
+    same = isinstance(old, torch.Tensor) and isinstance(current, torch.Tensor) and old.dtype == current.dtype
+    if not same or old.shape != current.shape or is_compiling(old) or not old.dtype.is_floating_point:
+        return common.blend(old, current, m, moving)
+    with torch.no_grad():
+        m = torch.as_tensor(m, dtype=old.dtype, device=old.device)
+        moving = torch.as_tensor(moving, device=old.device)
+        if torch.broadcast_shapes(m.shape, moving.shape, old.shape) != old.shape:
+            return common.blend(old, current, m, moving)
+        out = torch.sub(current, old)
+        torch.mul(m, out, out=out)
+        torch.add(old, out, out=out)
+        ints = _ints(old.dtype)
+        old_bits = old.view(ints)
+        out.view(ints).bitwise_xor_(old_bits).mul_(_as(moving, ints)).bitwise_xor_(old_bits)
+        return out
+
+
 def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
     """What the restore needs: the frozen elements' values for `FrozenAt`,
     nothing for `ALL_TRAINABLE`, else a copy of the variable's value."""
