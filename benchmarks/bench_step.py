@@ -50,8 +50,9 @@ to add one):
   to 0/1 integers once per step and held across the inner update, as before
   they became temporaries;
 * ``masked, 50% + bias, multipliers 0.5, where blend`` (torch only): the
-  multiplier blends by torch's ``where`` (a scalar loop on CPU) instead of
-  the library's integer-bit ``select``: the before/after in one process;
+  multiplier blends by ``keras.ops`` (four new tensors, torch's scalar-loop
+  ``where``) instead of the library's in-place blend and integer-bit
+  ``select``: the before/after in one process;
 * ``bare, XLA step`` (opt part, TensorFlow only): the bare optimizer's step
   traced with ``tf.function(jit_compile=True)``: the yardstick for a
   jit-compiled masked step (on JAX every step is an XLA step already);
@@ -185,11 +186,14 @@ def unpacked():
         yield
 
 
+@contextlib.contextmanager
 def where_blend():
-    """Multiplier blends by `keras.ops.where` (torch's scalar loop on CPU)."""
+    """Multiplier blends by `keras.ops` (subtract, multiply, add, `where`:
+    torch's scalar loop on CPU), as before the eager torch blend."""
     from masked_opt import _backend
 
-    return _patched(_backend, "select", _backend.common.select)
+    with _patched(_backend, "select", _backend.common.select), _patched(_backend, "blend", _backend.common.blend):
+        yield
 
 
 def held_int_masks():
@@ -245,8 +249,8 @@ def variants(part: str) -> dict[str, Variant]:
         lambda inner, m: MaskedOptimizer(inner(), m), "realistic", patch=unpacked
     )
     # What XLA does for the bare optimizer: the yardstick for a jit-compiled masked step.
-    # Multiplier blends by torch's `where` (a scalar loop on CPU), as before the
-    # integer-bit `select`: the before/after in one process.
+    # Multiplier blends by keras.ops (torch's scalar-loop `where`), as before
+    # the eager torch blend: the before/after in one process.
     table["masked, 50% + bias, multipliers 0.5, where blend"] = Variant(
         lambda inner, m: MaskedOptimizer(inner(), m, multipliers={".*": 0.5}),
         "realistic",
