@@ -87,6 +87,7 @@ import types
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest.mock import patch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -165,16 +166,6 @@ class Variant:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-@contextlib.contextmanager
 def unpacked():
     """No bit-packed mask copies (set at build): compiled steps read the bool masks."""
     from masked_opt import _backend
@@ -182,7 +173,7 @@ def unpacked():
     with contextlib.ExitStack() as stack:
         for m in (_backend.common, _backend._impl):
             if hasattr(m, "PACK_MIN_SIZE"):
-                stack.enter_context(_patched(m, "PACK_MIN_SIZE", 1 << 62))
+                stack.enter_context(patch.object(m, "PACK_MIN_SIZE", 1 << 62))
         yield
 
 
@@ -192,7 +183,7 @@ def where_blend():
     torch's scalar loop on CPU), as before the eager torch blend."""
     from masked_opt import _backend
 
-    with _patched(_backend, "select", _backend.common.select), _patched(_backend, "blend", _backend.common.blend):
+    with patch.object(_backend, "select", _backend.common.select), patch.object(_backend, "blend", _backend.common.blend):
         yield
 
 
@@ -210,7 +201,7 @@ def held_int_masks():
             return form.to(_backend._impl._ints(variable.value.dtype))
         return form
 
-    return _patched(_backend, "step_mask", converted)
+    return patch.object(_backend, "step_mask", converted)
 
 
 def _patched_run(variant: Variant, run: Callable[[int], None]) -> Callable[[int], None]:

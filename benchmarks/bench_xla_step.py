@@ -50,6 +50,7 @@ import os
 import re
 import statistics
 import sys
+from unittest.mock import patch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -83,25 +84,15 @@ else:
 
 
 @contextlib.contextmanager
-def _patched(name: str, value) -> None:
-    old = getattr(_backend, name)
-    setattr(_backend, name, value)
-    try:
-        yield
-    finally:
-        setattr(_backend, name, old)
-
-
-@contextlib.contextmanager
 def _select_grad_mask():
     # The `keras.ops.where` mask (a `select` under XLA) instead of the bitwise AND.
-    with _patched("mask_gradient", _backend.common.mask_gradient):
+    with patch.object(_backend, "mask_gradient", _backend.common.mask_gradient):
         yield
 
 
 @contextlib.contextmanager
 def _no_grad_mask():
-    with _patched("mask_gradient", lambda grad, mask, shape: grad):
+    with patch.object(_backend, "mask_gradient", lambda grad, mask, shape: grad):
         yield
 
 
