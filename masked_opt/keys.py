@@ -198,6 +198,8 @@ def one_variable(key: Key, variables: Sequence[keras.Variable], *, argument: str
             f"`{argument}` takes one variable (or its path), not a layer "
             f"({key.name!r}): pass e.g. `layer.kernel`."
         )
+    if built:  # not the identity for a variable of another model (a loaded copy)
+        _match_variable(key, variables, argument)
     return key
 
 

@@ -147,6 +147,20 @@ def test_foreign_variable_key_after_build_names_its_path():
     assert_raised_by_masked_opt(e, ValueError)
 
 
+@pytest.mark.parametrize("method", ["get_mask", "get_multiplier"])
+def test_getters_refuse_a_variable_of_another_model_after_build(method):
+    """A loaded copy's variable (same path, other object) is not answered with
+    the all-trainable default: the error names its path."""
+    opt = MaskedOptimizer(O.SGD(0.1), {"dense_1/kernel": np.zeros((3, 4), bool)}, multipliers={"dense_1/kernel": 0.5})
+    opt.build(net_variables())
+    twin = net_variables()[0]
+    with raises(ValueError, f"`{method}`", twin.path, "not one of the trainable variables") as e:
+        getattr(opt, method)(twin)
+    assert_raised_by_masked_opt(e, ValueError)
+    expected = {"get_mask": False, "get_multiplier": 0.5}[method]
+    np.testing.assert_array_equal(getattr(opt, method)(twin.path), np.full((3, 4), expected))  # its path answers
+
+
 def test_unknown_key_after_build_names_key_and_paths():
     opt = MaskedOptimizer(O.SGD(0.1), {"dense_1/kernel": np.ones((3, 4), bool)})
     opt.build(net_variables())
