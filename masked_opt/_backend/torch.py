@@ -141,20 +141,35 @@ def mask_gradient(grad: Any, mask: Any, variable_shape: tuple[int, ...]) -> Any:
     return torch.mul(grad.view(ints), _as(mask, ints)).view(grad.dtype)
 
 
+def _where_into(out: Any, condition: Any, x: Any, y: Any) -> Any:
+    """`out = where(condition, x, y)` on same-width integer views (`out` may
+    be `x`): `out = x ^ y; out *= condition; out ^= y`, vectorised and exact,
+    with `condition` 0/1 integers broadcastable to `out`."""
+    return torch.bitwise_xor(x, y, out=out).mul_(condition).bitwise_xor_(y)
+
+
+def _eager_floats(a: Any, b: Any) -> bool:
+    """Two torch float tensors of one dtype and shape, outside torch.compile."""
+    return (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+        and a.shape == b.shape and a.dtype.is_floating_point and not is_compiling(a)
+    )
+
+
 def select(condition: Any, x: Any, y: Any) -> Any:
     """`where(condition, x, y)`; eagerly, for float tensors of one dtype and
-    shape, on their integer views: `y ^ ((x ^ y) * condition)` (the same bits,
-    vectorised; `where` is the scalar loop)."""
-    same = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
-    if not same or is_compiling(x) or not x.dtype.is_floating_point:
+    shape and a condition broadcastable to it, on their integer views (the same
+    bits, vectorised; `where` is the scalar loop)."""
+    if not _eager_floats(x, y):
         return common.select(condition, x, y)
-    ints = _ints(x.dtype)
     with torch.no_grad():
-        condition = _as(torch.as_tensor(condition, device=x.device), ints)
-        y_bits = y.view(ints)
-        if condition.dim() == 0 or condition.shape == x.shape:  # one new tensor
-            return torch.bitwise_xor(x.view(ints), y_bits).mul_(condition).bitwise_xor_(y_bits).view(x.dtype)
-        return torch.bitwise_xor(y_bits, torch.mul(torch.bitwise_xor(x.view(ints), y_bits), condition)).view(x.dtype)
+        condition = torch.as_tensor(condition, device=x.device)
+        if torch.broadcast_shapes(condition.shape, x.shape) != x.shape:
+            return common.select(condition, x, y)
+        ints = _ints(x.dtype)
+        out = torch.empty_like(x)
+        _where_into(out.view(ints), _as(condition, ints), x.view(ints), y.view(ints))
+        return out
 
 
 def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
@@ -162,8 +177,7 @@ def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
     tensor: the difference, scaled and added to in place (`out=` keeps each
     operation's operand order, so NaN payloads follow too), then selected on
     its integer view."""
-    same = isinstance(old, torch.Tensor) and isinstance(current, torch.Tensor) and old.dtype == current.dtype
-    if not same or old.shape != current.shape or is_compiling(old) or not old.dtype.is_floating_point:
+    if not _eager_floats(old, current):
         return common.blend(old, current, m, moving)
     with torch.no_grad():
         m = torch.as_tensor(m, dtype=old.dtype, device=old.device)
@@ -174,8 +188,7 @@ def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
         torch.mul(m, out, out=out)
         torch.add(old, out, out=out)
         ints = _ints(old.dtype)
-        old_bits = old.view(ints)
-        out.view(ints).bitwise_xor_(old_bits).mul_(_as(moving, ints)).bitwise_xor_(old_bits)
+        _where_into(out.view(ints), _as(moving, ints), out.view(ints), old.view(ints))
         return out
 
 
@@ -190,9 +203,9 @@ def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = 
 
 
 def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
-    """`variable = where(mask, variable, old)`, in the variable's own storage:
-    `v ^= old; v *= mask; v ^= old` on the integer view (`v` where the mask is
-    1, `old` where it is 0), no new tensor; for `FrozenAt`, `index_copy_`."""
+    """`variable = where(mask, variable, old)`, in the variable's own storage
+    (`_where_into` on the integer views), no new tensor; for `FrozenAt`,
+    `index_copy_`."""
     if any(is_compiling(variable) for variable, _, _ in items):
         return common.restore_frozen(items)
     with torch.no_grad():
@@ -203,8 +216,7 @@ def restore_frozen(items: list[tuple[keras.Variable, Any, Any]]) -> None:
                     value.view(-1).index_copy_(0, mask.positions, old)
                 continue
             ints = _ints(value.dtype)
-            old_bits = old.view(ints)
-            value.view(ints).bitwise_xor_(old_bits).mul_(_as(mask, ints)).bitwise_xor_(old_bits)
+            _where_into(value.view(ints), _as(mask, ints), value.view(ints), old.view(ints))
 
 
 def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
