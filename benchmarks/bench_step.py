@@ -44,6 +44,8 @@ to add one):
   multiplied by the same masks (full part: the backend trainer's own
   ``train_step`` plus that one line). Not exact: weight decay and momentum
   still move "frozen" elements;
+* ``compact, 50% + bias``: the same masks with ``compact_state=True`` (the
+  inner optimizer updates a 1-D proxy of the trainable elements);
 * ``masked, 50% + bias, bool masks``: the same with no bit-packed mask copies,
   so compiled steps read the bool masks (torch.compile: one element at a time);
 * ``masked, 50% + bias, held int masks`` (torch only): eager masks converted
@@ -228,6 +230,10 @@ def variants(part: str) -> dict[str, Variant]:
         "masked, 1 frozen": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "one_frozen"),
         "masked, 50% + bias": Variant(lambda inner, m: MaskedOptimizer(inner(), m), "realistic"),
         "grad-only, 50% + bias": Variant(lambda inner, m: inner(), "realistic", grad_only=True),
+        # The same masks with state for the trainable elements only.
+        "compact, 50% + bias": Variant(
+            lambda inner, m: MaskedOptimizer(inner(), m, compact_state=True), "realistic"
+        ),
         # Update multipliers (0.5 on every variable: the cost of an LLRD step).
         "multipliers 0.5": Variant(lambda inner, m: MaskedOptimizer(inner(), multipliers={".*": 0.5})),
         "masked, 50% + bias, multipliers 0.5": Variant(
