@@ -1,0 +1,150 @@
+"""Eager torch on CPU: what glibc's allocator adds to a masked optimizer step.
+
+Each eager masked step makes a few new tensors the size of a variable (the
+masked gradient, the snapshot, the 0/1 integer masks); bare Keras's SGD makes
+none, its Adam family a few. glibc hands large freed blocks back to the OS
+(`munmap`, heap trimming), so a new block is faulted in again, page by page,
+and how often that happens depends on the whole process's allocation history.
+`bench_step.py` interleaves every variant in one process, which mixes their
+allocator states; here each measurement is a fresh process running one
+optimizer alone: bare or masked (the `bench_step.py --parts opt` variables,
+7.3 M parameters, random 50 % kernel masks, frozen biases), under glibc's
+default settings and with trimming and `mmap` turned off through its
+environment variables (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TOP_PAD_`). Reported per step: median process CPU time and minor
+page faults (`getrusage`), medians over rounds, and the masked/bare ratio of
+each round's pair.
+
+    KERAS_BACKEND=torch python benchmarks/bench_torch_malloc.py [--rounds 3] [--steps 20] [--inners SGD,AdamW] [--parts opt,full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ENVIRONMENTS = {
+    "glibc defaults": {},
+    "no trim, no mmap": {
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 25),  # 32 MiB, glibc's 64-bit maximum: no variable here is larger
+        "MALLOC_TOP_PAD_": str(1 << 28),
+    },
+    # c10's CPU allocator: blocks of >= 2 MiB aligned to 2 MiB and advised as
+    # transparent huge pages (one fault per 2 MiB where the kernel allows it).
+    "torch THP": {"THP_MEM_ALLOC_ENABLE": "1"},
+}
+KINDS = ("bare", "masked")
+
+
+def child(part: str, inner_name: str, kind: str, steps: int, warmup: int) -> dict:
+    """One optimizer alone in this process: per-step CPU ms and page faults of
+    the optimizer step alone (`opt`) or of `train_on_batch` (`full`)."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import keras
+    import numpy as np
+    import torch
+    from bench_step import OPT_SHAPES, _short, build_mlp, make_masks, opt_variables
+
+    from masked_opt import MaskedOptimizer
+
+    def optimizer(shapes):
+        inner = getattr(keras.optimizers, inner_name)(1e-3)
+        return inner if kind == "bare" else MaskedOptimizer(inner, make_masks("realistic", shapes))
+
+    if part == "opt":
+        variables, grads = opt_variables()
+        opt = optimizer(OPT_SHAPES)
+        opt.build(variables)
+
+        def step():
+            with torch.no_grad():
+                opt.apply(grads, variables)
+
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((256, 784), dtype=np.float32)
+        y = rng.integers(0, 10, size=(256,)).astype(np.int32)
+        model = build_mlp(False)
+        shapes = {_short(v.path): tuple(v.shape) for v in model.trainable_variables}
+        model.compile(optimizer=optimizer(shapes), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+        def step():
+            model.train_on_batch(x, y)
+
+    for _ in range(warmup):
+        step()
+    cpu, faults = [], []
+    for _ in range(steps):
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        step()
+        cpu.append((time.process_time() - t0) * 1e3)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {"cpu_ms": statistics.median(cpu), "faults": statistics.median(faults)}
+
+
+def run_child(part: str, inner: str, kind: str, env_name: str, steps: int, warmup: int) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": "torch", **ENVIRONMENTS[env_name]}
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, inner, kind, str(steps), str(warmup)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        part, inner, kind, steps, warmup = sys.argv[2:5] + [int(a) for a in sys.argv[5:7]]
+        print(json.dumps(child(part, inner, kind, steps, warmup)))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--inners", default="SGD,AdamW")
+    p.add_argument("--parts", default="opt,full", help="opt: the optimizer step alone; full: train_on_batch of the MLP")
+    args = p.parse_args(argv)
+    for part in args.parts.split(","):
+        report(part, args)
+
+
+def report(part: str, args: argparse.Namespace) -> None:
+    inners = args.inners.split(",")
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for inner in inners:
+            for env_name in ENVIRONMENTS:
+                for kind in KINDS:
+                    results.setdefault((inner, env_name, kind), []).append(
+                        run_child(part, inner, kind, env_name, args.steps, args.warmup)
+                    )
+    what = {"opt": "optimizer step alone, 7.3 M parameters (`bench_step.py --parts opt`)",
+            "full": "`train_on_batch`, MLP 784-1024-1024-10, batch 256 (`bench_step.py --parts full`)"}[part]
+    print(f"## Eager torch, {what}: the allocator (one optimizer per process)\n")
+    print(f"- command: `KERAS_BACKEND=torch python benchmarks/bench_torch_malloc.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"- rounds={args.rounds}, steps per process={args.steps} (after {args.warmup} warm-up)")
+    print(f"- {os.cpu_count()} CPUs; load average at end {os.getloadavg()}\n")
+    print("| inner | allocator | variant | CPU ms/step | minor faults/step | masked / bare (per round) |")
+    print("|---|---|---|---:|---:|---:|")
+    for inner in inners:
+        for env_name in ENVIRONMENTS:
+            bare = results[(inner, env_name, "bare")]
+            for kind in KINDS:
+                runs = results[(inner, env_name, kind)]
+                cpu = statistics.median(r["cpu_ms"] for r in runs)
+                faults = statistics.median(r["faults"] for r in runs)
+                ratio = ""
+                if kind == "masked":
+                    ratios = sorted(m["cpu_ms"] / b["cpu_ms"] for m, b in zip(runs, bare))
+                    ratio = f"**{statistics.median(ratios):.1f}** ({ratios[0]:.1f}-{ratios[-1]:.1f})"
+                print(f"| {inner} | {env_name} | {kind} | {cpu:.1f} | {faults:,.0f} | {ratio} |")
+    print()
+
+
+if __name__ == "__main__":
+    main()
