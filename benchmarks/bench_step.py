@@ -575,11 +575,17 @@ def build_mlp(grad_only: bool) -> keras.Sequential:
     )
 
 
-def full_step_runners(inner: InnerFactory, warmup: int, label: str) -> tuple[dict, dict]:
-    """One compiled model per variant, warmed up. Returns (runners, checks)."""
+def full_step_batch() -> tuple[object, object]:
+    """The full part's batch: 256 random inputs of the MLP and their labels."""
     rng = np.random.default_rng(0)
     x = keras.ops.convert_to_tensor(rng.standard_normal((256, 784), dtype=np.float32))
     y = keras.ops.convert_to_tensor(rng.integers(0, 10, size=(256,)).astype(np.int32))
+    return x, y
+
+
+def full_step_runners(inner: InnerFactory, warmup: int, label: str) -> tuple[dict, dict]:
+    """One compiled model per variant, warmed up. Returns (runners, checks)."""
+    x, y = full_step_batch()
     runners, checks = {}, {}
     for name, variant in variants("full").items():
         try:

@@ -49,9 +49,8 @@ def child(part: str, inner_name: str, kind: str, steps: int, warmup: int) -> dic
     os.environ.setdefault("KERAS_BACKEND", "torch")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
-    import numpy as np
     import torch
-    from bench_step import OPT_SHAPES, _short, build_mlp, make_masks, opt_variables
+    from bench_step import OPT_SHAPES, _short, build_mlp, full_step_batch, make_masks, opt_variables
 
     from masked_opt import MaskedOptimizer
 
@@ -69,9 +68,7 @@ def child(part: str, inner_name: str, kind: str, steps: int, warmup: int) -> dic
                 opt.apply(grads, variables)
 
     else:
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((256, 784), dtype=np.float32)
-        y = rng.integers(0, 10, size=(256,)).astype(np.int32)
+        x, y = full_step_batch()
         model = build_mlp(False)
         shapes = {_short(v.path): tuple(v.shape) for v in model.trainable_variables}
         model.compile(optimizer=optimizer(shapes), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
