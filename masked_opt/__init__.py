@@ -7,7 +7,7 @@ variables, no redirected output (`python -m masked_opt` quiets TensorFlow's
 start-up log for its own process only).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from masked_opt import _quiet
 
@@ -16,7 +16,7 @@ if _quiet.launched_as_cli():  # `python -m masked_opt`: a quiet start-up, for th
 
 from masked_opt import callbacks, delta, masks, pruning, sparse_training  # noqa: E402
 from masked_opt._table import OptimizerInfo, VariableInfo  # noqa: E402
-from masked_opt.delta import BaseRecord, SparseDelta  # noqa: E402
+from masked_opt.delta import BaseRecord, DeltaFileError, SparseDelta  # noqa: E402
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
 from masked_opt.keys import Key  # noqa: E402
 from masked_opt.layerwise import layerwise_decay  # noqa: E402
@@ -28,13 +28,14 @@ from masked_opt.summary import MaskRow, MaskSummary, format_mask_summary, mask_s
 from masked_opt.verify import FrozenSnapshot, FrozenWeightsChangedError, VerifyFrozen, snapshot_frozen, verify_frozen  # noqa: E402
 
 try:
-    __version__ = version("masked_opt")
-except PackageNotFoundError:  # running from a source tree
+    __version__ = _metadata.version("masked_opt")
+except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
     "BaseRecord",
     "ConstantSparsity",
+    "DeltaFileError",
     "DynamicMask",
     "FrozenSnapshot",
     "FrozenWeightsChangedError",

@@ -20,9 +20,14 @@ model whose variable differs raises. Composition (`a + b`, LT-SFT's language
 + task) sums differences; `a + b` refuses overlapping elements, and
 `SparseDelta.compose([a, b], overlap="sum")` adds them.
 
-The file (`save`) is a pickle-free ``.npz`` (format in
+The file (`save`) is a pickle-free ``.npz`` of stored members (format in
 `masked_opt/_delta_file.py`): per changed element the dtype's size plus its
-position (about 1.3 bytes at 1 % density), plus about 1 KB per variable.
+position (about 1.3 bytes at 1 % density), plus about 0.4 KB of header per
+variable. Each variable's entry carries its counts, a CRC-32 of its bytes and
+the SHA-256 of the tuned values: `load` checks every size before reading
+(memory stays within the file's size) and raises `DeltaFileError` on any
+damage; `apply` checks the result against the tuned SHA-256 before it writes
+anything.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ import ml_dtypes
 import numpy as np
 
 from masked_opt import _delta_file
-from masked_opt._delta_file import Part, bits, fingerprint
+from masked_opt._delta_file import DeltaFileError, Part, bits, fingerprint
 
-__all__ = ["BaseRecord", "SparseDelta"]
+__all__ = ["BaseRecord", "DeltaFileError", "SparseDelta"]
 
 _AUTO_NUMBER = re.compile(r"_\d+(?=/|$)")
 
@@ -85,7 +90,7 @@ def _part(path: str, shape: tuple, base: np.ndarray, tuned: np.ndarray, changed:
         revert_at, revert_fix = _fixes(t - diff, b)
     return Part(
         path, tuple(shape), base.dtype, fingerprint(base), None if dense else changed.astype(np.int64), diff,
-        apply_at, apply_fix, revert_at, revert_fix, **where,
+        apply_at, apply_fix, revert_at, revert_fix, tuned_sha256=fingerprint(tuned), **where,
     )
 
 
@@ -129,12 +134,27 @@ def _find(part: Part, weights: list[keras.Variable]) -> keras.Variable:
     )
 
 
-def _check_matches(part: Part, variable: keras.Variable, current: np.ndarray, action: str) -> None:
-    if tuple(variable.shape) != part.shape or current.dtype != part.dtype:
+def _check_shape(part: Part, variable: keras.Variable, action: str) -> None:
+    if tuple(variable.shape) != part.shape or _dtype(variable) != part.dtype:
         raise ValueError(
             f"Cannot {action} the delta: variable {variable.path!r} has shape {tuple(variable.shape)} and dtype "
-            f"{current.dtype}, the delta's {part.path!r} has shape {part.shape} and dtype {part.dtype}."
+            f"{_dtype(variable)}, the delta's {part.path!r} has shape {part.shape} and dtype {part.dtype}: "
+            "apply a delta to the architecture it was made on."
         )
+
+
+def _write_all(plan: list[tuple[keras.Variable, np.ndarray, np.ndarray]]) -> None:
+    """Writes each (variable, new values); if a write fails, writes the
+    old values back into those already written and re-raises."""
+    done = []
+    try:
+        for variable, values, old in plan:
+            _write(variable, values)
+            done.append((variable, old))
+    except BaseException:
+        for variable, old in done:
+            _write(variable, old)
+        raise
 
 
 # ------------------------------------------------------------------- delta
@@ -144,8 +164,10 @@ class SparseDelta:
     """The elements a fine-tune changed, as differences from its base model.
 
     Build with `SparseDelta.from_models(base, tuned)` or from a `BaseRecord`
-    (`record_base(model, optimizer)` before training, `.delta(model)` after);
+    (`BaseRecord(model, optimizer)` before training, `.delta(model)` after);
     ship with `save` / `SparseDelta.load`; use with `apply` / `revert`.
+    A damaged or foreign file raises `DeltaFileError` (a `ValueError`) on
+    `load`; `apply` never writes a value the file did not promise.
     """
 
     def __init__(self, parts: Iterable[Part] = ()):
@@ -221,25 +243,24 @@ class SparseDelta:
     # ------------------------------------------------------ apply/revert
 
     def apply(self, model: Any, scale: float = 1.0) -> None:
-        """Adds ``scale`` times the delta to `model`'s variables, checking
-        first that each is the base the delta was made on (its fingerprint).
-        At ``scale=1.0`` the result is the tuned model bit for bit."""
+        """Adds ``scale`` times the delta to `model`'s variables.
+
+        Checks first that every variable the delta changes exists with the
+        delta's shape and dtype, then that each is the base the delta was
+        made on (its SHA-256). At ``scale=1.0`` the result is the tuned model
+        bit for bit, and it is checked against the tuned SHA-256 the delta
+        carries before anything is written: a delta that would give other
+        values raises and leaves the model as it was."""
         scale = float(scale)
         if not np.isfinite(scale):
             raise ValueError(f"`scale` must be finite. Received: scale={scale}.")
         plan = []
-        weights = _weights(model, "model")
-        for part in self._parts.values():  # check everything before writing anything
-            variable = _find(part, weights)
-            current = _read(variable)
-            _check_matches(part, variable, current, "apply")
+        for part, variable, current in self._matched(model, "apply"):
             if fingerprint(current) != part.base_sha256:
                 raise ValueError(
                     f"Variable {variable.path!r} is not the base this delta was made on (its SHA-256 differs): "
                     "apply a delta to the model it was fine-tuned from, and only once (revert first to re-apply)."
                 )
-            plan.append((part, variable, current))
-        for part, variable, current in plan:
             before = current[part.index()].copy()
             with np.errstate(all="ignore"):
                 if scale == 1.0:
@@ -248,21 +269,26 @@ class SparseDelta:
                 else:
                     wide = np.float64 if part.dtype == np.float64 else np.float32
                     after = (before.astype(wide) + scale * part.diff.astype(wide)).astype(part.dtype)
-            current[part.index()] = after
-            _write(variable, current)
-            self._undo[id(variable)] = (weakref.ref(variable), before, fingerprint(current))
+            tuned = current.copy()
+            tuned[part.index()] = after
+            if scale == 1.0 and part.tuned_sha256 is not None and fingerprint(tuned) != part.tuned_sha256:
+                raise ValueError(
+                    f"Applying the delta to {variable.path!r} does not give the tuned values it was made from "
+                    "(their SHA-256 differs): the delta is damaged. Nothing was written."
+                )
+            plan.append((part, variable, current, before, tuned))
+        _write_all([(variable, tuned, current) for _, variable, current, _, tuned in plan])
+        for part, variable, _, before, tuned in plan:
+            self._undo[id(variable)] = (weakref.ref(variable), before, fingerprint(tuned))
 
     def revert(self, model: Any) -> None:
         """Undoes `apply`: bit-identical to the base. After an `apply` in
         this process it restores the saved values; otherwise (a tuned model
         loaded elsewhere) it subtracts the delta, using the fix-ups, and
         checks the result against the base fingerprints."""
-        weights = _weights(model, "model")
         plan = []
-        for part in self._parts.values():
-            variable = _find(part, weights)
-            current = _read(variable)
-            _check_matches(part, variable, current, "revert")
+        for part, variable, current in self._matched(model, "revert"):
+            original = current.copy()
             undo = self._undo.get(id(variable))
             if undo is not None and undo[0]() is variable and undo[2] == fingerprint(current):
                 current[part.index()] = undo[1]
@@ -276,10 +302,19 @@ class SparseDelta:
                     f"Variable {variable.path!r} is not this delta applied to its base (reverting does not give "
                     "the base's SHA-256): revert the delta that was applied, with the scale it was applied at."
                 )
-            plan.append((variable, current))
-        for variable, current in plan:
-            _write(variable, current)
+            plan.append((variable, current, original))
+        _write_all(plan)
+        for variable, _, _ in plan:
             self._undo.pop(id(variable), None)
+
+    def _matched(self, model: Any, action: str) -> list[tuple[Part, keras.Variable, np.ndarray]]:
+        """Each part with its model variable and current values, every
+        variable's presence, shape and dtype checked before any value is."""
+        weights = _weights(model, "model")
+        matched = [(part, _find(part, weights)) for part in self._parts.values()]
+        for part, variable in matched:
+            _check_shape(part, variable, action)
+        return [(part, variable, _read(variable)) for part, variable in matched]
 
     # -------------------------------------------------------- composition
 
