@@ -213,6 +213,22 @@ def _mask_table(optimizer) -> str:
     return "\n".join("   " + line for line in format_mask_summary(mask_summary(optimizer)).splitlines())
 
 
+def _run_progress(epochs: int):
+    """A callback showing one `keras.utils.Progbar` over a whole `fit` run,
+    advanced per epoch (Keras is imported on first use, as elsewhere here)."""
+    import keras
+
+    class RunProgress(keras.callbacks.Callback):
+        def __init__(self, epochs: int):
+            super().__init__()
+            self.bar = keras.utils.Progbar(epochs, unit_name="epoch")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.update(epoch + 1, [(k, v) for k, v in (logs or {}).items() if k == "loss"])
+
+    return RunProgress(epochs)
+
+
 def _say(verbose: int, text: str) -> None:
     if verbose:
         print(text, flush=True)
@@ -230,8 +246,12 @@ class _Run:
         return shuffled_batches(x, y, self.config.batch_size, seed)
 
     def fit(self, model, task: str, seed: int, epochs: int) -> None:
+        """Trains; with verbose=1 one progress bar for the whole run (an epoch a
+        step), with 2 Keras's line per epoch."""
         x, _, y, _ = self.tasks[task]
-        model.fit(self.batches(x, y, seed), epochs=epochs, verbose=self.verbose, shuffle=False)
+        callbacks = [_run_progress(epochs)] if self.verbose == 1 else []
+        model.fit(self.batches(x, y, seed), epochs=epochs, verbose=2 if self.verbose == 2 else 0,
+                  shuffle=False, callbacks=callbacks)
 
     def adam(self):
         import keras
@@ -250,7 +270,7 @@ def run(
     config: DemoConfig | None = None,
     *,
     out: str | None = "masked_opt_demo.png",
-    verbose: int = 2,
+    verbose: int = 1,
 ) -> DemoResult:
     """Runs the demo; returns the numbers (and writes the PNG when `out` is set)."""
     _require_extras()
@@ -434,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs on task B (default: 10, or 4 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
-                        help="Keras progress: 0 silent, 1 bar, 2 one line per epoch (default)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                        help="progress: 0 silent, 1 one bar per training run (default), 2 one line per epoch")
     args = parser.parse_args(argv)
     try:
         _require_extras()

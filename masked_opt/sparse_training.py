@@ -4,7 +4,9 @@ elements while the model trains.
 * `RigL` (Evci et al., 2020): every `update_every` steps until `end_step`,
   drop the active elements of smallest magnitude and grow as many inactive
   ones where the dense gradient is largest; grown weights start at zero with
-  a fresh optimizer state. Inactive weights are zero (a sparse network).
+  a fresh optimizer state (an element dropped and regrown in the same update
+  keeps its value and state, as in RigL's reference code, unless
+  `reinit_when_same=True`). Inactive weights are zero (a sparse network).
 * `SET` (Mocanu et al., 2018): the same drop, random growth.
 * `SpIEL` (Ansell et al., 2024): for fine-tuning a pretrained model. Drop
   the active elements that moved least from their pretrained value (they go
@@ -119,6 +121,7 @@ class _GrowDrop(keras.callbacks.Callback):
         data: Any = None,
         loss: Any = None,
         seed: int = 0,
+        reinit_when_same: bool = False,
     ):
         super().__init__()
         name = type(self).__name__
@@ -133,6 +136,9 @@ class _GrowDrop(keras.callbacks.Callback):
                 raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}.")
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
             raise ValueError(f"`drop_fraction` must be in (0, 1]. Received: drop_fraction={drop_fraction!r}.")
+        if not isinstance(reinit_when_same, bool):
+            raise TypeError(f"`reinit_when_same` must be True or False. Received: reinit_when_same={reinit_when_same!r}.")
+        self.reinit_when_same = reinit_when_same
         self.set_model(model)  # `self.model` works outside `fit` too (custom loops)
         self.sparsity, self.update_every, self.end_step = float(sparsity), update_every, end_step
         self.drop_fraction = float(drop_fraction)
@@ -250,9 +256,14 @@ class _GrowDrop(keras.callbacks.Callback):
         grown = inactive[self._grow_order(grad, inactive)[:k]]
         mask[grown] = True
         new_values = self._new_values(variable, values, dropped, grown)
+        if not self.reinit_when_same:  # RigL's reference rule: dropped and regrown at once keeps its value and state
+            regrown = np.intersect1d(dropped, grown, assume_unique=True)
+            new_values[regrown] = values[regrown]
+            grown = np.setdiff1d(grown, regrown, assume_unique=True)
         optimizer.set_mask(variable, mask.reshape(tuple(variable.shape)))
         variable.assign(new_values.reshape(tuple(variable.shape)))
-        optimizer.reset_state(variable, np.unravel_index(grown, tuple(variable.shape)))
+        if grown.size:
+            optimizer.reset_state(variable, np.unravel_index(grown, tuple(variable.shape)))
         self._after_update(variable, values, dropped, grown, mask)
         return int(k)
 
@@ -292,6 +303,11 @@ class RigL(_GrowDrop):
         data: the batch(es) the growth gradient is computed on.
         loss: the loss for that gradient (default: the model's compiled one).
         seed: for the initial masks (and SET's growth).
+        reinit_when_same: what happens to an element dropped and grown again
+            in the same update. False (the default, as in RigL's reference
+            code): it keeps its value and its optimizer state; only elements
+            inactive before the update start at zero with fresh state. True:
+            it restarts like a newly grown one.
     """
 
 

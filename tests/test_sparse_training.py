@@ -100,11 +100,12 @@ def test_cosine_drop_fraction():
 # -------------------------------------------------------------- one update
 
 
-@pytest.mark.parametrize("compact", [False, True])
-def test_rigl_update_matches_the_numpy_oracle(compact):
+@pytest.mark.parametrize("compact, reinit_when_same", [(False, False), (True, False), (False, True)])
+def test_rigl_update_matches_the_numpy_oracle(compact, reinit_when_same):
     model = linear_model()
     x, y = data()
-    rigl = RigL(model, 0.75, update_every=10, end_step=100, distribution="uniform", data=(x, y), seed=3)
+    rigl = RigL(model, 0.75, update_every=10, end_step=100, distribution="uniform", data=(x, y), seed=3,
+                reinit_when_same=reinit_when_same)
     optimizer = compiled(model, rigl, compact)
     rigl.on_train_begin()  # zeroes the inactive weights
     kernel, bias = model.weights
@@ -136,14 +137,20 @@ def test_rigl_update_matches_the_numpy_oracle(compact):
     new_mask = optimizer.get_mask(kernel).reshape(-1)
     assert np.array_equal(new_mask, expected)
     assert new_mask.sum() == active.size  # exact density
+    # RigL's reference (reinit_when_same=False): an element dropped and regrown at
+    # once keeps its value and state; only elements inactive before start afresh.
+    regrown = np.intersect1d(dropped, grown)
+    assert regrown.size > 0  # the fixture exercises the rule
+    fresh = grown if reinit_when_same else np.setdiff1d(grown, dropped)
     expected_w = w.reshape(-1).copy()
-    expected_w[dropped] = 0
-    expected_w[grown] = 0
+    expected_w[np.setdiff1d(dropped, grown) if not reinit_when_same else dropped] = 0
+    expected_w[fresh] = 0
     assert np.array_equal(np_(kernel).reshape(-1), expected_w)
+    assert reinit_when_same or np.all(expected_w[regrown] != 0)
     after = slots(optimizer, kernel)
-    kept = np.setdiff1d(np.flatnonzero(expected), grown)
+    kept = np.setdiff1d(np.flatnonzero(expected), fresh)
     for name in ("momentum", "velocity"):
-        assert np.all(after[name][grown] == 0), name  # fresh state
+        assert np.all(after[name][fresh] == 0), name  # fresh state
         assert np.array_equal(after[name][kept], before[name][kept]), name  # kept state
 
 
