@@ -47,13 +47,51 @@ from masked_opt.keys import Key, match_key
 __all__ = ["RigL", "SET", "SpIEL", "layer_densities"]
 
 
-def layer_densities(shapes: Sequence[tuple[int, ...]], density: float, distribution: str = "erk") -> list[float]:
-    """Per-variable densities whose element-weighted mean is `density`.
+def layer_densities(
+    variables: Any, *args: Any, sparsity: float | None = None, distribution: str = "erk"
+) -> list[float]:
+    """Per-variable densities (trainable fractions) whose element-weighted
+    mean is ``1 - sparsity``: what `RigL`, `SET` and `SpIEL` start from.
 
-    "uniform": every variable at `density`. "erk" (Erdős–Rényi-Kernel, RigL):
-    density ∝ sum(shape) / prod(shape), scaled to the target; variables that
-    would exceed 1 are made dense and the rest rescaled."""
-    _check_density(density, "density")
+    Args:
+        variables: a built Keras model (its trainable variables with two or
+            more dimensions, the default targets of `RigL`), a list of
+            `keras.Variable`, or a list of shapes.
+        sparsity: the fraction of the elements that are frozen (zero in
+            RigL), in [0, 1), as `RigL(sparsity=...)` takes it.
+        distribution: "uniform": every variable at ``1 - sparsity``. "erk"
+            (Erdős–Rényi-Kernel, RigL): density ∝ sum(shape) / prod(shape),
+            scaled to the target; variables that would exceed 1 are made
+            dense and the rest rescaled.
+
+    Returns:
+        One density per variable, in the order given.
+
+        layer_densities(model, sparsity=0.9)                 # ERK, mean density 0.1
+        layer_densities([(784, 300), (300, 10)], sparsity=0.99, distribution="uniform")
+    """
+    if args or sparsity is None:
+        raise TypeError(
+            "`layer_densities` takes the quantity as `sparsity=` (like `RigL`), not positionally: "
+            f"`layer_densities(variables, sparsity=1 - density)`. Received: positional {args!r}, sparsity={sparsity!r}."
+        )
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"`sparsity` must be a number in [0, 1). Received: sparsity={sparsity!r}.")
+    items = _GrowDrop._targets(variables, None) if isinstance(variables, keras.Model) else variables
+    return _densities([_shape(v) for v in items], 1.0 - float(sparsity), distribution)
+
+
+def _shape(item: Any) -> tuple[int, ...]:
+    if isinstance(item, keras.Variable):
+        return tuple(item.shape)
+    if isinstance(item, (tuple, list)) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in item):
+        return tuple(item)
+    raise TypeError(
+        f"`layer_densities` takes a Keras model, a list of variables or a list of shapes. Received an item {item!r}."
+    )
+
+
+def _densities(shapes: Sequence[tuple[int, ...]], density: float, distribution: str) -> list[float]:
     sizes = np.array([math.prod(s) for s in shapes], np.float64)
     if distribution == "uniform":
         return [density] * len(shapes)
@@ -143,7 +181,7 @@ class _GrowDrop(keras.callbacks.Callback):
         self.sparsity, self.update_every, self.end_step = float(sparsity), update_every, end_step
         self.drop_fraction = float(drop_fraction)
         self.targets = self._targets(model, variables)
-        self.densities = layer_densities([tuple(v.shape) for v in self.targets], 1.0 - self.sparsity, distribution)
+        self.densities = _densities([tuple(v.shape) for v in self.targets], 1.0 - self.sparsity, distribution)
         self.counts = [max(1, int(round(d * int(np.prod(v.shape))))) for d, v in zip(self.densities, self.targets)]
         self._next_batch = _batches(data)
         if self.needs_gradients and self._next_batch is None:

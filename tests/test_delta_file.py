@@ -206,7 +206,8 @@ def test_a_small_file_that_expands_to_gigabytes_is_refused_in_bounded_memory(tmp
     delta = SparseDelta.from_models(base, tuned)
     delta.save(tmp_path / "d.npz") if version == 2 else write_version_1(delta, tmp_path / "d.npz")
     # 256 MB of zeros deflates to ~250 KB: the same header, a member that claims 256 MB.
-    bomb = npy_bytes(np.zeros(256 * 2**20, np.uint8 if version == 2 else np.float32))
+    dtype = np.uint8 if version == 2 else np.float32
+    bomb = npy_bytes(np.zeros(256 * 2**20 // np.dtype(dtype).itemsize, dtype))
     member = "data.npy" if version == 2 else "0.values.npy"
     rewrite_member(tmp_path / "d.npz", tmp_path / "bomb.npz", member, bomb, zipfile.ZIP_DEFLATED)
     del bomb

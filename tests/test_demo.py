@@ -123,6 +123,7 @@ def test_help_lists_the_options(capsys):
         assert option in out
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_cli_quick_run_exits_zero_and_prints_the_proof(tmp_path):
     from test_readme import NATIVE_LOG
 

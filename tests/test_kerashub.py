@@ -78,6 +78,7 @@ QKV_KERNELS = {
 }
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 @pytest.mark.parametrize("name", ["bert", "gemma"])
 def test_regex_key_freezes_the_3d_einsum_dense_attention_kernels(name):
     make, data = MODELS[name]
@@ -118,6 +119,7 @@ def test_only_new_token_rows_of_the_embedding_train(name):
     assert np.all(after[OLD_VOCAB:] != before[OLD_VOCAB:])
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_lora_with_masks_on_the_other_trainable_weights():
     model = bert_classifier()
     model.backbone.enable_lora(rank=2)
@@ -168,6 +170,7 @@ def load_task(path, make_optimizer):
     return loaded
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 @pytest.mark.filterwarnings("ignore:`compile\\(\\)` was not called:UserWarning")
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer:UserWarning")
 def test_saved_task_loads_and_continues_training_like_the_original(tmp_path):
@@ -211,6 +214,7 @@ def test_saved_task_loads_and_continues_training_like_the_original(tmp_path):
     assert np.all(after_loaded[emb][OLD_VOCAB:] != start[emb][OLD_VOCAB:])
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_layerwise_decay_multipliers_scale_one_adam_step_per_layer():
     """Needs `MaskedOptimizer(..., multipliers=...)` (project issue 9, item 1)."""
     model = bert_classifier()

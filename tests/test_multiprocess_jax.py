@@ -69,6 +69,7 @@ def _one_device():
     return model, optimizer
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 @pytest.mark.parametrize("kind", ["data", "model"])
 def test_two_processes_keep_frozen_elements_and_save_a_file_one_process_loads(kind, tmp_path):
     results, infos = _run_job(kind, str(tmp_path))

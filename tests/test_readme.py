@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -59,6 +61,7 @@ def test_readme_recipes_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "[ True  True False False]" in out  # the reloaded model's mask
     assert "encoder/kernel" in out  # the listed paths
+    assert "[20, 1, 5, 1]" in out  # a random 2 % of every weight: round(0.02 * size), at least 1
     # The warm-unfreezing ramp ended at 1 for both layers.
     opt = namespace["opt"]
     assert all((opt.get_multiplier(k) == 1.0).all() for k in ("d1/kernel", "d2/bias"))
@@ -89,6 +92,7 @@ def test_quick_example_prints_its_documented_output():
     assert not re.search(r"\w+Warning: ", proc.stderr), proc.stderr[-3000:]  # no warning from us
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_importing_masked_opt_changes_nothing_in_the_process():
     # No environment variable set, no file descriptor redirected (stderr stays
     # the user's: TensorFlow's own start-up log, if any, is not ours to hide).

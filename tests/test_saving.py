@@ -342,7 +342,6 @@ def test_model_saved_before_training_loads_with_its_masks(masks, tmp_path):
 # ------------------------------------------------- inner optimizer's config
 
 
-
 def _multi():
     return optimizer_class("MultiOptimizer")(
         O.OptimizerMap(default_optimizer=O.SGD(0.1), optimizer_map={".*kernel": O.AdamW(0.1)})
@@ -499,8 +498,7 @@ def cross_backend(tmp_path_factory):
     return results
 
 
-
-
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 @pytest.mark.parametrize("other", [_other(o) for o in OTHERS])
 def test_keras_file_saved_here_loads_under_the_other_backend(cross_backend, other):
     code, output, report, _ = cross_backend[other]
@@ -509,6 +507,7 @@ def test_keras_file_saved_here_loads_under_the_other_backend(cross_backend, othe
 
 
 @pytest.mark.parametrize("other", [_other(o) for o in OTHERS])
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_keras_file_saved_under_the_other_backend_loads_here(cross_backend, other):
     code, output, _, path = cross_backend[other]
     assert code == 0, f"the {other} subprocess failed:\n{output}"

@@ -68,7 +68,7 @@ def slots(optimizer, variable):
 
 def test_erk_densities_match_the_formula():
     shapes = [(784, 300), (300, 100), (100, 10)]
-    d = layer_densities(shapes, 0.01, "erk")
+    d = layer_densities(shapes, sparsity=0.99, distribution="erk")
     sizes = np.array([784 * 300, 300 * 100, 1000])
     raw = np.array([(784 + 300) / (784 * 300), 400 / 30000, 110 / 1000])
     eps = 0.01 * sizes.sum() / (raw * sizes).sum()
@@ -77,18 +77,32 @@ def test_erk_densities_match_the_formula():
 
 
 def test_erk_caps_small_layers_at_dense():
-    d = layer_densities([(1000, 1000), (4, 4)], 0.5, "erk")
+    d = layer_densities([(1000, 1000), (4, 4)], sparsity=0.5)
     assert d[1] == 1.0
     assert np.isclose(d[0], (0.5 * 1_000_016 - 16) / 1_000_000)
 
 
-def test_uniform_densities_and_bad_density():
-    assert layer_densities([(3, 4), (5, 6)], 0.25, "uniform") == [0.25, 0.25]
-    for bad in (0, 1.5, -0.1, "0.5", True):
-        with pytest.raises(ValueError, match=r"`density` must be a number in \(0, 1\]"):
-            layer_densities([(3, 4)], bad)
+def test_uniform_densities_and_bad_input():
+    assert layer_densities([(3, 4), (5, 6)], sparsity=0.75, distribution="uniform") == [0.25, 0.25]
+    for bad in (1, 1.5, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match=r"`sparsity` must be a number in \[0, 1\)"):
+            layer_densities([(3, 4)], sparsity=bad)
     with pytest.raises(ValueError, match="'erk' or 'uniform'"):
-        layer_densities([(3, 4)], 0.5, "random")
+        layer_densities([(3, 4)], sparsity=0.5, distribution="random")
+    with pytest.raises(TypeError, match=r"`sparsity=` \(like `RigL`\)"):
+        layer_densities([(3, 4)], 0.5)
+    with pytest.raises(TypeError, match="list of shapes"):
+        layer_densities(["dense/kernel"], sparsity=0.5)
+
+
+def test_densities_of_a_model_are_rigls_and_of_its_variables():
+    model = mlp(32, 64, 10)
+    kernels = [v for v in model.trainable_variables if len(v.shape) == 2]
+    rigl = RigL(model, 0.9, update_every=10, end_step=100, data=data(), distribution="erk")
+    assert layer_densities(model, sparsity=0.9) == rigl.densities
+    assert layer_densities(kernels, sparsity=0.9) == layer_densities([(32, 64), (64, 10)], sparsity=0.9)
+    sizes = np.array([32 * 64, 64 * 10])
+    assert np.isclose(np.dot(layer_densities(model, sparsity=0.9), sizes) / sizes.sum(), 0.1)
 
 
 def test_cosine_drop_fraction():

@@ -164,6 +164,7 @@ def test_print_mask_summary_passes_masked_only_and_by():
         S.mask_summary(opt, masked_only="yes")
 
 
+@pytest.mark.slow  # left to `--rest` by the quick tier (tests/conftest.py)
 def test_mask_summary_views_of_mobilenet_v2_match_numpy_counts():
     # 158 trainable variables; freeze the 16 `block_N_expand` kernels (regex key)
     # and 70 % of Conv1's kernel (a NumPy mask), then count independently.
