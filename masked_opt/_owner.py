@@ -2,11 +2,13 @@
 
 Found once, when the optimizer is built or first traced, by walking up the
 call stack to the `keras.Model` whose `optimizer` is this one (or wraps it).
-Two uses: on JAX, during `fit` the trainer holds the state and detaches the
+Three uses: on JAX, during `fit` the trainer holds the state and detaches the
 variables' values until `model.jax_state_sync()`, so reading a mask from a
-callback that holds only the optimizer syncs through the owner first; and
-error messages name the model's non-trainable variables when a key selects
-only those.
+callback that holds only the optimizer syncs through the owner first; steps
+that the owner's `train_step` traces may bake in which variables are wholly
+frozen, because the owner's train function is rebuilt when that changes
+(`retrace_train_function`); and error messages name the model's
+non-trainable variables when a key selects only those.
 """
 
 from __future__ import annotations
@@ -43,6 +45,27 @@ class Owner:
 
     def model(self) -> keras.Model | None:
         return None if self._ref is None else self._ref()
+
+    def in_train_step(self) -> bool:
+        """Whether the caller runs inside the owner model's `train_step`
+        (Keras's trainer: `fit`, `train_on_batch`, a custom `train_step`),
+        whose traces `retrace_train_function` can renew."""
+        model = self.model()
+        frame = inspect.currentframe()
+        for _ in range(64):
+            frame = frame.f_back if frame is not None else None
+            if frame is None or model is None:
+                return False
+            if frame.f_code.co_name.endswith("train_step") and frame.f_locals.get("self") is model:
+                return True
+        return False
+
+    def retrace_train_function(self) -> None:
+        """Rebuilds the owner model's train function (if it has one): its next
+        step traces anew (TensorFlow, JAX; torch steps run eagerly)."""
+        model = self.model()
+        if model is not None and getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
 
     def non_trainable_variables(self) -> list:
         return list(getattr(self.model(), "non_trainable_variables", []) or [])

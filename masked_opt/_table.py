@@ -96,15 +96,20 @@ class OptimizerInfo:
 
 class VariableTable:
     """Entries by variable, in build order; `identity` says whether every mask
-    is all True and every multiplier 1 (the bare optimizer's update)."""
+    is all True and every multiplier 1 (the bare optimizer's update);
+    `wholly_frozen` holds the keys of the variables whose mask is all False."""
 
     def __init__(self, key: Callable[[Any], Any]):
         self._key = key
         self._entries: dict[Any, Entry] = {}
         self.identity = True
+        self.wholly_frozen: frozenset = frozenset()
         self.unset: list[str] = []  # masks from a config awaiting their saved values
         # Entries rebuilt from a config: {argument: {config entry: [variables]}}.
         self.from_config: dict[str, dict[int, list]] = {}
+
+    def key(self, variable: Any) -> Any:
+        return self._key(variable)
 
     def add(self, entry: Entry) -> Entry:
         self._entries[self._key(entry.variable)] = entry
@@ -134,6 +139,13 @@ class VariableTable:
             if entry is not None:
                 out.append((i, entry))
         return out
+
+    def wholly_frozen_at(self, grads: list, variables: list) -> list[int]:
+        """Positions of the dense gradients of wholly frozen variables."""
+        if not self.wholly_frozen:
+            return []
+        return [i for i, (g, v) in enumerate(zip(grads, variables))
+                if g is not None and not _backend.is_sparse(g) and self._key(v) in self.wholly_frozen]
 
     def check_loaded(self) -> None:
         """Refuses to train while masks rebuilt from a config await their values."""

@@ -4,8 +4,10 @@ back, and edited after build.
 An edit validates the new value of every variable it selects before it
 changes any (a rejected `set_mask` or `set_multiplier` changes nothing, so
 training goes on exactly as if it had not been called), then commits them,
-and refreshes the table's `identity` flag (no element frozen, every
-multiplier 1), which the XLA decision reads.
+and refreshes the table's flags: `identity` (no element frozen, every
+multiplier 1), which the XLA decision reads, and `wholly_frozen` (masks all
+False), which steps traced by Keras's trainer bake in: when that set changes,
+the owner model's train function is rebuilt (one retrace).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Values:
         then multipliers, each by position (the order of the optimizer's
         variables, which files are saved by)."""
         position = {key(v): i for i, v in enumerate(var_list)}
-        identity = True
+        identity, frozen = True, set()
         for argument, registry in self.registries.items():
             targets, capacities, unset = _saving.bind_config_specs(registry, maskable, key)
             self.table.from_config[argument] = {
@@ -53,10 +55,13 @@ class Values:
                 entry = self.table.get(variable) or self.table.add(Entry(variable, position[key(variable)]))
                 if registry.quantity is MASKS:
                     self.layout.add_mask(entry, value, capacities.get(key(variable)))
+                    if not np.any(value):
+                        frozen.add(key(variable))
                 else:
                     self.layout.add_multiplier(entry, value)
                 identity = identity and registry.quantity.is_identity(value)
         self.table.identity = identity
+        self.table.wholly_frozen = frozenset(frozen)
 
     # -------------------------------------------------------------- read
 
@@ -77,11 +82,17 @@ class Values:
         return np.array(np.broadcast_to(value, tuple(variable.shape)), quantity.dtype)
 
     def refresh_identity(self) -> None:
-        self.table.identity = all(
-            q.is_identity(self.read(q, e)) for q, entries in ((MASKS, self.table.masked()),
-                                                              (MULTIPLIERS, self.table.multiplied()))
-            for e in entries
+        """Recomputes the table's flags from the stored values; rebuilds the
+        owner model's train function if the wholly frozen variables changed
+        (a step Keras's trainer traced gives them a zero gradient)."""
+        masks = {id(e): self.read(MASKS, e) for e in self.table.masked()}
+        self.table.identity = all(MASKS.is_identity(m) for m in masks.values()) and all(
+            MULTIPLIERS.is_identity(self.read(MULTIPLIERS, e)) for e in self.table.multiplied()
         )
+        frozen = frozenset(self.table.key(e.variable) for e in self.table.masked() if not np.any(masks[id(e)]))
+        if frozen != self.table.wholly_frozen:
+            self.table.wholly_frozen = frozen
+            self.owner.retrace_train_function()
 
     # -------------------------------------------------------------- edit
 

@@ -157,11 +157,29 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         self._table.check_loaded()
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
+        grads = self._zero_wholly_frozen(grads, trainable_variables)
         if self._compile.wants_xla(grads, self._table.identity):
             key = tuple(self._key(v) for v in trainable_variables)
             self._compile.run_xla(self._update, grads, trainable_variables, key)
         else:
             self._update(grads, trainable_variables)
+
+    def _zero_wholly_frozen(self, grads: list, variables: list) -> list:
+        """In a step Keras's trainer traces, a wholly frozen variable's
+        gradient is replaced by zeros, what masking it would give: the
+        trainer's gradient of it is then read by nothing, so XLA (JAX, TF)
+        and TensorFlow's graph pruning drop its computation, and the backward
+        pass below it where nothing there trains. An edit that changes which
+        variables are wholly frozen rebuilds the trainer's train function
+        (one retrace). Eager steps (torch, run_eagerly) have computed the
+        gradient already and keep it."""
+        at = self._table.wholly_frozen_at(grads, variables)
+        if not at or _backend.runs_eagerly(grads[at[0]]) or not self._owner.in_train_step():
+            return grads
+        grads = list(grads)
+        for i in at:
+            grads[i] = keras.ops.zeros(tuple(variables[i].shape), dtype=keras.backend.standardize_dtype(grads[i].dtype))
+        return grads
 
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:

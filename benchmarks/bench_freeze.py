@@ -1,0 +1,130 @@
+"""What freezing costs: a frozen backbone by masks against Keras's own
+`backbone.trainable = False` and against full fine-tuning (issue 24).
+
+    python benchmarks/bench_freeze.py                                  # every backend, MobileNetV2
+    python benchmarks/bench_freeze.py --backends jax --steps 20 --rounds 2
+
+keras.applications.MobileNetV2 (weights=None, 96x96, batch 32, Adam 1e-3)
+as a frozen backbone under a new Dense(10) head. Each variant runs in a
+process of its own (so peak RSS is its own), `--rounds` times in a rotating
+order; reported: the median step time after `--warmup` steps, the first
+step (build, trace/compile, first step: wall time from the first
+`train_on_batch` call), and the peak RSS of the process, each as a ratio to
+`trainable=False` measured in the same round.
+
+Variants:
+- `trainable=False`: `backbone.trainable = False` (what a Keras user writes);
+- `masks`: `masks={v.path: False for v in backbone.trainable_variables}`;
+- `masks, compact`: the same with `compact_state=True`;
+- `full`: nothing frozen (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("trainable=False", "masks", "masks, compact", "full")
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def measure(variant: str, steps: int, warmup: int) -> dict:
+    """One variant in this process: step times, first step, peak RSS."""
+    import keras
+    import numpy as np
+
+    from masked_opt import MaskedOptimizer
+
+    keras.utils.set_random_seed(0)
+    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(96, 96, 3), pooling="avg")
+    model = keras.Sequential([keras.Input((96, 96, 3)), backbone, keras.layers.Dense(10, name="head")])
+    inner = keras.optimizers.Adam(1e-3)
+    if variant == "trainable=False":
+        backbone.trainable = False
+        optimizer = inner
+    elif variant.startswith("masks"):
+        masks = {v.path: False for v in backbone.trainable_variables}
+        optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
+    else:
+        optimizer = inner
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 96, 96, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(32,))
+    frozen_before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in backbone.trainable_variables] if variant.startswith("masks") else []
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    first = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    moved = sum(
+        not np.array_equal(b, keras.ops.convert_to_numpy(v.value))
+        for b, v in zip(frozen_before, backbone.trainable_variables)
+    )
+    return {
+        "variant": variant, "backend": keras.backend.backend(), "step": statistics.median(times), "first": first,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "frozen_moved": moved,
+    }
+
+
+def run_child(backend: str, variant: str, steps: int, warmup: int) -> dict:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup)],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{backend} / {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="';'-free names, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps, args.warmup)), flush=True)
+        return
+    variants = [v for v in VARIANTS if v in args.variants.split(",") or v in args.variants]
+    print(f"MobileNetV2 (weights=None, 96x96, batch 32, Adam), frozen backbone + Dense(10) head; "
+          f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}; ratios to trainable=False "
+          "in the same round (median over rounds)\n")
+    print("| backend | variant | step | first step | peak RSS | step s | first s | RSS MiB | frozen moved |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for backend in args.backends.split(","):
+        rows: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            results = {v: run_child(backend, v, args.steps, args.warmup) for v in order}
+            base = results.get("trainable=False")
+            for v, res in results.items():
+                res["ratios"] = {k: res[k] / base[k] for k in ("step", "first", "rss_mib")} if base else {}
+                rows[v].append(res)
+        for v in variants:
+            rs = rows[v]
+            med = {k: statistics.median(r[k] for r in rs) for k in ("step", "first", "rss_mib")}
+            ratio = {k: statistics.median(r["ratios"][k] for r in rs) if rs[0]["ratios"] else float("nan")
+                     for k in ("step", "first", "rss_mib")}
+            moved = max(r["frozen_moved"] for r in rs)
+            print(f"| {backend} | {v} | {ratio['step']:.2f}x | {ratio['first']:.2f}x | {ratio['rss_mib']:.2f}x | "
+                  f"{med['step']:.3f} | {med['first']:.1f} | {med['rss_mib']:.0f} | {moved} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Wholly frozen variables (mask all False) cost no gradient in steps Keras's
+trainer traces (issue 24, first part).
+
+In a step traced by the model's `train_step` (`fit`, `train_on_batch`), the
+gradient of a wholly frozen variable is replaced by zeros, what masking it
+gives, so nothing reads the trainer's gradient of it and XLA (JAX, TF) or
+TensorFlow's graph pruning drops its computation. Results are bit for bit
+those of the masked path (the reference run turns the substitution off), an
+edit that makes such a variable trainable takes effect at the next step with
+one retrace, and the user's `trainable` flags are never touched."""
+
+import keras
+import numpy as np
+import pytest
+
+import masked_opt.optimizer as optimizer_module
+from backends import IS_TF, IS_TORCH, jax_only, synced
+from masked_opt import MaskedOptimizer
+from models import mlp, mse_step, regression_data
+
+
+def to_numpy(x):
+    """A NumPy copy of a variable (torch: detached from autograd)."""
+    value = x.value if isinstance(x, keras.Variable) else x
+    if IS_TORCH:
+        value = value.detach()
+    return np.array(keras.ops.convert_to_numpy(value))
+
+
+def model_and_optimizer(masks, inner=None):
+    model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+    optimizer = MaskedOptimizer(inner or keras.optimizers.AdamW(1e-2, weight_decay=0.1), masks=masks)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model, optimizer
+
+
+class EditAt(keras.callbacks.Callback):
+    """Runs `edit` before training batch `at` of the first epoch; records the
+    optimizer's trace count just before and two batches after."""
+
+    def __init__(self, at, edit, optimizer):
+        super().__init__()
+        self.at, self.edit, self.optimizer, self.traces = at, edit, optimizer, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.at:
+            self.traces.append(self.optimizer.inspect().update_traces)
+            self.edit()
+        if batch == self.at + 2:
+            self.traces.append(self.optimizer.inspect().update_traces)
+
+
+def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
+    """Trains with the substitution on or off; returns weights, optimizer
+    variables, the frozen kernel after each batch, and the trace counts."""
+    original = optimizer_module.MaskedOptimizer._zero_wholly_frozen
+    if not zeroing:
+        optimizer_module.MaskedOptimizer._zero_wholly_frozen = lambda self, grads, variables: grads
+    try:
+        model, optimizer = model_and_optimizer(masks, inner)
+        x, y = regression_data(64, 16, 8)
+        kernels = []
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: kernels.append(to_numpy(synced(model).get_layer("a").kernel)))
+        callbacks = [record]
+        if edit_at is not None:
+            callbacks.insert(0, EditAt(edit_at, lambda: edit(optimizer), optimizer))
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+        return ([to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables], kernels,
+                callbacks[0].traces if edit_at is not None else None, model)
+    finally:
+        optimizer_module.MaskedOptimizer._zero_wholly_frozen = original
+
+
+def bits(x):
+    x = np.asarray(x).reshape(-1)
+    return x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.kind == "f" else x
+
+
+def assert_bitwise(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert np.array_equal(bits(a), bits(e))
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd_momentum"])
+def test_a_wholly_frozen_layer_trains_bit_for_bit_as_the_masked_path(inner):
+    opt = (lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1)) if inner == "adamw" else (
+        lambda: keras.optimizers.SGD(1e-2, momentum=0.9))
+    masks = {"a": False, "b/bias": np.array([True, False] * 4)}
+    weights, state, kernels, _, model = run(True, masks, inner=opt())
+    ref_weights, ref_state, _, _, _ = run(False, masks, inner=opt())
+    assert_bitwise(weights, ref_weights)
+    assert_bitwise(state, ref_state)
+    initial = to_numpy(mlp(16, ("a", 32), ("b", 8), init_seed=0).get_layer("a").kernel)
+    assert all(np.array_equal(k, initial) for k in kernels)  # frozen after every batch
+    assert all(w.trainable for w in model.weights)  # the user's flags, untouched
+
+
+def test_unfreezing_a_wholly_frozen_layer_in_fit_takes_effect_at_the_next_step_with_one_retrace():
+    def unfreeze(optimizer):
+        optimizer.set_mask("a", True)
+
+    weights, state, kernels, traces, model = run(True, {"a": False}, edit_at=3, edit=unfreeze)
+    ref_weights, ref_state, ref_kernels, _, _ = run(False, {"a": False}, edit_at=3, edit=unfreeze)
+    assert_bitwise(weights, ref_weights)
+    assert_bitwise(state, ref_state)
+    assert np.array_equal(kernels[2], kernels[0])  # frozen through batch 2
+    assert not np.array_equal(kernels[3], kernels[2])  # batch 3 trains it
+    assert_bitwise(kernels, ref_kernels)
+    if not IS_TORCH:  # torch steps run eagerly: one "trace" per step
+        assert traces[1] - traces[0] == 1
+    assert [layer.trainable for layer in model.layers] == [True, True]
+
+
+def test_freezing_a_layer_wholly_mid_fit_keeps_it_exact_from_the_next_step():
+    def freeze(optimizer):
+        optimizer.set_mask("a", False)
+
+    weights, _, kernels, traces, _ = run(True, {"a": True}, edit_at=3, edit=freeze)
+    ref_weights, _, _, _, _ = run(False, {"a": True}, edit_at=3, edit=freeze)
+    assert_bitwise(weights, ref_weights)
+    assert all(np.array_equal(k, kernels[2]) for k in kernels[3:])
+
+
+def test_a_custom_loop_is_not_changed_and_edits_need_no_retrace():
+    # A step the user traces (not the model's train_step) keeps the masked
+    # path: an edit takes effect without a retrace there.
+    model, optimizer = model_and_optimizer({"a": False})
+    optimizer.build(model.trainable_variables)
+    x, y = regression_data(8, 16, 8)
+    step = mse_step
+    if IS_TF:  # a step the user traces: the edit must reach it without a retrace
+        import tensorflow as tf
+
+        traced = tf.function(lambda: optimizer.apply(
+            tf.gradients(tf.reduce_mean((model(x) - y) ** 2), [v.value for v in model.trainable_variables]),
+            model.trainable_variables))
+        step = lambda *args: traced()  # noqa: E731
+    kernel = model.get_layer("a").kernel
+    before = to_numpy(kernel)
+    step(model, optimizer, x, y)
+    assert np.array_equal(to_numpy(kernel), before)
+    traces = optimizer.inspect().update_traces
+    optimizer.set_mask("a", True)
+    step(model, optimizer, x, y)
+    if IS_TF:
+        assert optimizer.inspect().update_traces == traces
+    assert not np.array_equal(to_numpy(kernel), before)
+
+
+@jax_only
+def test_the_compiled_step_computes_no_gradient_of_a_wholly_frozen_layer():
+    # XLA's cost analysis of the trainer's step: with the first layer wholly
+    # frozen by its mask, the step's flops are those of `trainable = False`
+    # plus the optimizer's elementwise work, far below the masked path's
+    # (which computes the frozen kernel's gradient, a 256 x 256 x 128 matmul).
+    import jax
+
+    def flops(kind):
+        model = mlp(256, ("a", 256), ("b", 256), init_seed=0)
+        if kind == "trainable=False":
+            model.get_layer("a").trainable = False
+            optimizer = keras.optimizers.Adam(1e-3)
+        else:
+            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks={"a": False})
+        model.compile(optimizer=optimizer, loss="mse")
+        x, y = regression_data(128, 256, 256)
+        model.train_on_batch(x, y)  # builds everything
+        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                     optimizer_variables=True, metrics_variables=True)
+        original = optimizer_module.MaskedOptimizer._zero_wholly_frozen
+        if kind == "masked path":
+            optimizer_module.MaskedOptimizer._zero_wholly_frozen = lambda self, grads, variables: grads
+        try:
+            compiled = jax.jit(model.train_step).lower(state, (x, y)).compile()
+        finally:
+            optimizer_module.MaskedOptimizer._zero_wholly_frozen = original
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        return analysis["flops"]
+
+    frozen, masked_path, keras_frozen = flops("masks"), flops("masked path"), flops("trainable=False")
+    matmul = 2 * 128 * 256 * 256
+    assert masked_path - frozen > 0.9 * matmul, (frozen, masked_path)
+    assert frozen - keras_frozen < 0.1 * matmul, (frozen, keras_frozen)
