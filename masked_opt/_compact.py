@@ -282,6 +282,10 @@ class CompactLayout(StateLayout):
 
         return commit
 
+    def fresh_state(self, entry: Entry) -> None:
+        if entry.compact is None:
+            super().fresh_state(entry)  # newly trainable elements of compact state get it from `plan_mask`
+
     def reset_state(self, entry: Entry | None, variable: keras.Variable, positions: np.ndarray) -> None:
         if entry is None or entry.compact is None:  # state of the variable's own shape
             return super().reset_state(entry, variable, positions)

@@ -81,6 +81,17 @@ class StateLayout:
         raise NotImplementedError
 
     # -- optimizer state on the host
+    def fresh_state(self, entry: Entry) -> None:
+        """A fresh inner optimizer's state for the whole of `entry`'s variable
+        (every slot made from it, whatever its shape; an EMA at the weight):
+        what a variable that stops being wholly frozen starts from."""
+        variable = entry.variable
+        weights = np.asarray(self.read(variable, variable.path))
+        fresh = _inner.fresh_state(self.inner, variable, weights)
+        for suffix, slot in _inner.slot_variables(self.inner.variables, variable).items():
+            if suffix in fresh and tuple(np.shape(fresh[suffix])) == tuple(slot.shape):
+                slot.assign(np.asarray(fresh[suffix]))
+
     def reset_state(self, entry: Entry | None, variable: keras.Variable, positions: np.ndarray) -> None:
         """Gives the elements at flat `positions` a fresh inner optimizer's
         state (the inner optimizer's slots made from `variable`)."""

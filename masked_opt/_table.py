@@ -141,11 +141,11 @@ class VariableTable:
         return out
 
     def wholly_frozen_at(self, grads: list, variables: list) -> list[int]:
-        """Positions of the dense gradients of wholly frozen variables."""
+        """Positions of the gradients of wholly frozen variables."""
         if not self.wholly_frozen:
             return []
         return [i for i, (g, v) in enumerate(zip(grads, variables))
-                if g is not None and not _backend.is_sparse(g) and self._key(v) in self.wholly_frozen]
+                if g is not None and self._key(v) in self.wholly_frozen]
 
     def check_loaded(self) -> None:
         """Refuses to train while masks rebuilt from a config await their values."""

@@ -6,8 +6,9 @@ changes any (a rejected `set_mask` or `set_multiplier` changes nothing, so
 training goes on exactly as if it had not been called), then commits them,
 and refreshes the table's flags: `identity` (no element frozen, every
 multiplier 1), which the XLA decision reads, and `wholly_frozen` (masks all
-False), which steps traced by Keras's trainer bake in: when that set changes,
-the owner model's train function is rebuilt (one retrace).
+False), which steps of Keras's trainer leave out: when that set changes, the
+owner model's train function is rebuilt (one retrace), and a variable an
+edit takes out of it gets a fresh optimizer state.
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ class Values:
             commit()
         paths = {v.path for v in selected}
         self.table.unset = [p for p in self.table.unset if p not in paths]
+        was = self.table.wholly_frozen
         self.refresh_identity()
+        for variable in selected:  # trainable again: a fresh optimizer state, as a new variable gets
+            if self.table.key(variable) in was - self.table.wholly_frozen:
+                self.layout.fresh_state(self.table.get(variable))
 
     def _plan(self, quantity: Quantity, kind: str, key: Key, payload: Any, variable, method: str) -> Callable[[], None]:
         entry = self.table.get(variable)

@@ -53,9 +53,9 @@ class EditAt(keras.callbacks.Callback):
 def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
     """Trains with the substitution on or off; returns weights, optimizer
     variables, the frozen kernel after each batch, and the trace counts."""
-    original = optimizer_module.MaskedOptimizer._zero_wholly_frozen
+    original = optimizer_module.MaskedOptimizer._leave_out_wholly_frozen
     if not zeroing:
-        optimizer_module.MaskedOptimizer._zero_wholly_frozen = lambda self, grads, variables: grads
+        optimizer_module.MaskedOptimizer._leave_out_wholly_frozen = lambda self, grads, variables: (grads, variables)
     try:
         model, optimizer = model_and_optimizer(masks, inner)
         x, y = regression_data(64, 16, 8)
@@ -69,7 +69,7 @@ def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
         return ([to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables], kernels,
                 callbacks[0].traces if edit_at is not None else None, model)
     finally:
-        optimizer_module.MaskedOptimizer._zero_wholly_frozen = original
+        optimizer_module.MaskedOptimizer._leave_out_wholly_frozen = original
 
 
 def bits(x):
@@ -169,13 +169,13 @@ def test_the_compiled_step_computes_no_gradient_of_a_wholly_frozen_layer():
         model.train_on_batch(x, y)  # builds everything
         state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                      optimizer_variables=True, metrics_variables=True)
-        original = optimizer_module.MaskedOptimizer._zero_wholly_frozen
+        original = optimizer_module.MaskedOptimizer._leave_out_wholly_frozen
         if kind == "masked path":
-            optimizer_module.MaskedOptimizer._zero_wholly_frozen = lambda self, grads, variables: grads
+            optimizer_module.MaskedOptimizer._leave_out_wholly_frozen = lambda self, grads, variables: (grads, variables)
         try:
             compiled = jax.jit(model.train_step).lower(state, (x, y)).compile()
         finally:
-            optimizer_module.MaskedOptimizer._zero_wholly_frozen = original
+            optimizer_module.MaskedOptimizer._leave_out_wholly_frozen = original
         analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         return analysis["flops"]
@@ -184,3 +184,46 @@ def test_the_compiled_step_computes_no_gradient_of_a_wholly_frozen_layer():
     matmul = 2 * 128 * 256 * 256
     assert masked_path - frozen > 0.9 * matmul, (frozen, masked_path)
     assert frozen - keras_frozen < 0.1 * matmul, (frozen, keras_frozen)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
+@pytest.mark.parametrize("driver", ["fit", "custom loop"])
+def test_a_variable_that_stops_being_wholly_frozen_starts_from_a_fresh_optimizer_state(driver, ema):
+    # Adam's fresh state is zeros; its EMA starts at the weight. The rule is the
+    # same in every driver (fit leaves the variable out while it is wholly frozen,
+    # a custom loop masks it), so training continues identically after the edit.
+    inner = keras.optimizers.Adam(1e-2, use_ema=ema, ema_momentum=0.5)
+    model, optimizer = model_and_optimizer({"a/kernel": np.ones((16, 32), bool)}, inner)
+    x, y = regression_data(32, 16, 8)
+    kernel = model.get_layer("a").kernel
+
+    def train(steps):
+        for i in range(steps):
+            if driver == "fit":
+                model.train_on_batch(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+            else:
+                mse_step(model, optimizer, x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+
+    train(2)
+    slots = {v.name.split("_")[-1]: v for v in optimizer.inner_optimizer.variables
+             if v.name.startswith(kernel.path.replace("/", "_") + "_")}
+    assert set(slots) >= {"momentum", "velocity"} | ({"average"} if ema else set())
+    assert np.any(to_numpy(slots["momentum"]) != 0)
+    optimizer.set_mask("a/kernel", False)
+    train(2)
+    optimizer.set_mask("a/kernel", np.arange(32) % 2 == 0)  # partly trainable: leaves the wholly frozen set
+    assert not np.any(to_numpy(slots["momentum"])) and not np.any(to_numpy(slots["velocity"]))
+    assert not ema or np.array_equal(to_numpy(slots["average"]), to_numpy(kernel))
+    before = to_numpy(kernel)
+    train(1)
+    moved = to_numpy(kernel) != before
+    assert moved[:, ::2].all() and not moved[:, 1::2].any()
+
+
+def test_freezing_every_variable_wholly_still_counts_the_step():
+    model, optimizer = model_and_optimizer({"a": False, "b": False})
+    x, y = regression_data(16, 16, 8)
+    before = [to_numpy(w) for w in model.weights]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(to_numpy(optimizer.iterations)) == 2
+    assert_bitwise([to_numpy(w) for w in model.weights], before)
