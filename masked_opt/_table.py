@@ -97,7 +97,8 @@ class OptimizerInfo:
 class VariableTable:
     """Entries by variable, in build order; `identity` says whether every mask
     is all True and every multiplier 1 (the bare optimizer's update);
-    `wholly_frozen` holds the keys of the variables whose mask is all False."""
+    `wholly_frozen` holds the keys of the variables whose mask is stored as a
+    scalar False (see `_whole`)."""
 
     def __init__(self, key: Callable[[Any], Any]):
         self._key = key

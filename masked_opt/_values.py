@@ -5,10 +5,11 @@ An edit validates the new value of every variable it selects before it
 changes any (a rejected `set_mask` or `set_multiplier` changes nothing, so
 training goes on exactly as if it had not been called), then commits them,
 and refreshes the table's flags: `identity` (no element frozen, every
-multiplier 1), which the XLA decision reads, and `wholly_frozen` (masks all
-False), which steps of Keras's trainer leave out: when that set changes, the
-owner model's train function is rebuilt (one retrace), and a variable an
-edit takes out of it gets a fresh optimizer state.
+multiplier 1), which the XLA decision reads, and `wholly_frozen` (masks
+stored as a scalar False), which steps of Keras's trainer leave out (see
+`_whole`): when that set changes, the owner model's train function is
+rebuilt (one retrace), and a variable an edit takes out of it gets a fresh
+optimizer state.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Values:
                 entry = self.table.get(variable) or self.table.add(Entry(variable, position[key(variable)]))
                 if registry.quantity is MASKS:
                     self.layout.add_mask(entry, value, capacities.get(key(variable)))
-                    if not np.any(value):
+                    if entry.mask_shape == () and not np.any(value):
                         frozen.add(key(variable))
                 else:
                     self.layout.add_multiplier(entry, value)
@@ -90,7 +91,9 @@ class Values:
         self.table.identity = all(MASKS.is_identity(m) for m in masks.values()) and all(
             MULTIPLIERS.is_identity(self.read(MULTIPLIERS, e)) for e in self.table.multiplied()
         )
-        frozen = frozenset(self.table.key(e.variable) for e in self.table.masked() if not np.any(masks[id(e)]))
+        frozen = frozenset(
+            self.table.key(e.variable) for e in self.table.masked() if e.mask_shape == () and not np.any(masks[id(e)])
+        )
         if frozen != self.table.wholly_frozen:
             self.table.wholly_frozen = frozen
             self.owner.retrace_train_function()

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _compact, _compat, _inner, _saving, _xla
+from masked_opt import _backend, _compact, _compat, _inner, _saving, _whole, _xla
 from masked_opt._dense import DenseLayout
 from masked_opt._owner import Owner
 from masked_opt._table import OptimizerInfo, VariableTable
@@ -146,10 +146,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             return
         if trainable_variables is None:
             if not self.built:
-                raise ValueError(
-                    "When passing `grads` without `variables`, the optimizer must "
-                    "already be built: call `optimizer.build(trainable_variables)` first."
-                )
+                raise ValueError("When passing `grads` without `variables`, the optimizer must already be built: "
+                                 "call `optimizer.build(trainable_variables)` first.")
             trainable_variables = _compat.built_on(self)
         trainable_variables = list(trainable_variables)
         if not self.built:
@@ -157,39 +155,13 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         self._table.check_loaded()
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
-        grads, trainable_variables = self._leave_out_wholly_frozen(grads, trainable_variables)
+        grads, trainable_variables = _whole.leave_out(self._table, self._owner, self.inner_optimizer, grads,
+                                                      trainable_variables)
         if self._compile.wants_xla(grads, self._table.identity):
             key = tuple(self._key(v) for v in trainable_variables)
             self._compile.run_xla(self._update, grads, trainable_variables, key)
         else:
             self._update(grads, trainable_variables)
-
-    def _leave_out_wholly_frozen(self, grads: list, variables: list) -> tuple[list, list]:
-        """A step Keras's trainer runs (`fit`, `train_on_batch`, a custom
-        `train_step`) leaves wholly frozen variables out: no masking, no
-        update, no snapshot or restore, and nothing reads the trainer's
-        gradient of them, so XLA (JAX, TF) and TensorFlow's graph pruning drop
-        its computation and the backward pass only it needs. An edit that
-        changes which variables are wholly frozen rebuilds the trainer's
-        train function (one retrace) and gives a variable that leaves the
-        set a fresh optimizer state. With an EMA or a MultiOptimizer inner
-        (whose bookkeeping covers every variable) a traced step gives them a
-        zero gradient instead, what masking gives. Steps the user traces
-        keep the masked path (no retrace needed for any edit)."""
-        at = self._table.wholly_frozen_at(grads, variables)
-        if not at or not self._owner.in_train_step():
-            return grads, variables
-        if _inner.uses_ema(self.inner_optimizer) or len(_inner.leaf_optimizers(self.inner_optimizer)) > 1:
-            if _backend.runs_eagerly(grads[at[0]]):
-                return grads, variables  # computed already: the masked path
-            grads = list(grads)
-            for i in at:
-                grads[i] = keras.ops.zeros(tuple(variables[i].shape), dtype=keras.backend.standardize_dtype(grads[i].dtype))
-            return grads, variables
-        keep = sorted(set(range(len(grads))) - set(at))
-        if not any(grads[i] is not None for i in keep):
-            return grads, variables  # nothing else to update: the masked path keeps the step count
-        return [grads[i] for i in keep], [variables[i] for i in keep]
 
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:
