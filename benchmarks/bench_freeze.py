@@ -3,6 +3,7 @@
 
     python benchmarks/bench_freeze.py                                  # every backend, MobileNetV2
     python benchmarks/bench_freeze.py --backends jax --steps 20 --rounds 2
+    python benchmarks/bench_freeze.py --model gemma --variants "trainable=False,masks,full"
 
 keras.applications.MobileNetV2 (weights=None, 96x96, batch 32, Adam 1e-3)
 as a frozen backbone under a new Dense(10) head. Each variant runs in a
@@ -12,10 +13,18 @@ step (build, trace/compile, first step: wall time from the first
 `train_on_batch` call), and the peak RSS of the process, each as a ratio to
 `trainable=False` measured in the same round.
 
+`--model gemma`: a KerasHub GemmaCausalLM built from config (4 blocks,
+hidden 256, vocabulary 8,000, batch 4 x 128 tokens, AdamW), everything but
+the last decoder block and the final norm frozen by layer keys (the token
+embedding, which the output projection shares, included).
+
 Variants:
 - `trainable=False`: `backbone.trainable = False` (what a Keras user writes);
 - `masks`: `masks={v.path: False for v in backbone.trainable_variables}`;
-- `masks, compact`: the same with `compact_state=True`;
+- `masks+compact`: the same with `compact_state=True`;
+- `masks+BN trainable=False`: the BatchNorm layers set `trainable = False` (Keras's switch for
+  their inference-mode behaviour, which masks do not change), every other backbone variable
+  masked: the like-for-like comparison with `trainable=False`;
 - `full`: nothing frozen (full fine-tuning).
 """
 
@@ -30,11 +39,40 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("trainable=False", "masks", "masks, compact", "full")
+VARIANTS = ("trainable=False", "masks", "masks+compact", "masks+BN trainable=False", "full")
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
-def measure(variant: str, steps: int, warmup: int) -> dict:
+def mobilenet(variant: str):
+    """(model, frozen layers, inputs, targets) of the MobileNetV2 case."""
+    import keras
+    import numpy as np
+
+    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(96, 96, 3), pooling="avg")
+    model = keras.Sequential([keras.Input((96, 96, 3)), backbone, keras.layers.Dense(10, name="head")])
+    if variant.endswith("BN trainable=False"):  # BatchNorm in inference mode, as trainable=False runs it
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    rng = np.random.default_rng(0)
+    return model, [backbone], rng.normal(size=(32, 96, 96, 3)).astype("float32"), rng.integers(0, 10, size=(32,))
+
+
+def gemma(variant: str):
+    """(model, frozen layers, inputs, targets) of the KerasHub Gemma case."""
+    import keras_hub
+    import numpy as np
+
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=8000, num_layers=4, num_query_heads=4, num_key_value_heads=1,
+                                             hidden_dim=256, intermediate_dim=1024, head_dim=64)
+    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    frozen = [backbone.get_layer("token_embedding")] + [backbone.get_layer(f"decoder_block_{i}") for i in range(3)]
+    tokens = np.random.default_rng(0).integers(0, 8000, (4, 129)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((4, 128), bool)}
+    return model, frozen, x, tokens[:, 1:]
+
+
+def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> dict:
     """One variant in this process: step times, first step, peak RSS."""
     import keras
     import numpy as np
@@ -42,22 +80,21 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
     from masked_opt import MaskedOptimizer
 
     keras.utils.set_random_seed(0)
-    backbone = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(96, 96, 3), pooling="avg")
-    model = keras.Sequential([keras.Input((96, 96, 3)), backbone, keras.layers.Dense(10, name="head")])
-    inner = keras.optimizers.Adam(1e-3)
+    model, frozen, x, y = (gemma if kind == "gemma" else mobilenet)(variant)
+    inner = keras.optimizers.AdamW(1e-4) if kind == "gemma" else keras.optimizers.Adam(1e-3)
+    frozen_variables = [v for layer in frozen for v in layer.trainable_variables]
     if variant == "trainable=False":
-        backbone.trainable = False
+        for layer in frozen:
+            layer.trainable = False
         optimizer = inner
     elif variant.startswith("masks"):
-        masks = {v.path: False for v in backbone.trainable_variables}
+        masks = {v.path: False for v in frozen_variables}
         optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
     else:
         optimizer = inner
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(32, 96, 96, 3)).astype("float32")
-    y = rng.integers(0, 10, size=(32,))
-    frozen_before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in backbone.trainable_variables] if variant.startswith("masks") else []
+    watch = frozen_variables if variant.startswith("masks") else []
+    frozen_before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in watch]
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
@@ -67,20 +104,17 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
         model.train_on_batch(x, y)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    moved = sum(
-        not np.array_equal(b, keras.ops.convert_to_numpy(v.value))
-        for b, v in zip(frozen_before, backbone.trainable_variables)
-    )
+    moved = sum(not np.array_equal(b, keras.ops.convert_to_numpy(v.value)) for b, v in zip(frozen_before, watch))
     return {
         "variant": variant, "backend": keras.backend.backend(), "step": statistics.median(times), "first": first,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "frozen_moved": moved,
     }
 
 
-def run_child(backend: str, variant: str, steps: int, warmup: int) -> dict:
+def run_child(backend: str, variant: str, steps: int, warmup: int, kind: str) -> dict:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup)],
+        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup), "--model", kind],
         env=env, capture_output=True, text=True, check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -92,17 +126,20 @@ def run_child(backend: str, variant: str, steps: int, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="';'-free names, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="names, comma-separated: %(default)s")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--model", choices=("mobilenet", "gemma"), default="mobilenet")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup)), flush=True)
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.model)), flush=True)
         return
-    variants = [v for v in VARIANTS if v in args.variants.split(",") or v in args.variants]
-    print(f"MobileNetV2 (weights=None, 96x96, batch 32, Adam), frozen backbone + Dense(10) head; "
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    what = ("KerasHub GemmaCausalLM from config (4 blocks), all but the last block frozen" if args.model == "gemma"
+            else "MobileNetV2 (weights=None, 96x96, batch 32, Adam), frozen backbone + Dense(10) head")
+    print(f"{what}; "
           f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}; ratios to trainable=False "
           "in the same round (median over rounds)\n")
     print("| backend | variant | step | first step | peak RSS | step s | first s | RSS MiB | frozen moved |")
@@ -111,7 +148,7 @@ def main() -> None:
         rows: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]
-            results = {v: run_child(backend, v, args.steps, args.warmup) for v in order}
+            results = {v: run_child(backend, v, args.steps, args.warmup, args.model) for v in order}
             base = results.get("trainable=False")
             for v, res in results.items():
                 res["ratios"] = {k: res[k] / base[k] for k in ("step", "first", "rss_mib")} if base else {}

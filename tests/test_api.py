@@ -83,6 +83,10 @@ def test_public_surface_is_exported():
     assert list(masked_opt.__all__) == sorted(masked_opt.__all__)
     assert isinstance(masked_opt.__version__, str)
     assert isinstance(MaskedOptimizer("sgd"), keras.optimizers.Optimizer)
+    # dir() shows the public names, submodules and privates only: no helper imported in passing.
+    public = {n for n in dir(masked_opt) if not n.startswith("_")}
+    submodules = {n for n in public if type(getattr(masked_opt, n)).__name__ == "module"}
+    assert public - submodules <= set(masked_opt.__all__), sorted(public - submodules - set(masked_opt.__all__))
 
 
 # ------------------------------------------------------------ key matching
