@@ -32,7 +32,7 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     a MultiOptimizer inner (whose bookkeeping covers every variable) a traced
     step gives them a zero gradient instead, what masking gives."""
     at = table.wholly_frozen_at(grads, variables)
-    if not at or not owner.in_train_step():
+    if not at or _dynamo_traces(grads[at[0]]) or not owner.in_train_step():
         return grads, variables
     if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
         if _backend.runs_eagerly(grads[at[0]]):
@@ -45,3 +45,9 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     if not any(grads[i] is not None for i in keep):
         return grads, variables  # nothing else to update: the masked path keeps the step count
     return [grads[i] for i in keep], [variables[i] for i in keep]
+
+
+def _dynamo_traces(x: Any) -> bool:
+    """Whether torch.compile traces the step: its frame walk would break the
+    graph, and torch's backward has computed the gradient already."""
+    return keras.backend.backend() == "torch" and _backend.is_compiling(x)
