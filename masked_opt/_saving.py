@@ -50,6 +50,13 @@ class ConfigValue:
 # ------------------------------------------------------------- config
 
 
+def saved_variables(table: VariableTable, variables: list) -> list:
+    """The optimizer's variables but the bit-packed mask copies (derived, and
+    backend-dependent): what its saved weights hold."""
+    packed = {id(e.bits) for e in table.masked() if e.bits is not None}
+    return [v for v in variables if id(v) not in packed]
+
+
 def entries(table: VariableTable, registry: Registry, built: bool) -> list[dict]:
     """Config entries of one quantity: after build, one per variable (path,
     storage shape, position, compact capacity); before, one per key."""

@@ -105,6 +105,7 @@ class VariableTable:
         self._entries: dict[Any, Entry] = {}
         self.identity = True
         self.wholly_frozen: frozenset = frozenset()
+        self.handed_out: dict = {}  # key -> path: what `trained_variables` left out
         self.unset: list[str] = []  # masks from a config awaiting their saved values
         # Entries rebuilt from a config: {argument: {config entry: [variables]}}.
         self.from_config: dict[str, dict[int, list]] = {}

@@ -30,9 +30,13 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     """(grads, variables) for the step: without the wholly frozen variables
     in a step of the owner's `train_step`; unchanged elsewhere. With an EMA or
     a MultiOptimizer inner (whose bookkeeping covers every variable) a traced
-    step gives them a zero gradient instead, what masking gives."""
+    step gives them a zero gradient instead, what masking gives. Wholly
+    frozen variables given a None gradient (a custom loop that differentiated
+    only `trained_variables`) are left out quietly in any step."""
+    _check_not_stale(table, grads, variables)
+    grads, variables = _without_absent(table, grads, variables)
     at = table.wholly_frozen_at(grads, variables)
-    if not at or _dynamo_traces(grads[at[0]]) or not owner.in_train_step():
+    if not at or not _backend.can_inspect_frames(grads[at[0]]) or not owner.in_train_step():
         return grads, variables
     if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
         if _backend.runs_eagerly(grads[at[0]]):
@@ -47,7 +51,36 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     return [grads[i] for i in keep], [variables[i] for i in keep]
 
 
-def _dynamo_traces(x: Any) -> bool:
-    """Whether torch.compile traces the step: its frame walk would break the
-    graph, and torch's backward has computed the gradient already."""
-    return keras.backend.backend() == "torch" and _backend.is_compiling(x)
+def trained(table: VariableTable, variables: list) -> list:
+    """`variables` without the wholly frozen ones, in their order; remembers
+    what it left out, so a step after an edit that unfroze one of them, given
+    the old list, raises instead of silently not training it."""
+    table.handed_out = {table.key(v): v.path for v in variables if table.key(v) in table.wholly_frozen}
+    return [v for v in variables if table.key(v) not in table.wholly_frozen]
+
+
+def _check_not_stale(table: VariableTable, grads: list, variables: list) -> None:
+    unfrozen = set(table.handed_out) - table.wholly_frozen
+    if not unfrozen:
+        return
+    given = {table.key(v) for g, v in zip(grads, variables) if g is not None}
+    if not given:
+        return
+    missing = sorted(table.handed_out[k] for k in unfrozen if k not in given)
+    if missing:
+        raise ValueError(
+            f"Variables {missing} were made trainable after `trained_variables()` left them out, and this "
+            "step has no gradient for them: call `optimizer.trained_variables(...)` again and differentiate "
+            "what it returns (rebuild a compiled step that captured the old list)."
+        )
+    table.handed_out = {k: p for k, p in table.handed_out.items() if k not in unfrozen}
+
+
+def _without_absent(table: VariableTable, grads: list, variables: list) -> tuple[list, list]:
+    if not table.wholly_frozen or all(g is not None for g in grads):
+        return grads, variables
+    keep = [i for i, (g, v) in enumerate(zip(grads, variables)) if g is not None or table.key(v) not in table.wholly_frozen]
+    if len(keep) == len(grads) or not any(grads[i] is not None for i in keep):
+        return grads, variables  # nothing to give the inner optimizer: Keras's error or warning
+    return [grads[i] for i in keep], [variables[i] for i in keep]
+

@@ -1,9 +1,6 @@
 """`MaskedOptimizer`: exact element-wise freezing around any Keras optimizer.
 
-The class orchestrates; each concept lives in its own module: keys and
-values in `keys` and `registry`, the per-variable table in `_table`, the
-state layouts and their steps in `_dense` and `_compact`, the XLA decision
-in `_xla`, the inner optimizer's internals in `_inner`, saving in `_saving`.
+The class orchestrates; docs/architecture.md says which module owns what.
 """
 
 from __future__ import annotations
@@ -248,6 +245,14 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         """The variables the optimizer was built on (empty before build)."""
         return _compat.built_on(self)
 
+    def trained_variables(self, variables: Sequence[keras.Variable]) -> list[keras.Variable]:
+        """`variables` without the wholly frozen ones (mask False), in order: what
+        a custom loop differentiates to skip their gradient (docs/freezing-cost.md)."""
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(variables))
+        return _whole.trained(self._table, list(variables))
+
     def mask_storage_shape(self, variable: keras.Variable) -> tuple[int, ...] | None:
         """The shape the variable's mask is stored at (fixed at build), or None."""
         entry = self._table.get(variable)
@@ -268,14 +273,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     @property
     def _model_variables_moving_average(self):
-        # Read by `keras.callbacks.SwapEMAWeights`, which unwraps one
-        # `inner_optimizer` level: under mixed_float16 that level is us.
+        # For `SwapEMAWeights`, which unwraps one level (under mixed_float16, us).
         return _compat.ema_averages(self.inner_optimizer)
 
     @property
     def optimizers(self):
-        """A MultiOptimizer inner's sub-optimizers (what Keras's learning-rate
-        callbacks look for); AttributeError for other inner optimizers."""
+        """A MultiOptimizer inner's sub-optimizers (for Keras's learning-rate callbacks)."""
         return self.inner_optimizer.optimizers
 
     @property
@@ -331,13 +334,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner = _saving.inner_from_config(config.pop("inner_optimizer"), custom_objects)
         return cls(inner, **config)
 
-    def _saved_variables(self) -> list:
-        """All but the bit-packed mask copies (derived, and backend-dependent)."""
-        packed = {id(e.bits) for e in self._table.masked() if e.bits is not None}
-        return [v for v in self.variables if id(v) not in packed]
-
     def save_own_variables(self, store):
-        variables = self._saved_variables()
+        variables = _saving.saved_variables(self._table, self.variables)
         record = _saving.meta(self._table, self.built, len(variables))
         _saving.save_state(store, variables, record, list(self._values.registries.values()), self.name)
 
@@ -349,7 +347,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 if record.get("built", True):  # a built file cannot fill an unbuilt optimizer
                     return _saving.warn_unbuilt(self.name)
                 return self._values.load_unbuilt(store)  # arrays given before build, by config entry
-            variables = self._saved_variables()
+            variables = _saving.saved_variables(self._table, self.variables)
             own = _saving.meta(self._table, self.built, len(variables))
             _saving.load_variables(store, variables, record, own, [v.path for v in self.built_variables], self.name)
         except ValueError:

@@ -242,3 +242,191 @@ def test_an_all_false_element_mask_keeps_the_masked_path_and_its_edits_never_ret
     assert np.array_equal(kernels[2], kernels[0]) and not np.array_equal(kernels[3], kernels[2])
     if not IS_TORCH:
         assert traces[1] == traces[0]
+
+
+# --------------------------------------------- custom loops: trained_variables
+#
+# One documented call gives a custom loop the saving: differentiate
+# `optimizer.trained_variables(model.trainable_variables)` only. The wholly
+# frozen variables then have no gradient (TF's tape, torch's autograd.grad) or
+# a None one (JAX: the jitted step never reads theirs, so XLA drops it).
+
+
+def custom_step(model, optimizer, x, y, only_trained):
+    """One step of a custom loop written as each backend's docs write it."""
+    variables = model.trainable_variables
+    chosen = optimizer.trained_variables(variables) if only_trained else variables
+    if IS_TF:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean((model(x) - y) ** 2)
+        optimizer.apply(tape.gradient(loss, chosen), chosen)
+    elif IS_TORCH:
+        import torch
+
+        loss = keras.ops.mean((model(keras.ops.convert_to_tensor(x)) - keras.ops.convert_to_tensor(y)) ** 2)
+        optimizer.apply(list(torch.autograd.grad(loss, [v.value for v in chosen])), chosen)
+    else:
+        jax_step(model, optimizer, chosen)(x, y)
+
+
+def jax_step(model, optimizer, chosen, run=True):
+    """`stateless_call` + `stateless_apply` under `jax.jit`; the gradients of
+    variables not in `chosen` are given as None."""
+    import jax
+
+    variables = model.trainable_variables
+    keep = [any(v is c for c in chosen) for v in variables]
+    if not optimizer.built:
+        optimizer.build(variables)
+
+    def loss_fn(trainable, non_trainable, x, y):
+        out, non_trainable = model.stateless_call(trainable, non_trainable, x)
+        return keras.ops.mean((out - y) ** 2), non_trainable
+
+    @jax.jit
+    def step(trainable, non_trainable, opt_vars, x, y):
+        grads, non_trainable = jax.grad(loss_fn, has_aux=True)(trainable, non_trainable, x, y)
+        grads = [g if k else None for g, k in zip(grads, keep)]
+        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
+        return trainable, non_trainable, opt_vars
+
+    def state():
+        return ([v.value for v in variables], [v.value for v in model.non_trainable_variables],
+                [v.value for v in optimizer.variables])
+
+    def apply(x, y):
+        trainable, non_trainable, opt_vars = step(*state(), x, y)
+        for v, value in zip(variables + model.non_trainable_variables + optimizer.variables,
+                            trainable + non_trainable + opt_vars):
+            v.assign(value)
+
+    return apply if run else (step, state)
+
+
+def test_trained_variables_leaves_out_the_wholly_frozen_variables_in_order():
+    model, optimizer = model_and_optimizer(
+        {"a/kernel": False, "b/kernel": True, "b/bias": np.array([True, False] * 4)})
+    assert not optimizer.built
+    trained = optimizer.trained_variables(model.trainable_variables)  # builds
+    assert [v.path for v in trained] == [v.path for v in model.trainable_variables if v.path != "sequential/a/kernel"]
+    optimizer.set_mask("b/kernel", False)
+    optimizer.set_mask("a/kernel", True)
+    assert [v.path for v in optimizer.trained_variables(model.trainable_variables)] == [
+        "sequential/a/kernel", "sequential/a/bias", "sequential/b/bias"]
+
+
+def test_a_custom_loop_over_trained_variables_trains_as_the_masked_path():
+    # The frozen layer stays bit-identical; the rest trains as the full-gradient
+    # masked path does (the same ops: to the bit; on JAX two XLA programs).
+    masks = {"a": False, "b/bias": np.array([True, False] * 4)}
+    x, y = regression_data(8, 16, 8)
+    runs = []
+    for only_trained in (True, False):
+        model, optimizer = model_and_optimizer(masks)
+        initial = [to_numpy(w) for w in model.weights]
+        for _ in range(3):
+            custom_step(model, optimizer, x, y, only_trained)
+        runs.append([to_numpy(w) for w in model.weights])
+        assert np.array_equal(runs[-1][0], initial[0]) and np.array_equal(runs[-1][1], initial[1])
+        assert np.array_equal(runs[-1][3][1::2], initial[3][1::2])
+        assert not np.array_equal(runs[-1][2], initial[2])
+    for a, e in zip(*runs):
+        if IS_TF or IS_TORCH:
+            assert np.array_equal(bits(a), bits(e))
+        else:
+            np.testing.assert_array_max_ulp(a, e, maxulp=4)
+
+
+def test_a_stale_trained_list_after_an_unfreeze_raises_and_a_fresh_one_trains():
+    model, optimizer = model_and_optimizer({"a": False})
+    x, y = regression_data(8, 16, 8)
+    custom_step(model, optimizer, x, y, only_trained=True)
+    stale = optimizer.trained_variables(model.trainable_variables)
+    optimizer.set_mask("a", True)
+    kernel = model.get_layer("a").kernel
+    before = to_numpy(kernel)
+    with pytest.raises(ValueError, match=r"a/kernel.*trained_variables"):
+        if IS_TF:
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean((model(x) - y) ** 2)
+            optimizer.apply(tape.gradient(loss, stale), stale)
+        elif IS_TORCH:
+            import torch
+
+            loss = keras.ops.mean((model(keras.ops.convert_to_tensor(x)) - keras.ops.convert_to_tensor(y)) ** 2)
+            optimizer.apply(list(torch.autograd.grad(loss, [v.value for v in stale])), stale)
+        else:
+            jax_step(model, optimizer, stale)(x, y)
+    assert np.array_equal(to_numpy(kernel), before)
+    custom_step(model, optimizer, x, y, only_trained=True)  # asks again: trains it
+    assert (to_numpy(kernel) != before).all()
+
+
+def test_a_custom_loop_over_trained_variables_computes_no_gradient_of_the_frozen_layer():
+    # The oracle is Keras's own `trainable = False`: the same gradient work.
+    def work(kind):
+        model = mlp(64, ("a", 64), ("b", 64), init_seed=0)
+        if kind == "trainable=False":
+            model.get_layer("a").trainable = False
+            optimizer = keras.optimizers.Adam(1e-3)
+            chosen = model.trainable_variables
+        else:
+            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks={"a": False})
+            chosen = optimizer.trained_variables(model.trainable_variables) if kind == "trained" else (
+                model.trainable_variables)
+        x, y = regression_data(32, 64, 64)
+        if IS_TF:
+            import tensorflow as tf
+
+            @tf.function(jit_compile=True)
+            def grads():
+                with tf.GradientTape() as tape:
+                    loss = keras.ops.mean((model(x) - y) ** 2)
+                return tape.gradient(loss, chosen)
+
+            # Matrix products XLA keeps after dead-code elimination.
+            return grads.experimental_get_compiler_ir()(stage="optimized_hlo").count(" dot(")
+        if IS_TORCH:
+            import torch
+
+            if kind == "trainable=False":
+                return None
+            calls = []
+            handle = model.get_layer("a").kernel.value.register_hook(lambda g: calls.append(1))
+            loss = keras.ops.mean((model(keras.ops.convert_to_tensor(x)) - keras.ops.convert_to_tensor(y)) ** 2)
+            torch.autograd.grad(loss, [v.value for v in chosen])
+            handle.remove()
+            return len(calls)
+        if kind == "trainable=False":
+            return None
+        step, state = jax_step(model, optimizer, chosen, run=False)
+        analysis = step.lower(*state(), x, y).compile().cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+    trained, everything, keras_frozen = work("trained"), work("all"), work("trainable=False")
+    if IS_TF:
+        assert trained == keras_frozen < everything, (trained, keras_frozen, everything)
+    elif IS_TORCH:
+        assert (trained, everything) == (0, 1)
+    else:
+        matmul = 2 * 32 * 64 * 64
+        assert everything - trained > 0.9 * matmul, (trained, everything)
+
+
+def test_compact_state_holds_nothing_for_a_wholly_frozen_variable():
+    model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+    optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-2), masks={"a": False, "b/kernel": True}, compact_state=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = regression_data(16, 16, 8)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    sizes = {}
+    for v in optimizer.inner_optimizer.variables:
+        for layer in ("a", "b"):
+            if f"_{layer}_kernel_" in v.path or f"_{layer}_bias_" in v.path:
+                sizes[layer] = sizes.get(layer, 0) + int(np.prod(v.shape))
+    assert sizes["a"] == 0
+    assert sizes["b"] == 2 * (32 * 8 + 8)  # Adam's two moments of layer b

@@ -35,6 +35,7 @@ else:  # numpy, openvino: the keras.ops defaults
 INTERFACE = (
     "RowSnapshot",
     "blend",
+    "can_inspect_frames",
     "can_jit",
     "check_jit_compile",
     "check_strategy_support",
@@ -81,6 +82,7 @@ RowSnapshot = _pick("RowSnapshot")
 blend = _pick("blend")
 can_jit = _pick("can_jit")
 check_jit_compile = _pick("check_jit_compile")
+can_inspect_frames = _pick("can_inspect_frames")
 check_strategy_support = _pick("check_strategy_support")
 counts_in_trace = _pick("counts_in_trace")
 densify = _pick("densify")

@@ -88,6 +88,11 @@ def counts_in_trace(x: Any) -> bool:
     return True
 
 
+def can_inspect_frames(x: Any) -> bool:
+    """Whether the step reading `x` may walk Python's call stack."""
+    return True
+
+
 def in_traced_function() -> bool:
     """Whether a TensorFlow function is being traced."""
     return False

@@ -28,6 +28,12 @@ def is_compiling(x: Any) -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def can_inspect_frames(x: Any) -> bool:
+    """Not while torch.compile traces: a frame walk breaks the graph (and
+    torch's backward has computed every gradient already)."""
+    return not is_compiling(x)
+
+
 def counts_in_trace(x: Any) -> bool:
     """Not while torch.compile traces: dynamo guards on a Python int that the
     step changes, and would compile every graph twice."""
