@@ -26,6 +26,14 @@ Variants:
   their inference-mode behaviour, which masks do not change), every other backbone variable
   masked: the like-for-like comparison with `trainable=False`;
 - `full`: nothing frozen (full fine-tuning).
+
+`--matrix` (issue 24 item 2, "no mask costs more than no freezing"): every
+mask kind over every backbone variable, dense and compact state, as ratios to
+`full` in the same round: `elements` (a random half of each variable),
+`rows` (the first half of axis 0, stored `(n, 1, ..)`; rank-1 variables: half
+their elements), `columns` (the first half of the last axis, stored
+`(1, .., n)`), `whole` (`False`), `mixed` (the four kinds in turn over the
+variables); `+compact` adds `compact_state=True`.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ import sys
 import time
 
 VARIANTS = ("trainable=False", "masks", "masks+compact", "masks+BN trainable=False", "full")
+KINDS = ("elements", "rows", "columns", "whole", "mixed")
+MATRIX = ("full",) + tuple(f"{k}{c}" for k in KINDS for c in ("", "+compact"))
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
@@ -72,6 +82,25 @@ def gemma(variant: str):
     return model, frozen, x, tokens[:, 1:]
 
 
+def kind_mask(kind: str, variable, i: int):
+    """The mask of `kind` for one variable (the `i`-th masked one)."""
+    import numpy as np
+
+    shape = tuple(variable.shape)
+    if kind == "mixed":
+        kind = KINDS[i % 4]
+    if kind == "whole":
+        return False
+    if kind == "elements" or len(shape) == 1:
+        return np.random.default_rng(i).random(shape) < 0.5
+    axis = 0 if kind == "rows" else len(shape) - 1
+    stored = [1] * len(shape)
+    stored[axis] = shape[axis]
+    mask = np.zeros(stored, bool)
+    np.moveaxis(mask, axis, 0)[: max(1, shape[axis] // 2)] = True
+    return mask
+
+
 def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> dict:
     """One variant in this process: step times, first step, peak RSS."""
     import keras
@@ -83,6 +112,7 @@ def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> d
     model, frozen, x, y = (gemma if kind == "gemma" else mobilenet)(variant)
     inner = keras.optimizers.AdamW(1e-4) if kind == "gemma" else keras.optimizers.Adam(1e-3)
     frozen_variables = [v for layer in frozen for v in layer.trainable_variables]
+    masks = {}
     if variant == "trainable=False":
         for layer in frozen:
             layer.trainable = False
@@ -90,11 +120,15 @@ def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> d
     elif variant.startswith("masks"):
         masks = {v.path: False for v in frozen_variables}
         optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
+    elif variant.split("+")[0] in KINDS:
+        masks = {v.path: kind_mask(variant.split("+")[0], v, i) for i, v in enumerate(frozen_variables)}
+        optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
     else:
         optimizer = inner
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    watch = frozen_variables if variant.startswith("masks") else []
-    frozen_before = [np.array(keras.ops.convert_to_numpy(v.value)) for v in watch]
+    watch = [(v, ~np.broadcast_to(np.asarray(optimizer.get_mask(v)), tuple(v.shape))) for v in frozen_variables
+             if isinstance(optimizer, MaskedOptimizer) and v.path in masks]
+    frozen_before = [np.array(keras.ops.convert_to_numpy(v.value)) for v, _ in watch]
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
@@ -104,7 +138,7 @@ def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> d
         model.train_on_batch(x, y)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    moved = sum(not np.array_equal(b, keras.ops.convert_to_numpy(v.value)) for b, v in zip(frozen_before, watch))
+    moved = sum(not np.array_equal(b[f], keras.ops.convert_to_numpy(v.value)[f]) for b, (v, f) in zip(frozen_before, watch))
     return {
         "variant": variant, "backend": keras.backend.backend(), "step": statistics.median(times), "first": first,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "frozen_moved": moved,
@@ -126,7 +160,8 @@ def run_child(backend: str, variant: str, steps: int, warmup: int, kind: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="names, comma-separated: %(default)s")
+    parser.add_argument("--variants", default=None, help=f"names, comma-separated: {','.join(VARIANTS)}")
+    parser.add_argument("--matrix", action="store_true", help="every mask kind vs full fine-tuning")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -136,11 +171,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.warmup, args.model)), flush=True)
         return
-    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    names, baseline = (MATRIX, "full") if args.matrix else (VARIANTS, "trainable=False")
+    variants = [v for v in names if args.variants is None or v in args.variants.split(",")]
     what = ("KerasHub GemmaCausalLM from config (4 blocks), all but the last block frozen" if args.model == "gemma"
             else "MobileNetV2 (weights=None, 96x96, batch 32, Adam), frozen backbone + Dense(10) head")
     print(f"{what}; "
-          f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}; ratios to trainable=False "
+          f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}; ratios to {baseline} "
           "in the same round (median over rounds)\n")
     print("| backend | variant | step | first step | peak RSS | step s | first s | RSS MiB | frozen moved |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -149,7 +185,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]
             results = {v: run_child(backend, v, args.steps, args.warmup, args.model) for v in order}
-            base = results.get("trainable=False")
+            base = results.get(baseline)
             for v, res in results.items():
                 res["ratios"] = {k: res[k] / base[k] for k in ("step", "first", "rss_mib")} if base else {}
                 rows[v].append(res)
