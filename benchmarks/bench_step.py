@@ -34,7 +34,7 @@ to add one):
   mask (e.g. to edit single elements later). On TensorFlow the core skips the
   masking work while no element is frozen (one ``cond``), so this is the cost
   of the check; on JAX and torch there is no such shortcut (see
-  ``masked_opt/_backend.py``) and this costs what ``1 frozen`` costs;
+  ``masked_opt/_backend/``) and this costs what ``1 frozen`` costs;
 * ``masked, 1 frozen``: the same masks with one kernel element frozen: the
   full cost of the machinery (mask the gradients, snapshot, restore), all masks
   full-shape;

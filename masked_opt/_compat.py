@@ -6,7 +6,7 @@ lowest declared, 3.8.0 with TensorFlow 2.18, and the newest tested, 3.15.1
 with TensorFlow 2.21; CI runs the suite on both). Keras-private attributes
 are read through the functions below; the TensorFlow-private modules are
 used by `masked_opt/_backend/tensorflow.py` only, each behind a fallback.
-`tests/test_compat.py` fails if code elsewhere in the package touches a
+`tests/test_code_structure.py` fails if code elsewhere in the package touches a
 private attribute of an object it does not own, or a private attribute that
 is not listed here.
 """

@@ -122,7 +122,9 @@ class DynamicMask(keras.callbacks.Callback):
     `fn(model, optimizer, step)` returns `{key: mask}` (True = trainable) or
     None for "no change"; each mask is applied with `optimizer.set_mask`. It is
     called before the step (or epoch) it first applies to, starting at step 0,
-    so a change takes effect at the very next step and never retraces. `step`
+    so a change takes effect at the very next step and never retraces (but
+    a change of which variables are wholly frozen, scalar `False` masks,
+    retraces `fit`'s step once: docs/freezing-cost.md). `step`
     is `optimizer.iterations`, which carries over between `fit` calls. `fn`
     sees the model's current weights on every backend (on JAX the trainer's
     state is synced into the variables just before, and only then).
@@ -241,7 +243,9 @@ class GradualUnfreezing(keras.callbacks.Callback):
     ```
 
     Stage changes overwrite the whole masks of the groups' variables (each is
-    entirely trainable or frozen).
+    entirely trainable or frozen). Frozen groups are wholly frozen: `fit`
+    leaves them out (no gradient on TF/JAX, no update); each stage change
+    retraces the step once (docs/freezing-cost.md).
     """
 
     def __init__(self, layers_or_keys: Sequence[Group], epochs_per_stage: int = 1):

@@ -441,3 +441,39 @@ def test_compact_state_holds_nothing_for_a_wholly_frozen_variable():
                 sizes[layer] = sizes.get(layer, 0) + int(np.prod(v.shape))
     assert sizes["a"] == 0
     assert sizes["b"] == 2 * (32 * 8 + 8)  # Adam's two moments of layer b
+
+
+@pytest.mark.parametrize("driver", ["GradualUnfreezing", "DynamicMask"])
+def test_callbacks_that_unfreeze_whole_layers_take_effect_at_the_next_step(driver):
+    # Layer "a" is wholly frozen for the first 4 batches (one epoch of 4), then
+    # trainable; the step after the edit trains it, as the masked path does.
+    from masked_opt.callbacks import DynamicMask, GradualUnfreezing
+
+    def train(leave_out):
+        original = _whole.leave_out
+        if not leave_out:
+            _whole.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
+        try:
+            model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+            if driver == "GradualUnfreezing":
+                callback = GradualUnfreezing([model.get_layer("a"), model.get_layer("b")])
+                masks = callback.masks()
+            else:
+                callback = DynamicMask(lambda m, opt, step: {"a": step >= 4}, every_n_steps=1)
+                masks = {"a": False, "b": True}
+            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-2), masks=masks)
+            model.compile(optimizer=optimizer, loss="mse")
+            x, y = regression_data(32, 16, 8)
+            kernels = []
+            record = keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda batch, logs: kernels.append(to_numpy(synced(model).get_layer("a").kernel)))
+            model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback, record])
+            return [to_numpy(w) for w in model.weights], kernels
+        finally:
+            _whole.leave_out = original
+
+    (weights, kernels), (ref_weights, _) = train(True), train(False)
+    initial = to_numpy(mlp(16, ("a", 32), ("b", 8), init_seed=0).get_layer("a").kernel)
+    assert all(np.array_equal(k, initial) for k in kernels[:4])  # frozen through the first 4 steps
+    assert (kernels[4] != initial).all()  # step 5 trains it
+    assert_across_programs(weights, ref_weights)
