@@ -477,3 +477,24 @@ def test_callbacks_that_unfreeze_whole_layers_take_effect_at_the_next_step(drive
     assert all(np.array_equal(k, initial) for k in kernels[:4])  # frozen through the first 4 steps
     assert (kernels[4] != initial).all()  # step 5 trains it
     assert_across_programs(weights, ref_weights)
+
+
+def test_flags_and_saved_configs_are_the_users_after_fit_a_round_trip_and_a_recompile(tmp_path):
+    model, optimizer = model_and_optimizer({"a": False})
+    model.get_layer("b").trainable = True
+    configs = [layer.get_config() for layer in model.layers]
+    x, y = regression_data(16, 16, 8)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert [layer.trainable for layer in model.layers] == [True, True]
+    assert len(model.trainable_variables) == 4 and all(w.trainable for w in model.weights)
+    assert [layer.get_config() for layer in model.layers] == configs
+    path = tmp_path / "frozen.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [layer.get_config() for layer in loaded.layers] == configs
+    assert isinstance(loaded.optimizer, MaskedOptimizer) and not loaded.optimizer.get_mask("a/kernel").any()
+    # Recompiled with a plain optimizer, every variable trains again.
+    before = to_numpy(model.get_layer("a").kernel)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert (to_numpy(model.get_layer("a").kernel) != before).all()
