@@ -33,7 +33,9 @@ mask kind over every backbone variable, dense and compact state, as ratios to
 `rows` (the first half of axis 0, stored `(n, 1, ..)`; rank-1 variables: half
 their elements), `columns` (the first half of the last axis, stored
 `(1, .., n)`), `whole` (`False`), `mixed` (the four kinds in turn over the
-variables); `+compact` adds `compact_state=True`.
+variables); `+compact` adds `compact_state=True`; `+nojit` (name it in
+`--variants`) adds `jit_compile=False` (TensorFlow: no XLA call of its own
+for the masked update).
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> d
         optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
     elif variant.split("+")[0] in KINDS:
         masks = {v.path: kind_mask(variant.split("+")[0], v, i) for i, v in enumerate(frozen_variables)}
-        optimizer = MaskedOptimizer(inner, masks=masks, compact_state=variant.endswith("compact"))
+        optimizer = MaskedOptimizer(inner, masks=masks, compact_state="+compact" in variant,
+                                    jit_compile=False if variant.endswith("+nojit") else "auto")
     else:
         optimizer = inner
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -172,7 +175,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.steps, args.warmup, args.model)), flush=True)
         return
     names, baseline = (MATRIX, "full") if args.matrix else (VARIANTS, "trainable=False")
-    variants = [v for v in names if args.variants is None or v in args.variants.split(",")]
+    variants = list(names) if args.variants is None else [v for v in args.variants.split(",")]
     what = ("KerasHub GemmaCausalLM from config (4 blocks), all but the last block frozen" if args.model == "gemma"
             else "MobileNetV2 (weights=None, 96x96, batch 32, Adam), frozen backbone + Dense(10) head")
     print(f"{what}; "
