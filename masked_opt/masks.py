@@ -52,6 +52,8 @@ __all__ = [
     "fisher",
     "fisher_scores",
     "global_magnitude",
+    "lora_budget",
+    "lora_count",
     "magnitude",
     "random",
     "rows",
@@ -281,6 +283,79 @@ def magnitude(fraction: float, *, largest: bool = True) -> MaskFn:
         return top_k([np.abs(w)], count(fraction, w.size), largest=largest)[0]
 
     return MaskFn(build, f"magnitude({fraction}, largest={largest})")
+
+
+def lora_count(shape: Sequence[int], rank: int) -> int:
+    """The parameters Keras's `enable_lora(rank)` adds to a kernel of `shape`
+    (`Dense`, `EinsumDense`, `Embedding`, `Conv*`: A is `shape[:-1] + (rank,)`,
+    B is `(rank, shape[-1])`), capped at the kernel's size."""
+    shape = tuple(int(d) for d in shape)
+    return min(math.prod(shape), int(rank) * (math.prod(shape[:-1]) + shape[-1]))
+
+
+def lora_budget(rank: int, *, axis: int | None = None, scores: Any = None, seed: int | None = None) -> MaskFn:
+    """Trains as many elements of each kernel as LoRA of `rank` would add
+    (`lora_count`), for sparse fine-tuning at LoRA's parameter count.
+
+    `axis=None` chooses single elements (exactly the count). An int chooses
+    whole slices along that axis (0: rows, -1: columns; attention heads: 0
+    for KerasHub Gemma's `(heads, hidden, head_dim)` query/key/value kernels,
+    1 for Keras's `MultiHeadAttention` `(hidden, heads, head_dim)`): the count
+    divided by the slice size, rounded half up, at least 1; the mask is stored
+    broadcast (O(slices)). Which elements or slices: `scores=None` at random
+    (an int `seed` makes it a function of the seed and the path), "magnitude"
+    by |w|, or a `{path: array}` of per-element scores (`fisher_scores(...)`,
+    accumulated |gradients|), a slice scoring the sum of its elements; ties
+    go to the lower index. Kernels only: a rank-1 variable (a bias) is an
+    error, give it its own mask (LoRA does not adapt biases).
+    Example: `masks={r".*ffw.*kernel": lora_budget(8, axis=-1)}` (whole
+    FFN channels; docs/sparse-fine-tuning.md has a whole-model recipe).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"`lora_budget`: `rank` must be an int >= 1. Received: {rank!r}.")
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
+        raise TypeError(f"`lora_budget`: `axis` must be an int or None. Received: {axis!r}.")
+    if not (scores is None or (isinstance(scores, str) and scores == "magnitude") or isinstance(scores, Mapping)):
+        raise TypeError('`lora_budget`: `scores` must be None, "magnitude" or a {path: array} dict. '
+                        f"Received: {scores!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"`lora_budget`: `seed` must be an int or None. Received: {seed!r}.")
+
+    def build(variable: Any) -> np.ndarray:
+        shape, path = shape_of(variable), path_of(variable)
+        if len(shape) < 2:
+            raise ValueError(f"`lora_budget`: variable '{path}' has shape {shape}; LoRA adapts kernels (rank >= 2). "
+                             "Give biases and other 1-D variables their own mask (False, or True to train them).")
+        if axis is not None and not -len(shape) <= axis < len(shape):
+            raise ValueError(f"`lora_budget`: `axis={axis}` is out of range for variable '{path}' of shape {shape}.")
+        element_scores = _budget_scores(variable, shape, path, seed)
+        k = lora_count(shape, rank)
+        if axis is None:
+            return top_k([element_scores], k)[0]
+        a = axis % len(shape)
+        slice_size = math.prod(shape) // shape[a]
+        n = min(shape[a], max(1, math.floor(k / slice_size + 0.5)))
+        summed = np.moveaxis(element_scores, a, 0).reshape(shape[a], -1).sum(axis=1)
+        stored = [1] * len(shape)
+        stored[a] = shape[a]
+        return top_k([summed], n)[0].reshape(stored)
+
+    def _budget_scores(variable: Any, shape: tuple, path: str, seed: int | None) -> np.ndarray:
+        if scores is None:
+            rng = np.random.default_rng(None if seed is None else [int(seed) % 2**63, zlib.crc32(path.encode())])
+            return rng.random(shape)
+        if isinstance(scores, str):
+            return np.abs(values_of(variable)).astype(np.float64)
+        if path not in scores:
+            raise ValueError(f"`lora_budget`: `scores` has no entry for variable '{path}' "
+                             f"(it has {sorted(map(str, scores))[:5]}).")
+        value = np.asarray(scores[path], np.float64)
+        if value.shape != shape:
+            raise ValueError(f"`lora_budget`: `scores['{path}']` has shape {value.shape}, the variable {shape}.")
+        return value
+
+    where = "elements" if axis is None else f"axis={axis}"
+    return MaskFn(build, f"lora_budget({rank}, {where}, scores={'dict' if isinstance(scores, Mapping) else scores})")
 
 
 # --------------------------------------------------------- across variables
