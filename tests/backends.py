@@ -231,3 +231,29 @@ class TraceCounter(keras.layers.Layer):
     def call(self, x):
         self.count += 1
         return x
+
+
+# Keras keeps an optimizer's per-variable state in private attributes: the
+# suite reads them through these three helpers only.
+
+
+def ema_of(optimizer, variable):
+    """The moving average (`use_ema=True`) `optimizer` keeps of `variable`,
+    or None where it keeps none."""
+    if not getattr(optimizer, "use_ema", False):
+        return None
+    if optimizer._var_key(variable) not in optimizer._trainable_variables_indices:
+        return None
+    return optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]
+
+
+def built_on(optimizer) -> list:
+    """The variables a Keras optimizer was built with, in order."""
+    return list(optimizer._trainable_variables)
+
+
+def slot(optimizer, at, name: str):
+    """Adam's `name` slot ("momentum" or "velocity") of a variable, given as
+    the variable or its position in build order."""
+    index = at if isinstance(at, int) else optimizer._get_variable_index(at)
+    return {"momentum": optimizer._momentums, "velocity": optimizer._velocities}[name][index]

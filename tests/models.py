@@ -56,3 +56,21 @@ def mse_step(model: keras.Model, optimizer: Any, x: np.ndarray, y: np.ndarray) -
 def weights(model: keras.Model) -> list[np.ndarray]:
     """Copies of the model's trainable weights."""
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.trainable_variables]
+
+
+def small_masked(masks: Any, inner: Any = None, build: bool = True) -> tuple[keras.Model, Any]:
+    """`mlp(4, 3, 2)` (kernel (4, 3), bias (3,), kernel_1 (3, 2), bias_1 (2,):
+    23 elements) and a `MaskedOptimizer` with `masks` around `inner` (SGD 0.1
+    by default), built on the model unless `build=False`."""
+    from masked_opt import MaskedOptimizer
+
+    model = mlp(4, 3, 2)
+    optimizer = MaskedOptimizer(inner or keras.optimizers.SGD(0.1), masks=masks)
+    if build:
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def small_data(n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Regression data for `small_masked`'s model."""
+    return regression_data(n, 4, 2)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_TF, IS_TORCH, CompiledStep, assert_ulp_close, optimizer_class, tensor, to_numpy
+from backends import IS_TF, IS_TORCH, CompiledStep, assert_ulp_close, optimizer_class, tensor, to_numpy, slot
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
 
@@ -183,7 +183,7 @@ def test_mask_edits_keep_reset_and_drop_state():
     for _ in range(3):
         opt.apply([g], [w])
     inner = opt.inner_optimizer
-    m_var, v_var = inner._momentums[0], inner._velocities[0]
+    m_var, v_var = slot(inner, 0, "momentum"), slot(inner, 0, "velocity")
     before_m, before_v = to_numpy(m_var), to_numpy(v_var)
     old_positions = {int(e): p for p, e in enumerate(np.flatnonzero(mask))}
     # keep (0,0) (0,1) (1,1); drop (2,0); add (3,2) (2,2)

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import IS_JAX, IS_TF, IS_TORCH, CompiledStep, assert_ulp_close, gradients, tensor, to_numpy
+from backends import IS_JAX, IS_TF, IS_TORCH, CompiledStep, assert_ulp_close, gradients, tensor, to_numpy, ema_of
 from models import mlp
 from masked_opt import MaskedOptimizer
 from optimizer_table import OPTIMIZERS
@@ -187,8 +187,7 @@ def _ema_variables(optimizer, variables) -> list:
     for v in variables:
         ema = None
         for opt in getattr(optimizer, "optimizers", None) or [optimizer]:
-            if opt.use_ema and opt._var_key(v) in opt._trainable_variables_indices:
-                ema = opt._model_variables_moving_average[opt._get_variable_index(v)]
+            ema = ema_of(opt, v) if ema_of(opt, v) is not None else ema
         out.append(ema)
     return out
 

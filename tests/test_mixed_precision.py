@@ -23,7 +23,7 @@ import pytest
 
 import keras
 from backends import (
-    IS_JAX, IS_TF, CompiledStep, assert_equal_across_programs, grad_masked, optimizer_class, tensor,
+    IS_JAX, IS_TF, CompiledStep, assert_equal_across_programs, grad_masked, optimizer_class, tensor, ema_of,
 )
 from models import mlp
 from masked_opt import MaskedOptimizer
@@ -217,9 +217,8 @@ def _numpy_restore(masks):
             inner = self.model.optimizer.inner_optimizer  # LSO(oracle); `.model` syncs JAX's state
             for variable, full, start in self.start.values():
                 targets = [variable]
-                if getattr(inner, "use_ema", False):  # built by now
-                    index = inner._get_variable_index(variable)
-                    targets.append(inner._model_variables_moving_average[index])
+                if ema_of(inner, variable) is not None:  # built by now
+                    targets.append(ema_of(inner, variable))
                 for target in targets:
                     target.assign(np.where(full, target.numpy(), start))
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import keras
-from backends import assert_ulp_close, IS_TORCH, TraceCounter, assert_equal_across_programs, synced, tensor, to_numpy
+from backends import (
+    IS_TORCH, TraceCounter, assert_equal_across_programs, assert_ulp_close, built_on, ema_of, synced, tensor, to_numpy,
+)
 from models import mlp
 from masked_opt import MaskedOptimizer
 from optimizer_table import AVAILABLE
@@ -132,7 +134,7 @@ def test_multiplier_zero_holds_the_weight_and_its_ema_exactly():
     assert np.array_equal(got["o"][:, [0, 2]], start["o"][:, [0, 2]])
     assert np.all(got["o"][:, 1] != start["o"][:, 1])
     inner = opt.inner_optimizer
-    average = {v.path: to_numpy(a) for v, a in zip(inner._trainable_variables, inner._model_variables_moving_average)}
+    average = {v.path: to_numpy(ema_of(inner, v)) for v in built_on(inner)}
     assert np.array_equal(average["k"], start["k"])
     # The inner optimizer's state still follows the gradient (a warm start).
     momentum = [to_numpy(v) for v in inner.variables if v.name == "k_momentum"]
@@ -166,7 +168,7 @@ def test_ema_averages_the_weights_actually_stored():
         ema = w if ema is None else 0.9 * ema + 0.1 * w
         stored.append(w)
     inner = opt.inner_optimizer
-    average = to_numpy(inner._model_variables_moving_average[inner._get_variable_index(variables["k"])])
+    average = to_numpy(ema_of(inner, variables["k"]))
     np.testing.assert_allclose(average, ema, rtol=0, atol=1e-6)
     # Not the average of what the inner optimizer produced: the weights moved.
     assert not np.allclose(stored[0], stored[-1], atol=1e-3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras
-from models import mlp, regression_data
+from models import mlp, small_data, small_masked
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 from masked_opt import summary as S
@@ -20,23 +20,11 @@ def _model():
     return mlp(4, 3, 2)
 
 
-def _built(masks, inner=None, build=True):
-    model = _model()
-    opt = MaskedOptimizer(inner or keras.optimizers.SGD(0.1), masks=masks)
-    if build:
-        opt.build(model.trainable_variables)
-    return model, opt
-
-
-def _data(n=16):
-    return regression_data(n, 4, 2)
-
-
 # -------------------------------------------------------------------- summary
 
 
 def test_mask_summary_counts_every_built_variable():
-    _, opt = _built({"dense/kernel": M.rows([0]), "dense/bias": False})
+    _, opt = small_masked({"dense/kernel": M.rows([0]), "dense/bias": False})
     s = S.mask_summary(opt)
     assert [(r.path, r.shape, r.trainable, r.frozen, r.masked) for r in s.rows] == [
         ("sequential/dense/kernel", (4, 3), 3, 9, True),  # row 0 of 4 rows of 3
@@ -51,13 +39,13 @@ def test_mask_summary_counts_every_built_variable():
 
 
 def test_mask_summary_follows_freeze_after_build():
-    _, opt = _built({"dense/kernel": np.ones((4, 3), bool)})
+    _, opt = small_masked({"dense/kernel": np.ones((4, 3), bool)})
     opt.freeze("dense/kernel", np.s_[1:, 0])
     assert S.mask_summary(opt).rows[0].frozen == 3
 
 
 def test_mask_summary_is_frozen_dataclass():
-    _, opt = _built({"dense/kernel": True})
+    _, opt = small_masked({"dense/kernel": True})
     s = S.mask_summary(opt)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.total = 0
@@ -98,7 +86,7 @@ def test_print_mask_summary_total_line_is_peft_style():
 
 def test_mask_summary_masked_only_keeps_rows_with_a_frozen_element():
     # dense/kernel: all-True mask (masked, nothing frozen) -> left out; totals still count all.
-    _, opt = _built({"dense/kernel": True, "dense_1/kernel": M.columns([1])})
+    _, opt = small_masked({"dense/kernel": True, "dense_1/kernel": M.columns([1])})
     s = S.mask_summary(opt, masked_only=True)
     assert [(r.path, r.trainable, r.frozen) for r in s.rows] == [
         ("sequential/dense_1/kernel", 3, 3),  # column 1 of (3, 2)
@@ -112,7 +100,7 @@ def test_mask_summary_masked_only_keeps_rows_with_a_frozen_element():
 
 
 def test_mask_summary_by_layer_sums_each_layers_variables():
-    _, opt = _built({"dense/kernel": M.rows([0]), "dense_1/bias": False})
+    _, opt = small_masked({"dense/kernel": M.rows([0]), "dense_1/bias": False})
     s = S.mask_summary(opt, by="layer")
     assert s.by == "layer"
     assert [(r.path, r.shape, r.variables, r.trainable, r.frozen, r.masked) for r in s.rows] == [
@@ -150,7 +138,7 @@ def test_summary_shows_update_multipliers_and_masked_only_keeps_them():
 
 
 def test_print_mask_summary_passes_masked_only_and_by():
-    _, opt = _built({"dense_1/bias": False})
+    _, opt = small_masked({"dense_1/bias": False})
     lines = []
     S.print_mask_summary(opt, print_fn=lines.append, masked_only=True, by="layer")
     text = lines[0].splitlines()
@@ -238,7 +226,7 @@ def test_plot_masks_writes_png(tmp_path):
 
 
 def test_plot_masks_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
-    _, opt = _built({"dense/kernel": True})
+    _, opt = small_masked({"dense/kernel": True})
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -248,7 +236,7 @@ def test_plot_masks_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_plot_masks_needs_a_masked_variable(tmp_path):
-    _, opt = _built(None)
+    _, opt = small_masked(None)
     with pytest.raises(ValueError, match="no masked variables"):
         S.plot_masks(opt, str(tmp_path / "x.png"))
 

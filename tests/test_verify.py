@@ -8,25 +8,13 @@ import keras
 import masked_opt
 from masked_opt import MaskedOptimizer
 from masked_opt import verify as V
-from models import mlp, mse_step, regression_data
+from models import mse_step, small_data, small_masked
 from optimizer_table import AVAILABLE
-
-
-def _built(masks, inner=None, build=True):
-    model = mlp(4, 3, 2)  # kernel (4, 3), bias (3,), kernel_1 (3, 2), bias_1 (2,)
-    opt = MaskedOptimizer(inner or keras.optimizers.SGD(0.1), masks=masks)
-    if build:
-        opt.build(model.trainable_variables)
-    return model, opt
-
-
-def _data(n=16):
-    return regression_data(n, 4, 2)
 
 
 def _half_frozen(inner=None, build=True):
     mask = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
-    model, opt = _built({"dense/kernel": mask, "dense_1/bias": False}, inner=inner, build=build)
+    model, opt = small_masked({"dense/kernel": mask, "dense_1/bias": False}, inner=inner, build=build)
     return model, opt, mask
 
 
@@ -34,7 +22,7 @@ def test_verify_frozen_passes_after_training_and_counts_checked_elements():
     model, opt, mask = _half_frozen(keras.optimizers.AdamW(0.1, weight_decay=0.5))
     ref = V.snapshot_frozen(opt)
     assert set(ref.frozen) == {"sequential/dense/kernel", "sequential/dense_1/bias"}
-    x, y = _data()
+    x, y = small_data()
     for _ in range(3):
         mse_step(model, opt, x, y)
     assert V.verify_frozen(opt, ref) == int((~mask).sum()) + 2
@@ -44,7 +32,7 @@ def test_verify_frozen_passes_for_every_inner_optimizer():
     # Decay and EMA are what move zero-gradient elements; the check must stay quiet.
     # One loop over the shared table (not a parametrization): the per-test teardown
     # (keras clear_session + gc) would cost more than the steps.
-    x, y = _data(8)
+    x, y = small_data(8)
     for opt_id, factory in sorted(AVAILABLE.items()):
         keras.backend.clear_session(free_memory=False)  # layer names restart at "dense"
         model, opt, _ = _half_frozen(factory(weight_decay=0.1, use_ema=True))
@@ -88,7 +76,7 @@ def test_verify_frozen_compares_bits():
 def test_verify_frozen_allows_mask_changes_since_snapshot():
     model, opt, mask = _half_frozen()
     ref = V.snapshot_frozen(opt)
-    x, y = _data()
+    x, y = small_data()
     opt.unfreeze("dense/kernel", np.s_[0])  # (0, 1) becomes trainable and moves
     mse_step(model, opt, x, y)
     opt.freeze("dense/kernel", np.s_[2])  # (2, 0), (2, 1) moved before being frozen
@@ -134,7 +122,7 @@ def test_verify_frozen_callback_passes_under_fit_with_mask_changes():
     model, opt, _ = _half_frozen(keras.optimizers.AdamW(0.05, weight_decay=0.5), build=False)
     model.compile(opt, loss="mse")
     cb = V.VerifyFrozen()
-    x, y = _data()
+    x, y = small_data()
     model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[_Unfreeze(opt), cb])
     # epoch 0: 6 kernel + 2 bias; epochs 1, 2: kernel unfrozen, 2 bias; train end: 2 bias
     assert cb.checked == 8 + 2 + 2 + 2
@@ -144,7 +132,7 @@ def test_verify_frozen_callback_passes_under_fit_with_mask_changes():
 def test_verify_frozen_callback_raises_on_tampering():
     model, opt, _ = _half_frozen()
     model.compile(opt, loss="mse")
-    x, y = _data()
+    x, y = small_data()
     with pytest.raises(V.FrozenWeightsChangedError, match=r"'sequential/dense/kernel': 1 of 6"):
         model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[_Tamper(), V.VerifyFrozen()])
 
@@ -154,7 +142,7 @@ def test_verify_frozen_callback_unwraps_loss_scale_optimizer():
     lso = keras.optimizers.LossScaleOptimizer(opt)
     model.compile(lso, loss="mse")
     cb = V.VerifyFrozen()
-    x, y = _data()
+    x, y = small_data()
     with pytest.raises(V.FrozenWeightsChangedError, match="dense/kernel"):
         model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[_Tamper(), cb])
 
@@ -168,7 +156,7 @@ def test_verify_frozen_between_batches_from_a_callback_holding_only_the_optimize
     checked = []
     cb = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: checked.append(V.verify_frozen(opt, ref)))
-    x, y = _data()
+    x, y = small_data()
     model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[cb])
     assert checked == [int((~mask).sum()) + 2] * 4
     assert masked_opt.mask_summary(opt).frozen == int((~mask).sum()) + 2
