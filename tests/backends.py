@@ -257,3 +257,15 @@ def slot(optimizer, at, name: str):
     the variable or its position in build order."""
     index = at if isinstance(at, int) else optimizer._get_variable_index(at)
     return {"momentum": optimizer._momentums, "velocity": optimizer._velocities}[name][index]
+
+
+def pack_masks_from(monkeypatch, size: int) -> None:
+    """Masks of at least `size` elements get a bit-packed copy for this test
+    (the threshold lives in the active backend's module)."""
+    from masked_opt._backend import common
+
+    import masked_opt._backend as dispatcher
+
+    for module in {common, dispatcher._impl}:
+        if hasattr(module, "PACK_MIN_SIZE"):
+            monkeypatch.setattr(module, "PACK_MIN_SIZE", size)

@@ -361,10 +361,9 @@ def _packed_run(pack: bool, monkeypatch):
     """3 compiled AdamW steps (XLA; torch.compile on torch) on a (256, 512)
     kernel with a random element mask (large enough for a bit-packed copy), a
     freeze between steps 2 and 3, which compiles nothing new."""
-    from backends import CompiledStep, IS_TORCH, tensor, to_numpy
-    from masked_opt import _backend
+    from backends import IS_TORCH, CompiledStep, pack_masks_from, tensor, to_numpy
 
-    monkeypatch.setattr(_backend._impl if IS_TORCH else _backend.common, "PACK_MIN_SIZE", 1 << 12 if pack else 1 << 40)
+    pack_masks_from(monkeypatch, 1 << 12 if pack else 1 << 40)
     rng = np.random.default_rng(0)
     kernel = keras.Variable(rng.standard_normal((256, 512)).astype("float32"), name="k")
     mask = rng.random((256, 512)) < 0.5

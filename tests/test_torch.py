@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras
-from backends import to_numpy, torch_only
+from backends import pack_masks_from, to_numpy, torch_only
 from masked_opt import MaskedOptimizer
 
 pytestmark = torch_only
@@ -59,10 +59,8 @@ def _compiled_fit(masked: bool):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bool-mask", "bit-packed-mask"])
 def test_torch_compile_adds_no_graph_break_or_recompile(packed, monkeypatch):
-    from masked_opt import _backend
-
     # A compiled step reads the bit-packed copy of a mask that has one.
-    monkeypatch.setattr(_backend._impl, "PACK_MIN_SIZE", 1 if packed else 1 << 40)
+    pack_masks_from(monkeypatch, 1 if packed else 1 << 40)
     _, _, bare = _compiled_fit(masked=False)
     model, start, masked = _compiled_fit(masked=True)
     assert model.optimizer.inspect().variable("d1/kernel").packed_mask == packed
