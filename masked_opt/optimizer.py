@@ -154,8 +154,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
         grads, trainable_variables = _whole.leave_out(self._table, self._owner, self.inner_optimizer, grads,
                                                       trainable_variables)
-        bare = self._table.identity or not self._table.handled(grads, trainable_variables, False)  # e.g. all left out
-        if self._compile.wants_xla(grads, bare):
+        if self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
+                self.jit_compile is True or self._table.handled(grads, trainable_variables, False)):
             key = tuple(self._key(v) for v in trainable_variables)
             self._compile.run_xla(self._update, grads, trainable_variables, key)
         else:
