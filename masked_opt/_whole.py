@@ -48,7 +48,36 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     keep = sorted(set(range(len(grads))) - set(at))
     if not any(grads[i] is not None for i in keep):
         return grads, variables  # nothing else to update: the masked path keeps the step count
+    if _backend.runs_eagerly(grads[at[0]]):
+        skip_in_backward(table, owner, inner, variables)
     return [grads[i] for i in keep], [variables[i] for i in keep]
+
+
+class _Frozen:
+    """The wholly frozen ones of a step's variables while another of them
+    trains (else none: a backward pass needs something to differentiate)."""
+
+    def __init__(self, table: VariableTable, variables: list):
+        self._table, self._variables = table, list(variables)
+        self._seen: Any = None
+        self._frozen: list = []
+
+    def __call__(self) -> list:
+        if self._seen is not self._table.wholly_frozen:
+            self._seen = self._table.wholly_frozen
+            key = self._table.key
+            self._frozen = [v for v in self._variables if key(v) in self._seen]
+            if len(self._frozen) == sum(v.trainable for v in self._variables):
+                self._frozen = []
+        return self._frozen
+
+
+def skip_in_backward(table: VariableTable, owner: Owner, inner: Any, variables: list) -> None:
+    """Has the owner's eager trainer (torch) leave the wholly frozen variables
+    out of autograd from its next step on; called at build (so the first step
+    saves too) and from a step that finds some."""
+    if table.wholly_frozen and not _inner.uses_ema(inner) and len(_inner.leaf_optimizers(inner)) == 1:
+        _backend.skip_in_backward(owner.model(), _Frozen(table, variables))
 
 
 def trained(table: VariableTable, variables: list) -> list:

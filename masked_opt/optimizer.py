@@ -111,6 +111,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         inner_variables = self._layout.inner_variables(var_list, self._table)
         _inner.build(self.inner_optimizer, inner_variables, compact=self.compact_state)
         self._layout.after_inner_build(self._table)
+        _whole.skip_in_backward(self._table, self._owner, self.inner_optimizer, var_list)
         if self._table.multiplied():
             _inner.check_multiplier_support(self.inner_optimizer, var_list)
         super().build(var_list)

@@ -56,9 +56,10 @@ class EditAt(keras.callbacks.Callback):
 def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
     """Trains with the substitution on or off; returns weights, optimizer
     variables, the frozen kernel after each batch, and the trace counts."""
-    original = _whole.leave_out
+    original, original_skip = _whole.leave_out, _whole.skip_in_backward
     if not zeroing:
         _whole.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
+        _whole.skip_in_backward = lambda table, owner, inner, variables: None
     try:
         model, optimizer = model_and_optimizer(masks, inner)
         x, y = regression_data(64, 16, 8)
@@ -72,7 +73,7 @@ def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
         return ([to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables], kernels,
                 callbacks[0].traces if edit_at is not None else None, model)
     finally:
-        _whole.leave_out = original
+        _whole.leave_out, _whole.skip_in_backward = original, original_skip
 
 
 def bits(x):
@@ -316,6 +317,36 @@ def jax_step(model, optimizer, chosen, run=True):
             v.assign(value)
 
     return apply if run else (step, state)
+
+
+@pytest.mark.skipif(not IS_TORCH, reason="torch's eager autograd; XLA and graph pruning: the tests above")
+@pytest.mark.parametrize("train_step", ["keras", "custom"])
+def test_torch_fit_computes_no_gradient_of_a_wholly_frozen_layer_from_the_first_step(train_step):
+    # Keras's own train_step runs with the frozen kernel out of autograd (what
+    # `trainable = False` gives): its gradient hook never fires, the trained
+    # layer's does, and every `requires_grad` is back after each step. A custom
+    # train_step may read every gradient: left as it is.
+    class Custom(keras.Model):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+    if train_step == "custom":
+        model = Custom(model.inputs, model.outputs)
+    model.compile(optimizer=MaskedOptimizer(keras.optimizers.Adam(1e-2), masks={"a": False}), loss="mse")
+    calls = {"a": 0, "b": 0}
+    for name in calls:
+        model.get_layer(name).kernel.value.register_hook(lambda g, name=name: calls.__setitem__(name, calls[name] + 1))
+    x, y = regression_data(24, 16, 8)
+    before = to_numpy(model.get_layer("a").kernel)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert calls == ({"a": 0, "b": 3} if train_step == "keras" else {"a": 3, "b": 3})
+    assert all(v.value.requires_grad for v in model.trainable_variables)
+    assert np.array_equal(to_numpy(model.get_layer("a").kernel), before)
+    model.optimizer.set_mask("a", True)  # the next step differentiates it again
+    model.train_on_batch(x[:8], y[:8])
+    assert calls["a"] == (1 if train_step == "keras" else 4)
+    assert not np.array_equal(to_numpy(model.get_layer("a").kernel), before)
 
 
 def test_trained_variables_leaves_out_the_wholly_frozen_variables_in_order():

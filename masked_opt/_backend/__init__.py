@@ -60,6 +60,7 @@ INTERFACE = (
     "restore_frozen",
     "scatter_flat",
     "select",
+    "skip_in_backward",
     "snapshot",
     "squared_grad_sums",
     "step_mask",
@@ -105,6 +106,7 @@ packs_mask = _pick("packs_mask")
 restore_frozen = _pick("restore_frozen")
 scatter_flat = _pick("scatter_flat")
 select = _pick("select")
+skip_in_backward = _pick("skip_in_backward")
 snapshot = _pick("snapshot")
 squared_grad_sums = _pick("squared_grad_sums")
 step_mask = _pick("step_mask")

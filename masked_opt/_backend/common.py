@@ -111,6 +111,12 @@ def no_autograph(fn: Callable) -> Callable:
     return fn
 
 
+def skip_in_backward(model: Any, frozen: Callable[[], list]) -> None:
+    """Lets `model`'s trainer skip the gradients of the variables `frozen()`
+    returns in its backward pass: nothing to do where the trainer's step is
+    traced (XLA and TensorFlow's graph pruning drop a gradient nobody reads)."""
+
+
 def check_jit_compile(jit_compile: Any, hint: str = "Drop the argument.") -> None:
     """Refuses `jit_compile=True` off TensorFlow; `hint` says how to compile there."""
     if jit_compile is True:

@@ -40,6 +40,37 @@ def counts_in_trace(x: Any) -> bool:
     return not is_compiling(x)
 
 
+def skip_in_backward(model: Any, frozen: Callable[[], list]) -> None:
+    """Wraps `model.train_function` (Keras's own `train_step` only: a custom
+    one may read every gradient) so that each step runs with the parameters
+    of the variables `frozen()` returns out of autograd, restored after the
+    step: torch computes no gradient for them and no backward through what
+    only they need, as with `trainable=False`, and their gradients reach the
+    optimizer as None. `make_train_function(force=True)` (a recompile, a
+    retrace) drops the wrapper; the next step installs it again."""
+    if model is None or getattr(model, "jit_compile", False) or getattr(model, "steps_per_execution", 1) != 1:
+        return  # torch.compile traces the step: left as it is
+    if getattr(type(model), "train_step", None) is not keras.Model.train_step:
+        return
+    model.make_train_function()  # at build: the function `fit` calls next
+    function = model.train_function
+    if getattr(function, "skips_frozen", False):
+        return
+
+    def train_function(data: Any) -> Any:
+        params = [v.value for v in frozen() if v.value.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return function(data)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    train_function.skips_frozen = True
+    model.train_function = train_function
+
+
 # Eager masking is integer arithmetic on the same-width integer view of the
 # floats: torch's CPU `where` is a scalar loop (~2 ns per element, 20x an
 # `add`), while multiplying the bits by the mask as 0/1 integers and XOR are
