@@ -64,3 +64,15 @@ def multiplied_items(target, mask, m, old, ema=None, old_ema=None, momentum=None
         average = ops.add(ops.multiply(momentum, old_ema), ops.multiply(ops.subtract(1, momentum), stored))
         items.append((ema, keep, _backend.select(moving, average, old)))
     return items
+
+
+def multiplied_only(inner: Any, variable: keras.Variable, multiplier: keras.Variable):
+    """(snapshot, restore items after the step) of a variable with a multiplier
+    and no mask, the same in both layouts."""
+    old = _backend.snapshot(variable)
+    ema = ema_before(inner, variable)
+
+    def items() -> list[tuple]:
+        return multiplied_items(variable, None, multiplier.value, old, *ema)
+
+    return items

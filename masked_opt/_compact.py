@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import StateLayout, multiplied_only, reset_slots
+from masked_opt._layout import StateLayout, reset_slots
 from masked_opt._table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
@@ -204,7 +204,7 @@ class CompactLayout(StateLayout):
         dense, pending = [], []
         for i, entry in handled:
             if entry.compact is None:  # a multiplier only: the variable keeps dense state
-                dense.append(multiplied_only(self.inner, variables[i], entry.multiplier))
+                dense.append(_blend.multiplied_only(self.inner, variables[i], entry.multiplier))
                 continue
             c = entry.compact
             grads[i], old, valid = self.gather(c, variables[i], grads[i])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import StateLayout, multiplied_only
+from masked_opt._layout import StateLayout
 from masked_opt._table import Entry, VariableTable
 from masked_opt.registry import MASKS
 
@@ -56,7 +56,7 @@ class DenseLayout(StateLayout):
         for i, entry in handled:
             variable = variables[i]
             if entry.mask is None:
-                pending.append(multiplied_only(self.inner, variable, entry.multiplier))
+                pending.append(_blend.multiplied_only(self.inner, variable, entry.multiplier))
                 continue
             mask = self._mask_tensor(entry, grads[i])
             if entry.multiplier is None:

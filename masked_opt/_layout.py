@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _blend, _inner
+from masked_opt import _inner
 from masked_opt._table import Entry, VariableTable
 
 AddState = Callable[..., keras.Variable]
@@ -116,15 +116,3 @@ def reset_slots(inner: Any, reference: keras.Variable, variable: keras.Variable,
         values = np.array(read(slot, variable.path)).reshape(-1)
         values[at] = np.asarray(fresh[suffix]).reshape(-1)
         slot.assign(values.reshape(tuple(slot.shape)))
-
-
-def multiplied_only(inner: Any, variable: keras.Variable, multiplier: keras.Variable):
-    """(snapshot, restore items after the step) of a variable with a multiplier
-    and no mask, the same in both layouts."""
-    old = _backend.snapshot(variable)
-    ema = _blend.ema_before(inner, variable)
-
-    def items() -> list[tuple]:
-        return _blend.multiplied_items(variable, None, multiplier.value, old, *ema)
-
-    return items

@@ -84,3 +84,27 @@ class Owner:
                 )
             _backend.sync_model(model)
         return _backend.to_numpy(variable)
+
+
+def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
+    """`model.optimizer.iterations` as an int, read cheaply during `fit`.
+
+    Pass the model, or, in a callback, the callback itself (`current_step(self)`:
+    `self.model` would sync JAX's trainer state first). On JAX, while `fit`
+    holds the state (the variables detached), the value is read from the
+    trainer's optimizer state without reattaching the model: syncing on every
+    batch would cost a pass over every variable per step. Elsewhere, and if
+    that state cannot be read, it is the variable's value (after a sync on JAX).
+    """
+    if isinstance(model, keras.callbacks.Callback):
+        model = _backend.unsynced_model(model)
+    optimizer = model.optimizer
+    variables = list(optimizer.variables)
+    # The step counter: before Keras 3.9 a LossScaleOptimizer's own
+    # `iterations` never moves (3.9 made it its inner optimizer's).
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    step = _backend.step_while_detached(model, optimizer, variables)
+    if step is not None:
+        return step
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))

@@ -29,9 +29,16 @@ import numpy as np
 from masked_opt import _backend, _compat
 from masked_opt._table import VariableTable
 from masked_opt.keys import match_key
-from masked_opt.registry import MASKS, Quantity, Registry
+from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry
 
 META_KEY = "masked_opt_meta"
+
+
+def config_key(quantity: Quantity) -> str:
+    """The config key of a quantity's entries ("mask_entries", "multiplier_entries")."""
+    return f"{quantity.noun}_entries"
+
+
 SPEC_KEYS = {"masks": "masked_opt_spec_{}", "multipliers": "masked_opt_multiplier_spec_{}"}
 """Arrays given before build, saved by an optimizer saved before it was built."""
 
@@ -133,7 +140,7 @@ def bind_config_specs(
         for i in hits:
             capacities[key(variables[i])] = value.capacity
         targets[value.entry] = [key(variables[i]) for i in hits]
-    registry.specs = specs
+    registry.bind_saved(specs)
     return targets, capacities, unset
 
 
@@ -348,3 +355,73 @@ def _mask_differences(saved: list, own: list) -> list[str]:
                 f"this optimizer {'no mask' if mine is None else mine}"
             )
     return lines
+
+
+# ------------------------------------------------------------ the owner
+
+
+class Saving:
+    """What one `MaskedOptimizer` saves and loads: its config (entries of
+    masks and multipliers, rebuilt into its registries), its weights-file
+    state (saved by position with the record) and the decisions of a load.
+    Entries rebuilt from a config are bound to variables at build by
+    `bind_config_specs`; only the registries write their specs."""
+
+    def __init__(self, table: VariableTable, values: Any, layout: Any, inner: Any):
+        self.table, self.values, self.layout, self.inner = table, values, layout, inner
+
+    @staticmethod
+    def pop_config_entries(kwargs: dict) -> dict[Quantity, list]:
+        """The specs of a saved config's entries, taken out of the
+        constructor's `kwargs`, by quantity (their values come with the weights)."""
+        return {q: specs_from_config(kwargs.pop(config_key(q), None) or [], q) for q in (MASKS, MULTIPLIERS)}
+
+    def config(self, name: str, jit_compile: Any, compact_state: bool, compact_capacity: Any, built: bool) -> dict:
+        masks, multipliers = (self.values.registry(q) for q in (MASKS, MULTIPLIERS))
+        config = {
+            "name": name,
+            "inner_optimizer": inner_config(self.inner),
+            config_key(MASKS): entries(self.table, masks, built),
+            "jit_compile": jit_compile,
+        }
+        multiplier_entries = entries(self.table, multipliers, built)
+        if multiplier_entries:
+            config[config_key(MULTIPLIERS)] = multiplier_entries
+        if compact_state:
+            config["compact_state"] = True
+            config["compact_capacity"] = compact_capacity
+        return config
+
+    @staticmethod
+    def constructor_arguments(config: dict, custom_objects: Any) -> tuple[Any, dict]:
+        """(inner optimizer, keyword arguments) that rebuild a saved optimizer."""
+        config = dict(config)
+        if "jit_compile" in config:
+            config["jit_compile"] = _backend.jit_compile_from_config(config["jit_compile"], config.get("name"))
+        return inner_from_config(config.pop("inner_optimizer"), custom_objects), config
+
+    def save(self, store: Any, variables: list, built: bool, name: str) -> None:
+        variables = saved_variables(self.table, variables)
+        record = meta(self.table, built, len(variables))
+        save_state(store, variables, record, list(self.values.registries.values()), name)
+
+    def load(self, store: Any, variables: list, built: bool, built_paths: list[str], name: str) -> None:
+        """Loads a file saved by `save`: refuses one whose masks differ, warns
+        and skips where an unbuilt optimizer meets a built file, binds the
+        arrays of a file saved before build."""
+        try:
+            record = read_record(store, name)
+            if not (record.get("built", True) and built):
+                skip_next_load(self.inner)
+                if record.get("built", True):  # a built file cannot fill an unbuilt optimizer
+                    return warn_unbuilt(name)
+                return self.values.load_unbuilt(store)  # arrays given before build, by config entry
+            variables = saved_variables(self.table, variables)
+            own = meta(self.table, built, len(variables))
+            load_variables(store, variables, record, own, built_paths, name)
+        except ValueError:
+            skip_next_load(self.inner)
+            raise
+        self.layout.after_load(self.table)
+        self.table.unset = []
+        self.values.refresh_identity()

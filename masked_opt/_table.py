@@ -17,7 +17,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend
 
 
 @dataclass(eq=False)
@@ -126,14 +125,15 @@ class VariableTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def handled(self, grads: list, variables: list, bare_at_identity: bool) -> list[tuple[int, Entry]]:
+    def handled(self, grads: list, variables: list, bare_at_identity: Callable[[Any], bool]) -> list[tuple[int, Entry]]:
         """(position, entry) of each variable with a gradient that has an entry;
-        none when nothing is frozen or scaled and the layout's update is then
-        the bare one (`bare_at_identity`), in an update that runs eagerly (where
-        the host-side `identity` flag may decide; a trace would bake it in)."""
-        if bare_at_identity and self.identity:
+        none when nothing is frozen or scaled and `bare_at_identity(a
+        gradient)` says the update is then the bare one (the layout's bare
+        update, in a step that runs eagerly: a trace would bake the host-side
+        `identity` flag in)."""
+        if self.identity:
             first = next((g for g in grads if g is not None), None)
-            if first is not None and _backend.runs_eagerly(first):
+            if first is not None and bare_at_identity(first):
                 return []
         out = []
         for i, (grad, variable) in enumerate(zip(grads, variables)):

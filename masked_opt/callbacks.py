@@ -40,8 +40,8 @@ import numpy as np
 
 import keras
 
-from masked_opt import _backend
-from masked_opt.optimizer import MaskedOptimizer
+from masked_opt._owner import current_step
+from masked_opt.optimizer import MaskedOptimizer, masked_optimizer
 from masked_opt.keys import Key, check_key, describe_key, match_key
 from masked_opt.registry import MaskValue
 
@@ -52,62 +52,6 @@ MaskUpdateFn = Callable[[keras.Model, MaskedOptimizer, int], Union[Mapping[Key, 
 
 Group = Union[keras.layers.Layer, Key, Sequence[Union[keras.layers.Layer, Key]]]
 """A layer, a variable key, or a list of those, unfrozen together."""
-
-
-def masked_optimizer(model: keras.Model, *, build: bool = True) -> MaskedOptimizer:
-    """The `MaskedOptimizer` a compiled model trains with.
-
-    Unwraps a `LossScaleOptimizer` (`mixed_float16`). With `build=True`, an
-    optimizer that is not built yet is built on `model.trainable_variables`
-    (eagerly), so masks can be read and changed before the first step.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    outer = optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    if not isinstance(optimizer, MaskedOptimizer):
-        got = "no optimizer (not compiled)" if optimizer is None else type(optimizer).__name__
-        raise TypeError(
-            f"Model '{model.name}' must be compiled with a MaskedOptimizer to change "
-            f"masks while training; its optimizer is {got}. Compile with e.g. "
-            "`model.compile(optimizer=masked_opt.MaskedOptimizer("
-            "keras.optimizers.Adam(1e-3), masks={...}), ...)`."
-        )
-    if build and not optimizer.built:
-        variables = model.trainable_variables
-        if not variables:
-            raise ValueError(
-                f"Model '{model.name}' has no variables yet, so its MaskedOptimizer "
-                "cannot be built before the first step. Build the model first: "
-                "start it with `keras.Input(shape)` or call `model.build(input_shape)`."
-            )
-        with keras.name_scope(outer.name, caller=outer):
-            outer.build(variables)
-    return optimizer
-
-
-def current_step(model: keras.Model | keras.callbacks.Callback) -> int:
-    """`model.optimizer.iterations` as an int, read cheaply during `fit`.
-
-    Pass the model, or, in a callback, the callback itself (`current_step(self)`:
-    `self.model` would sync JAX's trainer state first). On JAX, while `fit`
-    holds the state (the variables detached), the value is read from the
-    trainer's optimizer state without reattaching the model: syncing on every
-    batch would cost a pass over every variable per step. Elsewhere, and if
-    that state cannot be read, it is the variable's value (after a sync on JAX).
-    """
-    if isinstance(model, keras.callbacks.Callback):
-        model = _backend.unsynced_model(model)
-    optimizer = model.optimizer
-    variables = list(optimizer.variables)
-    # The step counter: before Keras 3.9 a LossScaleOptimizer's own
-    # `iterations` never moves (3.9 made it its inner optimizer's).
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    step = _backend.step_while_detached(model, optimizer, variables)
-    if step is not None:
-        return step
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
 def _positive_int(value: Any, name: str) -> int:

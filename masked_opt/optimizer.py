@@ -71,19 +71,17 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         name: str | None = None,
         **kwargs: Any,
     ):
-        saved = {q: kwargs.pop(f"{q.noun}_entries", None) or [] for q in (MASKS, MULTIPLIERS)}
+        saved = _saving.Saving.pop_config_entries(kwargs)  # a saved config's (values: from the weights)
         _compact.check_arguments(compact_state, compact_capacity)
         compilation = _xla.Compilation(jit_compile)
         _inner.check_wrapper_kwargs(kwargs)
         inner = _inner.resolve(inner_optimizer, MaskedOptimizer)
-        registries = [Registry(MASKS, masks), Registry(MULTIPLIERS, multipliers)]
+        registries = [Registry(MASKS, masks, saved[MASKS]), Registry(MULTIPLIERS, multipliers, saved[MULTIPLIERS])]
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
         self.jit_compile = jit_compile
         self.compact_state = compact_state
         self.compact_capacity = compact_capacity
-        for registry in registries:  # entries of a saved config: values come with the weights
-            registry.specs += _saving.specs_from_config(saved[registry.quantity], registry.quantity)
         # Host-side state: plain objects, which no attribute tracking touches.
         self._table = VariableTable(self._key)
         self._compile = compilation
@@ -93,6 +91,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         else:
             self._layout = DenseLayout(inner, self._add_state, self._owner.read)
         self._values = Values(self._table, self._layout, self._owner, *registries)
+        self._saving = _saving.Saving(self._table, self._values, self._layout, inner)
 
     def _key(self, variable: Any) -> Any:
         return _compat.var_key(self, variable)
@@ -117,9 +116,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
 
     def _add_state(self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True):
-        """An optimizer variable holding `value`, named after `variable`, given its
-        value by the initializer (an `assign` in a build traced by `fit` can be
-        lost); `sharded`: laid out like its variable under keras.distribution."""
+        """A variable holding `value` from its initializer (an `assign` in a build traced by `fit` can
+        be lost), named after `variable`; `sharded`: laid out like it under keras.distribution."""
         value = np.asarray(value)
         layout = _backend.mask_layout(variable, value.shape) if sharded else None
         return self.add_variable(
@@ -156,7 +154,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         grads, trainable_variables = _whole.leave_out(self._table, self._owner, self.inner_optimizer, grads,
                                                       trainable_variables)
         if self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
-                self.jit_compile is True or self._table.handled(grads, trainable_variables, False)):
+                self.jit_compile is True or self._table.handled(grads, trainable_variables, lambda g: False)):
             key = tuple(self._key(v) for v in trainable_variables)
             self._compile.run_xla(self._update, grads, trainable_variables, key)
         else:
@@ -165,7 +163,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:
         self._compile.record(grads)
-        handled = self._table.handled(grads, variables, self._layout.bare_at_identity)
+        handled = self._table.handled(grads, variables, lambda g: self._layout.bare_at_identity and _backend.runs_eagerly(g))
         if handled:
             self._layout.step(grads, variables, handled, self._table.identity)
         else:
@@ -306,55 +304,57 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        # The base implementation runs `apply` in a StatelessScope, in which
-        # masks are read from `optimizer_variables` (never baked in).
+        # The base runs `apply` in a StatelessScope: masks are read from `optimizer_variables`.
         self._owner.find(self)
         return super().stateless_apply(optimizer_variables, grads, trainable_variables)
 
     # ----------------------------------------------------------------- saving
 
     def get_config(self) -> dict:
-        config = {
-            "name": self.name,
-            "inner_optimizer": _saving.inner_config(self.inner_optimizer),
-            "mask_entries": _saving.entries(self._table, self._values.registry(MASKS), self.built),
-            "jit_compile": self.jit_compile,
-        }
-        multipliers = _saving.entries(self._table, self._values.registry(MULTIPLIERS), self.built)
-        if multipliers:
-            config["multiplier_entries"] = multipliers
-        if self.compact_state:
-            config["compact_state"] = True
-            config["compact_capacity"] = self.compact_capacity
-        return config
+        return self._saving.config(self.name, self.jit_compile, self.compact_state, self.compact_capacity, self.built)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        if "jit_compile" in config:
-            config["jit_compile"] = _backend.jit_compile_from_config(config["jit_compile"], config.get("name"))
-        inner = _saving.inner_from_config(config.pop("inner_optimizer"), custom_objects)
-        return cls(inner, **config)
+        inner, kwargs = _saving.Saving.constructor_arguments(config, custom_objects)
+        return cls(inner, **kwargs)
 
     def save_own_variables(self, store):
-        variables = _saving.saved_variables(self._table, self.variables)
-        record = _saving.meta(self._table, self.built, len(variables))
-        _saving.save_state(store, variables, record, list(self._values.registries.values()), self.name)
+        self._saving.save(store, self.variables, self.built, self.name)
 
     def load_own_variables(self, store):
-        try:
-            record = _saving.read_record(store, self.name)
-            if not (record.get("built", True) and self.built):
-                _saving.skip_next_load(self.inner_optimizer)
-                if record.get("built", True):  # a built file cannot fill an unbuilt optimizer
-                    return _saving.warn_unbuilt(self.name)
-                return self._values.load_unbuilt(store)  # arrays given before build, by config entry
-            variables = _saving.saved_variables(self._table, self.variables)
-            own = _saving.meta(self._table, self.built, len(variables))
-            _saving.load_variables(store, variables, record, own, [v.path for v in self.built_variables], self.name)
-        except ValueError:
-            _saving.skip_next_load(self.inner_optimizer)
-            raise
-        self._layout.after_load(self._table)
-        self._table.unset = []
-        self._values.refresh_identity()
+        self._saving.load(store, self.variables, self.built, [v.path for v in self.built_variables], self.name)
+
+
+def unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> MaskedOptimizer:
+    """The MaskedOptimizer itself or the one a LossScaleOptimizer wraps; `require_built`: built."""
+    inner = optimizer.inner_optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else optimizer
+    if not isinstance(inner, MaskedOptimizer):
+        raise TypeError(f"`{caller}` needs a MaskedOptimizer (or a LossScaleOptimizer wrapping one). Received: {type(optimizer).__name__}.")
+    if require_built and not inner.built:
+        raise ValueError(f"`{caller}`: optimizer '{inner.name}' is not built yet, so its masks are not resolved "
+                         "against variables. Build it first with `optimizer.build(model.trainable_variables)`, "
+                         "or call `model.fit` (which builds it).")
+    return inner
+
+
+def masked_optimizer(model: keras.Model, *, build: bool = True) -> MaskedOptimizer:
+    """The `MaskedOptimizer` a compiled model trains with (unwrapping a `LossScaleOptimizer`); with
+    `build=True` built on `model.trainable_variables` if it is not yet, so masks can be read and
+    changed before the first step."""
+    outer = getattr(model, "optimizer", None)
+    try:
+        optimizer = unwrap(outer, caller="masked_optimizer", require_built=False)
+    except TypeError:
+        got = "no optimizer (not compiled)" if outer is None else type(outer).__name__
+        raise TypeError(
+            f"Model '{model.name}' must be compiled with a MaskedOptimizer to change masks while training; its "
+            f"optimizer is {got}. Compile with e.g. `model.compile(optimizer=masked_opt.MaskedOptimizer("
+            "keras.optimizers.Adam(1e-3), masks={...}), ...)`.") from None
+    if build and not optimizer.built:
+        if not model.trainable_variables:
+            raise ValueError(f"Model '{model.name}' has no variables yet, so its MaskedOptimizer cannot be built "
+                             "before the first step. Build the model first: start it with `keras.Input(shape)` or "
+                             "call `model.build(input_shape)`.")
+        with keras.name_scope(outer.name, caller=outer):
+            outer.build(model.trainable_variables)
+    return optimizer

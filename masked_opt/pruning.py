@@ -31,9 +31,9 @@ import numpy as np
 
 import keras
 
-from masked_opt.callbacks import current_step, masked_optimizer
+from masked_opt._owner import current_step
 from masked_opt._ranking import count
-from masked_opt.optimizer import MaskedOptimizer
+from masked_opt.optimizer import MaskedOptimizer, masked_optimizer
 from masked_opt.keys import Key, check_key, match_key
 
 __all__ = [

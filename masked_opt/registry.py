@@ -318,17 +318,29 @@ class Registry:
     """The values of one quantity given before build (`masks=`, and calls such
     as `set_mask` made before build), resolved against variables at build."""
 
-    def __init__(self, quantity: Quantity, spec: Mapping[Key, Any] | Sequence | None):
+    def __init__(self, quantity: Quantity, spec: Mapping[Key, Any] | Sequence | None, saved: Sequence = ()):
         self.quantity = quantity
         q = quantity
         items = keyed_items(spec, q.argument, "a path string, a layer or a variable", q.noun)
-        self.specs: list[tuple[Key, Any]] = []
+        self._specs: list[tuple[Key, Any]] = []
         for key, value in items:
             check_key(key, argument=q.argument)
             if not callable(value):
                 value = q.validate(value, what=f"{q.argument}[{describe_key(key)}]")
-            self.specs.append((key, value))
+            self._specs.append((key, value))
+        self._specs += list(saved)  # a saved config's entries (`_saving`): values come with the weights
         self.ops: list[Op] = []
+
+    @property
+    def specs(self) -> list[tuple[Key, Any]]:
+        """(key, value) pairs given before build, in order."""
+        return list(self._specs)
+
+    def bind_saved(self, specs: list[tuple[Key, Any]]) -> None:
+        """Replaces the specs by their binding at build (`_saving.bind_config_specs`)."""
+        if len(specs) != len(self._specs):
+            raise AssertionError("a binding keeps one spec per entry")
+        self._specs = list(specs)
 
     def record(self, kind: str, key: Key, payload: Any) -> None:
         """Records a call (`set_mask`, `freeze`, `set_multiplier`, ...) made before build."""

@@ -40,8 +40,9 @@ import numpy as np
 
 from masked_opt import _backend, _inner
 from masked_opt._compact import ELEMENTWISE
-from masked_opt.callbacks import current_step, masked_optimizer
+from masked_opt._owner import current_step
 from masked_opt.fisher import resolve_loss
+from masked_opt.optimizer import masked_optimizer
 from masked_opt.keys import Key, match_key
 
 __all__ = ["RigL", "SET", "SpIEL", "layer_densities"]

@@ -28,7 +28,7 @@ import numpy as np
 
 import keras
 
-from masked_opt.optimizer import MaskedOptimizer
+from masked_opt.optimizer import MaskedOptimizer, unwrap
 
 __all__ = [
     "MaskRow",
@@ -40,26 +40,6 @@ __all__ = [
 ]
 
 PLOT_EXTRA_HINT = 'pip install "masked_opt[plot]"'
-
-
-def unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> MaskedOptimizer:
-    """The MaskedOptimizer itself, or the one a LossScaleOptimizer wraps."""
-    inner = optimizer
-    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
-        inner = inner.inner_optimizer
-    if not isinstance(inner, MaskedOptimizer):
-        raise TypeError(
-            f"`{caller}` needs a MaskedOptimizer (or a LossScaleOptimizer "
-            f"wrapping one). Received: {type(optimizer).__name__}."
-        )
-    if require_built and not inner.built:
-        raise ValueError(
-            f"`{caller}`: optimizer '{inner.name}' is not built yet, so its "
-            "masks are not resolved against variables. Build it first with "
-            "`optimizer.build(model.trainable_variables)`, or call `model.fit` "
-            "(which builds it)."
-        )
-    return inner
 
 
 def _built_variables(optimizer: MaskedOptimizer) -> list[keras.Variable]:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from masked_opt.optimizer import MaskedOptimizer
-from masked_opt.summary import unwrap
+from masked_opt.optimizer import MaskedOptimizer, unwrap
 
 __all__ = ["FrozenSnapshot", "FrozenWeightsChangedError", "VerifyFrozen", "snapshot_frozen", "verify_frozen"]
 

@@ -139,13 +139,24 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _module_level(body: list) -> list:
+    """Module-level statements, with the branches of module-level `if`s (the
+    backend choice), but not `if TYPE_CHECKING:`."""
+    out = []
+    for node in body:
+        out.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.dump(node.test):
+            out += _module_level(node.body + node.orelse)
+    return out
+
+
 def _package_imports() -> dict[str, set[str]]:
     """masked_opt module -> the masked_opt modules it imports at module level."""
     names = {_module_name(p) for p in MODULES}
     graph = {}
     for path in MODULES:
         deps = set()
-        for node in _tree(path).body:  # module level only: lazy imports inside functions are fine
+        for node in _module_level(_tree(path).body):  # lazy imports inside functions are fine
             if isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name in names)
             elif isinstance(node, ast.ImportFrom) and node.module in names:
@@ -181,3 +192,41 @@ def test_imports_point_one_way():
 def test_package_modules_never_import_the_package_root():
     offenders = [m for m, deps in _package_imports().items() if m != "masked_opt" and "masked_opt" in deps]
     assert not offenders, offenders
+
+
+MAX_IMPORT_FLOORS = 9  # issue 27: 11 before
+
+
+def test_the_import_graph_is_at_most_9_floors_deep():
+    # A floor is a module on the longest chain of module-level imports, the
+    # package root included (masked_opt -> summary -> optimizer -> ... -> _compat).
+    graph = _package_imports()
+    longest: dict[str, list[str]] = {}
+
+    def chain(module):
+        if module not in longest:
+            below = [chain(d) for d in graph.get(module, ()) if d != "masked_opt"]
+            longest[module] = [module] + max(below, key=len, default=[])
+        return longest[module]
+
+    deepest = chain("masked_opt")
+    assert len(deepest) <= MAX_IMPORT_FLOORS, " -> ".join(deepest)
+    assert all(len(chain(m)) < len(deepest) for m in graph if m != "masked_opt")
+
+
+def test_only_the_registry_writes_its_specs_and_config_keys_are_built_once():
+    # Saving has one owner (`_saving.Saving`); a registry's specs change only
+    # through its own methods, and the config keys of the entries are spelled
+    # by `_saving.config_key` alone.
+    writes, literals = [], []
+    for path in MODULES:
+        for node in ast.walk(_tree(path)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in ("specs", "_specs") and path.name != "registry.py":
+                    writes.append(f"{_name(path)}:{node.lineno}")
+            if isinstance(node, ast.Constant) and node.value in ("mask_entries", "multiplier_entries"):
+                literals.append(f"{_name(path)}:{node.lineno}")
+    assert not writes, writes
+    assert not literals, literals
