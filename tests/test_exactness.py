@@ -676,14 +676,18 @@ def _big_variables() -> list[keras.Variable]:
     return _scoped_variables(BIG_PATHS, BIG_SHAPES, seed=10)
 
 
+def _big_masked(opt_id: str, masks: list) -> tuple[list[keras.Variable], MaskedOptimizer]:
+    """The realistic-size variables and their MaskedOptimizer (weight decay moves every element)."""
+    variables = _big_variables()
+    return variables, MaskedOptimizer(OPTIMIZERS[opt_id](weight_decay=0.05), list(zip(variables, masks)))
+
+
 @pytest.mark.parametrize("opt_id", OPT_IDS)
 def test_frozen_exact_and_the_oracle_at_realistic_sizes(opt_id):
     masks, full, grads = _big_setup()
-    kwargs = {"weight_decay": 0.05}  # moves every element
-    variables = _big_variables()
-    opt = MaskedOptimizer(OPTIMIZERS[opt_id](**kwargs), list(zip(variables, masks)))
+    variables, opt = _big_masked(opt_id, masks)
     oracle_vars = _big_variables()
-    oracle = OPTIMIZERS[opt_id](**kwargs)
+    oracle = OPTIMIZERS[opt_id](weight_decay=0.05)
     oracle.build(oracle_vars)
     start = [to_numpy(v) for v in variables]
     for g in grads:
@@ -705,8 +709,7 @@ def test_frozen_exact_and_the_oracle_at_realistic_sizes(opt_id):
 @pytest.mark.parametrize("opt_id", OPT_IDS)
 def test_frozen_exact_in_a_compiled_step_at_realistic_sizes(opt_id):
     masks, full, grads = _big_setup()
-    variables = _big_variables()
-    opt = MaskedOptimizer(OPTIMIZERS[opt_id](weight_decay=0.05), list(zip(variables, masks)))
+    variables, opt = _big_masked(opt_id, masks)
     step = CompiledStep(opt, variables)
     start = [to_numpy(v) for v in variables]
     for g in grads:
