@@ -26,6 +26,7 @@ from masked_opt import _backend
 class Owner:
     def __init__(self) -> None:
         self._ref: Any = None
+        self.rewrap: Any = None  # re-installs a train-function wrapper after a rebuild (`_whole`)
 
     def find(self, optimizer: Any) -> None:
         """Remembers the calling model of `optimizer` (trace time only)."""
@@ -66,6 +67,8 @@ class Owner:
         model = self.model()
         if model is not None and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
+            if self.rewrap is not None:
+                self.rewrap()
 
     def non_trainable_variables(self) -> list:
         return list(getattr(self.model(), "non_trainable_variables", []) or [])

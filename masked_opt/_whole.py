@@ -75,9 +75,14 @@ class _Frozen:
 def skip_in_backward(table: VariableTable, owner: Owner, inner: Any, variables: list) -> None:
     """Has the owner's eager trainer (torch) leave the wholly frozen variables
     out of autograd from its next step on; called at build (so the first step
-    saves too) and from a step that finds some."""
-    if table.wholly_frozen and not _inner.uses_ema(inner) and len(_inner.leaf_optimizers(inner)) == 1:
-        _backend.skip_in_backward(owner.model(), _Frozen(table, variables))
+    saves too), from an eager step that finds some, and after every rebuild
+    of the train function (`Owner.rewrap`)."""
+    if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
+        return
+    frozen = _Frozen(table, variables)
+    owner.rewrap = lambda: _backend.skip_in_backward(owner.model(), frozen)  # after each retrace too
+    if table.wholly_frozen:
+        owner.rewrap()
 
 
 def trained(table: VariableTable, variables: list) -> list:
