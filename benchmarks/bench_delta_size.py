@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import keras
 import numpy as np
 
+import harness
 from masked_opt import SparseDelta
 from masked_opt._delta_file import encode_positions
 
@@ -64,22 +64,23 @@ def main() -> None:
     base = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}: MobileNetV2 (weights=None, 96x96), "
           f"{len(base.weights)} weights, {base.count_params():,} parameters")
-    print("| density | variables | changed elements | v1 bytes | v2 bytes | v2 / v1 | v2 B/element | v2 header B/variable | v1 overhead B/variable | save s | load s | apply s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["density", "variables", "changed elements", "v1 bytes", "v2 bytes", "v2 / v1", "v2 B/element",
+         "v2 header B/variable", "v1 overhead B/variable", "save s", "load s", "apply s"], "lrrrrrrrrrrr")))
     with tempfile.TemporaryDirectory() as tmp:
         for density in (float(d) for d in args.densities.split(",")):
             delta = SparseDelta.from_models(base, tuned_copy(base, density, seed=0))
             v1, v2 = os.path.join(tmp, "v1.npz"), os.path.join(tmp, "v2.npz")
             write_version_1(delta, v1)
-            start = time.perf_counter()
+            elapsed = harness.stopwatch()
             delta.save(v2)
-            saved = time.perf_counter() - start
-            start = time.perf_counter()
+            saved = elapsed()[0]
+            elapsed = harness.stopwatch()
             loaded = SparseDelta.load(v2)
-            load_s = time.perf_counter() - start
-            start = time.perf_counter()
+            load_s = elapsed()[0]
+            elapsed = harness.stopwatch()
             loaded.apply(base)
-            apply_s = time.perf_counter() - start
+            apply_s = elapsed()[0]
             loaded.revert(base)
             with np.load(v2) as data:
                 header_bytes = data["header"].size

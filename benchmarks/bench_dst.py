@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import harness  # noqa: E402
 from masked_opt import SET, MaskedOptimizer, RigL  # noqa: E402
 
 
@@ -62,9 +62,9 @@ def run(kind: str, seed: int, epochs: int, sparsity: float, train, test) -> tupl
     optimizer = inner if masks is None else MaskedOptimizer(inner, masks=masks, compact_state=True)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    start = time.perf_counter()
+    elapsed = harness.stopwatch()
     model.fit(*train, batch_size=32, epochs=epochs, verbose=0, callbacks=callbacks, shuffle=True)
-    seconds = time.perf_counter() - start
+    seconds = elapsed()[0]
     if masks is not None:  # the target density holds after training
         kernels = [v for v in model.trainable_variables if len(v.shape) == 2]
         active = sum(int(optimizer.get_mask(v).sum()) for v in kernels)
@@ -92,11 +92,12 @@ def main() -> None:
     print(f"\n- keras {keras.__version__}, backend {keras.backend.backend()}, python {platform.python_version()}")
     print(f"- command: `python benchmarks/bench_dst.py --seeds {args.seeds} --epochs {args.epochs} "
           f"--sparsity {args.sparsity}`\n")
-    print("| network | kernel density | test accuracy, mean ± std | seeds | elements moved per run | fit time (s, median) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["network", "kernel density", "test accuracy, mean ± std", "seeds", "elements moved per run",
+         "fit time (s, median)"], "lrrrrr")))
     for kind in kinds:
         acc = np.array([r[0] for r in results[kind]])
-        secs = np.median([r[1] for r in results[kind]])
+        secs = harness.median([r[1] for r in results[kind]])
         moved = int(np.median([r[2] for r in results[kind]]))
         density = "100 %" if kind == "dense" else f"{100 * (1 - args.sparsity):.0f} %"
         print(f"| {kind} | {density} | {acc.mean():.4f} ± {acc.std():.4f} | {len(acc)} | {moved:,} | {secs:.1f} |")

@@ -16,7 +16,8 @@ Variants, all with AdamW:
   ``MaskedOptimizer(..., jit_compile=False)`` / ``jit_compile=True`` instead of
   the default ``"auto"`` (e.g. ``--variants bare,whole,whole:nojit``).
 
-Each measurement runs in a fresh subprocess (no tracing cache shared between
+Each measurement runs in a fresh subprocess (this script with ``--child``,
+through ``harness.run_child``; no tracing cache shared between
 variants); variants are interleaved over rounds and the medians reported with
 the ratio to bare, and the median of the ratios paired within each round (on a
 shared machine whose speed drifts between rounds, the steadier figure).
@@ -30,66 +31,58 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import statistics
-import subprocess
 import sys
+import time
+
+import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Conv2D kernels (not the depthwise ones) outside the last block and the head.
 FROZEN_KEY = r"(?!block_16_)(Conv1|expanded_conv_project|block_\d+_(expand|project))/kernel"
 
-_CHILD = r"""
-import json, os, sys, time
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-t_import = time.perf_counter()
-import numpy as np, keras
-from masked_opt import MaskedOptimizer
-variant, key = sys.argv[1], sys.argv[2]
-t0, c0 = time.perf_counter(), time.process_time()
-keras.utils.set_random_seed(0)
-model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
-inner = keras.optimizers.AdamW(1e-3)
-kind, _, jit = variant.partition(":")
-jit = {"": "auto", "xla": True, "nojit": False}[jit]
-if kind == "bare":
-    opt = inner
-elif kind == "whole":
-    opt = MaskedOptimizer(inner, {key: False}, jit_compile=jit)
-elif kind == "columns":
-    opt = MaskedOptimizer(inner, {key: lambda v: (np.arange(v.shape[-1]) % 2 == 0).reshape(
-        (1,) * (len(v.shape) - 1) + (-1,))}, jit_compile=jit)
-else:
-    rng = np.random.default_rng(0)
-    opt = MaskedOptimizer(inner, {key: lambda v: rng.random(tuple(v.shape)) < 0.5}, jit_compile=jit)
-model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-rng = np.random.default_rng(1)
-x = rng.random((32, 64, 64, 3), dtype=np.float32)
-y = rng.integers(0, 10, 32)
-model.train_on_batch(x, y)
-first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-steps = []
-for _ in range(5):
-    t = time.perf_counter()
+
+def child(variant: str, key: str) -> dict:
+    """One measurement, in this (fresh) process."""
+    t_import = time.perf_counter()
+    import keras
+    import numpy as np
+
+    from masked_opt import MaskedOptimizer
+
+    t0 = time.perf_counter()
+    elapsed = harness.stopwatch()
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+    inner = keras.optimizers.AdamW(1e-3)
+    kind, _, jit = variant.partition(":")
+    jit = {"": "auto", "xla": True, "nojit": False}[jit]
+    if kind == "bare":
+        opt = inner
+    elif kind == "whole":
+        opt = MaskedOptimizer(inner, {key: False}, jit_compile=jit)
+    elif kind == "columns":
+        opt = MaskedOptimizer(inner, {key: lambda v: (np.arange(v.shape[-1]) % 2 == 0).reshape(
+            (1,) * (len(v.shape) - 1) + (-1,))}, jit_compile=jit)
+    else:
+        rng = np.random.default_rng(0)
+        opt = MaskedOptimizer(inner, {key: lambda v: rng.random(tuple(v.shape)) < 0.5}, jit_compile=jit)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(1)
+    x = rng.random((32, 64, 64, 3), dtype=np.float32)
+    y = rng.integers(0, 10, 32)
     model.train_on_batch(x, y)
-    steps.append(time.perf_counter() - t)
-masked = len(opt.masked_variables) if kind != "bare" else 0
-print(json.dumps({"first": first, "first_cpu": first_cpu, "step": sorted(steps)[2], "masked": masked,
-                  "import": t0 - t_import}))
-"""
+    first, first_cpu = elapsed()
+    steps = harness.time_steps(lambda: model.train_on_batch(x, y), 5)
+    masked = len(opt.masked_variables) if kind != "bare" else 0
+    return {"first": first, "first_cpu": first_cpu, "step": harness.median(steps.wall), "masked": masked,
+            "import": t0 - t_import}
 
 
 def measure(variant: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, variant, FROZEN_KEY],
-        capture_output=True, text=True, env=dict(os.environ),
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return harness.run_child([os.path.abspath(__file__), "--child", variant, FROZEN_KEY], what=variant)
 
 
 def paired(ms: list[dict], bare: list[dict] | None) -> str:
@@ -97,38 +90,39 @@ def paired(ms: list[dict], bare: list[dict] | None) -> str:
     round*: the machine's drift between rounds cancels out."""
     if not bare:
         return "n/a"
-    ratios = sorted(m["first_cpu"] / b["first_cpu"] for m, b in zip(ms, bare))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return f"**{statistics.median(ratios):.2f}** ({q[0]:.2f}-{q[2]:.2f})"
+    return harness.ratio_cell([m["first_cpu"] for m in ms], [b["first_cpu"] for b in bare], method="exclusive")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="bare,whole,columns,element")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        harness.emit(child(*args.child))
+        return
     variants = [v.strip() for v in args.variants.split(",")]
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    rng = random.Random(0)
+    rng = random.Random(0)  # each measurement is a process of its own: rounds interleaved here
     for r in range(args.rounds):
         order = variants[:]
         rng.shuffle(order)
         for v in order:
             results[v].append(measure(v))
             print(f"  round {r + 1}: {v} {results[v][-1]}", file=sys.stderr, flush=True)
-    print(f"- backend: {backend}; command: `KERAS_BACKEND={backend} python "
-          f"benchmarks/bench_first_step.py {' '.join(sys.argv[1:])}`")
+    print(f"- backend: {backend}; command: `{harness.command(__file__, backend)}`")
     print(f"- load average at end: {os.getloadavg()}\n")
-    print("| variant | masked variables | time to first step (s) | ratio vs bare "
-          "| CPU time to first step (s) | CPU ratio vs bare | paired CPU ratio (IQR) | steady step (ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    bare = statistics.median(m["first"] for m in results["bare"]) if "bare" in results else None
-    bare_cpu = statistics.median(m["first_cpu"] for m in results["bare"]) if "bare" in results else None
+    print("\n".join(harness.table(
+        ["variant", "masked variables", "time to first step (s)", "ratio vs bare", "CPU time to first step (s)",
+         "CPU ratio vs bare", "paired CPU ratio (IQR)", "steady step (ms)"], "lrrrrrrr")))
+    bare = harness.median(m["first"] for m in results["bare"]) if "bare" in results else None
+    bare_cpu = harness.median(m["first_cpu"] for m in results["bare"]) if "bare" in results else None
     for v, ms in results.items():
-        first = statistics.median(m["first"] for m in ms)
-        first_cpu = statistics.median(m["first_cpu"] for m in ms)
-        step = statistics.median(m["step"] for m in ms) * 1e3
+        first = harness.median(m["first"] for m in ms)
+        first_cpu = harness.median(m["first_cpu"] for m in ms)
+        step = harness.median(m["step"] for m in ms) * 1e3
         ratio = f"**{first / bare:.2f}**" if bare else "n/a"
         cpu_ratio = f"**{first_cpu / bare_cpu:.2f}**" if bare_cpu else "n/a"
         print(f"| {v} | {ms[0]['masked']} | {first:.1f} | {ratio} | {first_cpu:.1f} | {cpu_ratio} "

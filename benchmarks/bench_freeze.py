@@ -41,13 +41,10 @@ for the masked update).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+import harness
 
 VARIANTS = ("trainable=False", "masks", "masks+compact", "masks+BN trainable=False", "full")
 KINDS = ("elements", "rows", "columns", "whole", "mixed")
@@ -135,29 +132,19 @@ def measure(variant: str, steps: int, warmup: int, kind: str = "mobilenet") -> d
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    times = harness.time_steps(lambda: model.train_on_batch(x, y), steps, warmup).wall
     moved = sum(not np.array_equal(b[f], keras.ops.convert_to_numpy(v.value)[f]) for b, (v, f) in zip(frozen_before, watch))
     return {
         "variant": variant, "backend": keras.backend.backend(), "step": statistics.median(times), "first": first,
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "frozen_moved": moved,
+        "rss_mib": harness.peak_rss_mib(), "frozen_moved": moved,
     }
 
 
 def run_child(backend: str, variant: str, steps: int, warmup: int, kind: str) -> dict:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup), "--model", kind],
-        env=env, capture_output=True, text=True, check=False,
+    return harness.run_child(
+        [__file__, "--child", variant, "--steps", str(steps), "--warmup", str(warmup), "--model", kind],
+        {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}, what=f"{backend} / {variant}",
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{backend} / {variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -172,7 +159,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.model)), flush=True)
+        harness.emit(measure(args.child, args.steps, args.warmup, args.model))
         return
     names, baseline = (MATRIX, "full") if args.matrix else (VARIANTS, "trainable=False")
     variants = list(names) if args.variants is None else [v for v in args.variants.split(",")]
@@ -181,8 +168,9 @@ def main() -> None:
     print(f"{what}; "
           f"{args.rounds} rounds, {args.steps} timed steps after {args.warmup}; ratios to {baseline} "
           "in the same round (median over rounds)\n")
-    print("| backend | variant | step | first step | peak RSS | step s | first s | RSS MiB | frozen moved |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["backend", "variant", "step", "first step", "peak RSS", "step s", "first s", "RSS MiB", "frozen moved"],
+        "llrrrrrrr")))
     for backend in args.backends.split(","):
         rows: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):

@@ -33,11 +33,11 @@ timings so they do not count in the peak. Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
+
+import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -45,17 +45,6 @@ VARIANTS = ("full", "lora", "dense", "compact", "compact-all")
 CONFIG = dict(vocabulary_size=32000, num_layers=6, num_query_heads=8, num_key_value_heads=1,
               hidden_dim=512, intermediate_dim=8192, head_dim=64)
 BATCH, SEQ = 4, 128
-
-
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(variant: str, steps: int, rank: int) -> dict:
@@ -99,17 +88,12 @@ def child(variant: str, steps: int, rank: int) -> dict:
     tokens = rng.integers(0, CONFIG["vocabulary_size"], (BATCH, SEQ + 1)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((BATCH, SEQ), bool)}
     y = tokens[:, 1:]
-    rss_before = _current_rss_mb()
+    rss_before = harness.rss_mib()
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
-    walls, cpus = [], []
-    for _ in range(steps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        model.train_on_batch(x, y)
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    peak = _rss_mb()
+    timed = harness.time_steps(lambda: model.train_on_batch(x, y), steps)
+    peak = harness.peak_rss_mib()
     xla = {}
     if keras.backend.backend() == "jax":  # the compiled step's buffers, from XLA itself
         import jax
@@ -123,7 +107,7 @@ def child(variant: str, steps: int, rank: int) -> dict:
         **xla,
         "variant": variant, "backend": keras.backend.backend(), "parameters": total,
         "trainable_variables_elements": trainable, "trained_elements": trainable_elements,
-        "first_step_s": first, "step_s": float(np.median(walls)), "step_cpu_s": float(np.median(cpus)),
+        "first_step_s": first, "step_s": float(np.median(timed.wall)), "step_cpu_s": float(np.median(timed.cpu)),
         "rss_before_mb": rss_before, "peak_rss_mb": peak,
         "optimizer_variables_mb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                                       for v in model.optimizer.variables) / 2**20,
@@ -139,28 +123,25 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps, args.rank)))
+        harness.emit(child(args.child, args.steps, args.rank))
         return
     rows = []
     for backend in args.backends.split(","):
         for variant in args.variants.split(","):
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)],
-                env=env, capture_output=True, text=True,
-            )
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{backend} {variant} failed (exit {out.returncode})")
-            rows.append(json.loads(line[0][7:]))
+            try:
+                rows.append(harness.run_child(
+                    [os.path.abspath(__file__), "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)],
+                    {"KERAS_BACKEND": backend}))
+            except harness.ChildFailed as e:
+                print(e.stdout[-2000:], e.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{backend} {variant} failed (exit {e.returncode})") from None
             print(f"  {backend} {variant}: {rows[-1]}", flush=True)
     print(f"\n- command: `python benchmarks/bench_lora.py --backends {args.backends} --steps {args.steps} "
           f"--rank {args.rank}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
-    print("| backend | variant | trained elements | first step (s) | vs LoRA | step wall (s) | vs LoRA | "
-          "step CPU (s) | vs LoRA | peak RSS (MB) | vs LoRA | RSS before step 1 (MB) | optimizer variables (MB) | "
-          "XLA temp buffers (MB, JAX) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["backend", "variant", "trained elements", "first step (s)", "vs LoRA", "step wall (s)", "vs LoRA",
+         "step CPU (s)", "vs LoRA", "peak RSS (MB)", "vs LoRA", "RSS before step 1 (MB)", "optimizer variables (MB)",
+         "XLA temp buffers (MB, JAX)"], "llrrrrrrrrrrrr")))
     for r in rows:
         lora = next((q for q in rows if q["backend"] == r["backend"] and q["variant"] == "lora"), r)
         print(

@@ -18,7 +18,8 @@ Two parts:
 * ``rss``: peak resident memory of a fresh process (``ru_maxrss``) that
   builds a 4096 x 4096 Dense kernel, trains it for 3 steps with Adam and
   exits: bare vs masked dense vs masked compact at 1 % density (`--density`). Each variant
-  runs in its own subprocess; the backend's import cost is the same for all.
+  runs in its own subprocess (``--child``, ``harness.run_child``); the backend's import cost
+  is the same for all.
 
 Usage::
 
@@ -29,10 +30,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+
+import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -87,55 +87,40 @@ def bytes_part(size: int = 2048) -> list[str]:
     return rows
 
 
-_RSS_CHILD = r"""
-import json, os, resource, sys
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import numpy as np, keras
-from masked_opt import MaskedOptimizer
-variant, size, density = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-rng = np.random.default_rng(0)
-k = keras.Variable(rng.standard_normal((size, size), dtype=np.float32), name="k")
-mask = rng.random((size, size)) < density
-inner = keras.optimizers.Adam(1e-3)
-opt = {"bare": lambda: inner,
-       "dense": lambda: MaskedOptimizer(inner, {"k": mask}),
-       "compact": lambda: MaskedOptimizer(inner, {"k": mask}, compact_state=True)}[variant]()
-del mask
-g = keras.ops.convert_to_tensor(rng.standard_normal((size, size), dtype=np.float32))
-for _ in range(3):
-    opt.apply([g], [k])
-float(keras.ops.convert_to_numpy(keras.ops.sum(k.value)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_kib": peak, "after_import_kib": base}))
-"""
+def rss_child(variant: str, size: int, density: float) -> dict:
+    """One variant's process: builds, takes 3 Adam steps; its peak RSS."""
+    import keras
+    import numpy as np
+
+    from masked_opt import MaskedOptimizer
+
+    base = harness.peak_rss_mib()
+    rng = np.random.default_rng(0)
+    k = keras.Variable(rng.standard_normal((size, size), dtype=np.float32), name="k")
+    masks = {"k": rng.random((size, size)) < density}
+    inner = keras.optimizers.Adam(1e-3)
+    opt = inner if variant == "bare" else MaskedOptimizer(inner, masks, compact_state=variant == "compact")
+    del masks
+    g = keras.ops.convert_to_tensor(rng.standard_normal((size, size), dtype=np.float32))
+    for _ in range(3):
+        opt.apply([g], [k])
+    float(keras.ops.convert_to_numpy(keras.ops.sum(k.value)))
+    return {"peak_mib": harness.peak_rss_mib(), "after_import_mib": base}
 
 
 def rss_part(size: int = 4096, density: float = 0.01) -> list[str]:
-    rows = [
-        "| variant | peak RSS | peak RSS minus bare |",
-        "|---|---:|---:|",
-    ]
     peaks = {}
     for variant in ("bare", "dense", "compact"):
-        out = subprocess.run(
-            [sys.executable, "-c", _RSS_CHILD, variant, str(size), str(density)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=dict(os.environ),
-        ).stdout.strip().splitlines()[-1]
-        peaks[variant] = json.loads(out)["peak_kib"] / 1024
-    for variant, mib in peaks.items():
-        rows.append(f"| {variant} | {mib:,.0f} MiB | {mib - peaks['bare']:+,.0f} MiB |")
-    return rows
+        peaks[variant] = harness.run_child(
+            [os.path.abspath(__file__), "--child", variant, str(size), str(density)], what=f"rss {variant}"
+        )["peak_mib"]
+    return harness.table(
+        ["variant", "peak RSS", "peak RSS minus bare"], "lrr",
+        [(variant, f"{mib:,.0f} MiB", f"{mib - peaks['bare']:+,.0f} MiB") for variant, mib in peaks.items()],
+    )
 
 
 def speed_part(size: int = 4096, density: float = 0.01, rounds: int = 7, steps: int = 5) -> list[str]:
-    import random
-    import statistics
-    import time
-
     import keras
     import numpy as np
 
@@ -158,20 +143,12 @@ def speed_part(size: int = 4096, density: float = 0.01, rounds: int = 7, steps: 
         runners[name] = _compiled_step(backend, opt, k, grad)
         for _ in range(2):
             runners[name](1)
-    times = {n: [] for n in runners}
-    order = list(runners)
-    for _ in range(rounds):
-        random.shuffle(order)
-        for n in order:
-            t = time.perf_counter()
-            runners[n](steps)
-            times[n].append((time.perf_counter() - t) / steps)
-    bare = statistics.median(times["bare"])
-    rows = ["| variant | ms/step | ratio vs bare |", "|---|---:|---:|"]
-    for n, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(f"| {n} | {med * 1e3:.1f} | **{med / bare:.2f}** |")
-    return rows
+    # Interleaved rounds, an unseeded order; wall time, the ratio of the medians.
+    samples = harness.time_rounds(runners, rounds, steps, seed=None, progress=False)
+    bare = harness.median(samples["bare"].wall)
+    meds = {n: harness.median(s.wall) for n, s in samples.items()}
+    return harness.table(["variant", "ms/step", "ratio vs bare"], "lrr",
+                         [(n, f"{med * 1e3:.1f}", f"**{med / bare:.2f}**") for n, med in meds.items()])
 
 
 def _compiled_step(backend, opt, k, grad):
@@ -213,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="bytes,speed,rss")
     p.add_argument("--density", type=float, default=0.01, help="trainable fraction, speed and rss parts")
+    p.add_argument("--child", nargs=3, metavar=("VARIANT", "SIZE", "DENSITY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        variant, size, density = args.child
+        harness.emit(rss_child(variant, int(size), float(density)))
+        return
     import keras
 
     parts = [s.strip() for s in args.parts.split(",")]
     print(f"- backend: {keras.backend.backend()}, keras {keras.__version__}")
-    print(f"- command: `KERAS_BACKEND={keras.backend.backend()} python benchmarks/bench_memory.py {' '.join(sys.argv[1:])}`")
+    print(f"- command: `{harness.command(__file__, keras.backend.backend())}`")
     if "bytes" in parts:
         print("\n### Optimizer variable bytes, one 2048 x 2048 kernel, Adam\n")
         print("\n".join(bytes_part()))

@@ -18,7 +18,8 @@ For each part, inner optimizer (SGD, which applies IndexedSlices by scatter,
 and Adam, which densifies them itself) and variant (the bare optimizer, or
 `MaskedOptimizer` around it), one fresh subprocess builds the embedding and the
 optimizer, traces the step (`tf.function`), runs warm-up steps, resets the
-peak-RSS counter (Linux `/proc/self/clear_refs`), then times `--steps` steps.
+peak-RSS counter (Linux `/proc/self/clear_refs`), then times `--steps` steps
+(``harness.time_steps``; the process is this script, run by ``harness.run_child``).
 Columns:
 
 * ``ms/step``: median wall time of one step;
@@ -39,45 +40,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import time
+
+import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ops(graph):
-    """Every op of a traced graph, those inside `cond`/`while` branches included."""
-    for op in graph.get_operations():
-        yield op
-        for attr in ("then_branch", "else_branch", "body", "cond"):
-            try:
-                name = op.get_attr(attr).name
-            except (ValueError, AttributeError):
-                continue
-            function = graph._get_function(name)
-            if function is not None:
-                yield from _ops(function.graph)
 
 
 def run_one(
@@ -88,6 +56,7 @@ def run_one(
 
     import keras
     from masked_opt import MaskedOptimizer
+    from workloads import graph_ops
 
     keras.utils.set_random_seed(0)
     emb = keras.layers.Embedding(vocab, dim, embeddings_initializer="zeros", name="emb")
@@ -131,25 +100,20 @@ def run_one(
     graph = step.get_concrete_function(*batches[0]).graph
     full = sum(
         1
-        for op in _ops(graph)
+        for op in graph_ops(graph)
         for out in op.outputs
         if out.dtype.is_floating and out.shape.as_list() == [vocab, dim]
     )
     for batch in batches[:3]:  # warm-up
         step(*batch)
-    rss_before = _rss_kib("VmRSS")
-    reset = _reset_peak_rss()
-    wall, cpu = [], []
-    for batch in batches[3:]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(*batch)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    peak = _rss_kib("VmHWM") if reset else -1
+    rss_before = harness.rss_mib()
+    reset = harness.reset_peak_rss()
+    timed_batches = iter(batches[3:])
+    timed = harness.time_steps(lambda: step(*next(timed_batches)), steps)
     return {
-        "ms": 1e3 * statistics.median(wall),
-        "cpu_ms": 1e3 * statistics.median(cpu),
-        "peak_mb": (peak - rss_before) / 1024 if reset else float("nan"),
+        "ms": 1e3 * statistics.median(timed.wall),
+        "cpu_ms": 1e3 * statistics.median(timed.cpu),
+        "peak_mb": harness.peak_rss_since_reset_mib() - rss_before if reset else float("nan"),
         "dense_full": full,
     }
 
@@ -164,8 +128,7 @@ def main() -> None:
     parser.add_argument("--one", nargs=3, metavar=("PART", "OPTIMIZER", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = run_one(*args.one, args.vocab, args.dim, args.rows, args.steps)
-        print("RESULT " + json.dumps(result))
+        harness.emit(run_one(*args.one, args.vocab, args.dim, args.rows, args.steps))
         return
     size_mb = args.vocab * args.dim * 4 / 2**20
     print(
@@ -181,16 +144,15 @@ def main() -> None:
     for part in args.parts:
         for optimizer in ("sgd", "adam"):
             for variant in ("bare", "masked"):
-                cmd = [sys.executable, __file__, "--one", part, optimizer, variant]
+                cmd = [os.path.abspath(__file__), "--one", part, optimizer, variant]
                 cmd += ["--vocab", str(args.vocab), "--dim", str(args.dim)]
                 cmd += ["--rows", str(args.rows), "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 label = f"{part:<6} {optimizer:<9} {variant:<7}"
-                if not lines:
-                    print(f"{label} failed:\n{out.stderr[-2000:]}")
+                try:
+                    r = harness.run_child(cmd)
+                except harness.ChildFailed as e:
+                    print(f"{label} failed:\n{e.stderr[-2000:]}")
                     continue
-                r = json.loads(lines[-1][len("RESULT ") :])
                 print(
                     f"{label} {r['ms']:>9.1f} {r['cpu_ms']:>9.1f} {r['peak_mb']:>8.0f} "
                     f"{r['dense_full']:>12d}",

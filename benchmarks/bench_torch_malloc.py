@@ -21,13 +21,11 @@ each round's pair.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
+
+import harness
 
 ENVIRONMENTS = {
     "glibc defaults": {},
@@ -47,10 +45,9 @@ def child(part: str, inner_name: str, kind: str, steps: int, warmup: int) -> dic
     """One optimizer alone in this process: per-step CPU ms and page faults of
     the optimizer step alone (`opt`) or of `train_on_batch` (`full`)."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
     import torch
-    from bench_step import OPT_SHAPES, _short, build_mlp, full_step_batch, make_masks, opt_variables
+    from workloads import OPT_SHAPES, build_mlp, full_step_batch, make_masks, opt_variables, short_path
 
     from masked_opt import MaskedOptimizer
 
@@ -70,34 +67,26 @@ def child(part: str, inner_name: str, kind: str, steps: int, warmup: int) -> dic
     else:
         x, y = full_step_batch()
         model = build_mlp(False)
-        shapes = {_short(v.path): tuple(v.shape) for v in model.trainable_variables}
+        shapes = {short_path(v.path): tuple(v.shape) for v in model.trainable_variables}
         model.compile(optimizer=optimizer(shapes), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
         def step():
             model.train_on_batch(x, y)
 
-    for _ in range(warmup):
-        step()
-    cpu, faults = [], []
-    for _ in range(steps):
-        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
-        step()
-        cpu.append((time.process_time() - t0) * 1e3)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return {"cpu_ms": statistics.median(cpu), "faults": statistics.median(faults)}
+    timed = harness.time_steps(step, steps, warmup)
+    return {"cpu_ms": statistics.median(c * 1e3 for c in timed.cpu), "faults": statistics.median(timed.faults)}
 
 
 def run_child(part: str, inner: str, kind: str, env_name: str, steps: int, warmup: int) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": "torch", **ENVIRONMENTS[env_name]}
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, inner, kind, str(steps), str(warmup)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env = {"KERAS_BACKEND": "torch", **ENVIRONMENTS[env_name]}
+    cmd = [os.path.abspath(__file__), "--child", part, inner, kind, str(steps), str(warmup)]
+    return harness.run_child(cmd, env)
 
 
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         part, inner, kind, steps, warmup = sys.argv[2:5] + [int(a) for a in sys.argv[5:7]]
-        print(json.dumps(child(part, inner, kind, steps, warmup)))
+        harness.emit(child(part, inner, kind, steps, warmup))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -123,11 +112,11 @@ def report(part: str, args: argparse.Namespace) -> None:
     what = {"opt": "optimizer step alone, 7.3 M parameters (`bench_step.py --parts opt`)",
             "full": "`train_on_batch`, MLP 784-1024-1024-10, batch 256 (`bench_step.py --parts full`)"}[part]
     print(f"## Eager torch, {what}: the allocator (one optimizer per process)\n")
-    print(f"- command: `KERAS_BACKEND=torch python benchmarks/bench_torch_malloc.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"- command: `{harness.command(__file__, 'torch')}`".rstrip())
     print(f"- rounds={args.rounds}, steps per process={args.steps} (after {args.warmup} warm-up)")
     print(f"- {os.cpu_count()} CPUs; load average at end {os.getloadavg()}\n")
-    print("| inner | allocator | variant | CPU ms/step | minor faults/step | masked / bare (per round) |")
-    print("|---|---|---|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["inner", "allocator", "variant", "CPU ms/step", "minor faults/step", "masked / bare (per round)"], "lllrrr")))
     for inner in inners:
         for env_name in ENVIRONMENTS:
             bare = results[(inner, env_name, "bare")]
@@ -137,8 +126,8 @@ def report(part: str, args: argparse.Namespace) -> None:
                 faults = statistics.median(r["faults"] for r in runs)
                 ratio = ""
                 if kind == "masked":
-                    ratios = sorted(m["cpu_ms"] / b["cpu_ms"] for m, b in zip(runs, bare))
-                    ratio = f"**{statistics.median(ratios):.1f}** ({ratios[0]:.1f}-{ratios[-1]:.1f})"
+                    ratio = harness.ratio_cell([m["cpu_ms"] for m in runs], [b["cpu_ms"] for b in bare],
+                                               digits=1, spread="range")
                 print(f"| {inner} | {env_name} | {kind} | {cpu:.1f} | {faults:,.0f} | {ratio} |")
     print()
 

@@ -16,12 +16,12 @@ pays on the same state.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import numpy as np
 import torch
+
+import harness
 
 
 def inputs(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -44,12 +44,14 @@ def ops() -> dict[str, object]:
     }
 
 
-def time_once(fn, x, calls: int) -> tuple[float, float]:
-    """Wall and process CPU seconds per call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        fn(x)
-    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+def runner(fn, x):
+    """run(k): `fn(x)` k times."""
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            fn(x)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,25 +61,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=1 << 20)
     args = p.parse_args(argv)
     xs, fns = inputs(args.size), ops()
-    cases = [(op, kind) for op in fns for kind in xs]
-    for op, kind in cases:  # warm-up
-        time_once(fns[op], xs[kind], 2)
-    samples: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in cases}
-    for _ in range(args.rounds):
-        random.shuffle(cases)
-        for op, kind in cases:
-            samples[(op, kind)].append(time_once(fns[op], xs[kind], args.calls))
+    runners = {(op, kind): runner(fns[op], xs[kind]) for op in fns for kind in xs}
+    for run in runners.values():  # warm-up
+        run(2)
+    # Interleaved rounds in an unseeded order: wall and CPU seconds per call.
+    samples = harness.time_rounds(runners, args.rounds, args.calls, seed=None, progress=False)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}, {args.size:,} float32 elements, {args.rounds} rounds\n")
     print("Wall ms per call, CPU ms per call in brackets, and the ratio of CPU time to normal values.\n")
-    print("| op | " + " | ".join(xs) + " |")
-    print("|---|" + "---:|" * len(xs))
+    print("\n".join(harness.table(["op", *xs], "l" + "r" * len(xs))))
     for op in fns:
-        ref = statistics.median(c for _, c in samples[(op, "normal")])
+        ref = statistics.median(samples[(op, "normal")].cpu)
         cells = []
         for kind in xs:
-            wall = statistics.median(w for w, _ in samples[(op, kind)])
-            cpu = statistics.median(c for _, c in samples[(op, kind)])
+            wall = statistics.median(samples[(op, kind)].wall)
+            cpu = statistics.median(samples[(op, kind)].cpu)
             cells.append(f"{wall * 1e3:.3f} ({cpu * 1e3:.3f}) **{cpu / ref:.1f}x**")
         print(f"| {op} | " + " | ".join(cells) + " |")
 

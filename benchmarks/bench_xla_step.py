@@ -48,28 +48,23 @@ import argparse
 import contextlib
 import os
 import re
-import statistics
-import sys
 from unittest.mock import patch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (  # noqa: E402
+import harness  # noqa: E402
+from workloads import (  # noqa: E402
     BACKEND,
     INNERS,
     IS_JAX,
     IS_TF,
     OPT_SHAPES,
     FrozenCheck,
-    _ratio_cell,
-    environment,
     frozen_report,
     make_masks,
     opt_variables,
-    time_rounds,
     to_numpy,
 )
 
@@ -208,15 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hlo", action="store_true", help="JAX: print the fusion counts")
     args = p.parse_args(argv)
     print("## Environment\n")
-    for line in environment():
+    for line in harness.environment():
         print(f"- {line}")
-    print(f"- command: `KERAS_BACKEND={BACKEND} python benchmarks/bench_xla_step.py "
-          f"{' '.join(sys.argv[1:])}`")
+    print(f"- command: `{harness.command(__file__, BACKEND)}`")
     n = sum(int(np.prod(s)) for s in OPT_SHAPES.values())
     print(f"\n## Optimizer step under XLA ({BACKEND}), {n:,} parameters, 50 % kernel masks "
           "+ frozen biases\n")
-    print("| inner | variant | wall ms | wall vs bare XLA (IQR) | CPU ms | CPU vs bare XLA (IQR) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n".join(harness.table(
+        ["inner", "variant", "wall ms", "wall vs bare XLA (IQR)", "CPU ms", "CPU vs bare XLA (IQR)"], "llrrrr")))
     frozen, same_call = [], []
     for inner_name in [s.strip() for s in args.inners.split(",") if s.strip()]:
         runners, checks = {}, {}
@@ -224,19 +218,13 @@ def main(argv: list[str] | None = None) -> None:
             if name != "bare XLA" and not re.search(args.variants, name):
                 continue
             runners[name], checks[name] = _runner(inner_name, masked, ctx, args.warmup, name)
-        samples = time_rounds(runners, args.rounds, args.steps)
-        ref = samples["bare XLA"]
-        for name, s in samples.items():
-            print(
-                f"| {inner_name} | {name} | {statistics.median(s.wall) * 1e3:.2f} | "
-                f"{_ratio_cell(s.wall, ref.wall)} | {statistics.median(s.cpu) * 1e3:.2f} | "
-                f"{_ratio_cell(s.cpu, ref.cpu)} |"
-            )
+        samples = harness.time_rounds(runners, args.rounds, args.steps)
+        print("\n".join(harness.timing_rows(samples, "bare XLA", prefix=[inner_name], digits=2)))
         if "masked" in samples and BARE_NESTED in samples:
             same_call.append(
                 f"{inner_name}: masked vs {BARE_NESTED}: wall "
-                f"{_ratio_cell(samples['masked'].wall, samples[BARE_NESTED].wall)}, CPU "
-                f"{_ratio_cell(samples['masked'].cpu, samples[BARE_NESTED].cpu)}"
+                f"{harness.ratio_cell(samples['masked'].wall, samples[BARE_NESTED].wall)}, CPU "
+                f"{harness.ratio_cell(samples['masked'].cpu, samples[BARE_NESTED].cpu)}"
             )
         exact = {k: v for k, v in checks.items() if "not exact" not in k}
         frozen += [f"{inner_name}, {line}" for line in frozen_report(exact)]

@@ -20,7 +20,6 @@ import argparse
 import collections
 import os
 import re
-import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,8 +28,8 @@ import numpy as np  # noqa: E402
 
 import keras  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_step  # noqa: E402
+import harness  # noqa: E402
+import workloads  # noqa: E402
 from masked_opt import MaskedOptimizer  # noqa: E402
 
 VARIANTS = {"no masks": None, "all-True": "all_true", "1 frozen": "one_frozen", "50% + bias": "realistic"}
@@ -39,14 +38,14 @@ VARIANTS = {"no masks": None, "all-True": "all_true", "1 frozen": "one_frozen", 
 def compiled_step(variant: str | None, inner_name: str):
     import jax
 
-    model = bench_step.build_mlp(False)
-    inner = bench_step.INNERS[inner_name]()
+    model = workloads.build_mlp(False)
+    inner = workloads.INNERS[inner_name]()
     if variant == "bare":
         opt = inner
     else:
-        shapes = {bench_step._short(v.path): tuple(v.shape) for v in model.trainable_variables}
+        shapes = {workloads.short_path(v.path): tuple(v.shape) for v in model.trainable_variables}
         kind = VARIANTS[variant]
-        opt = MaskedOptimizer(inner) if kind is None else MaskedOptimizer(inner, bench_step.make_masks(kind, shapes))
+        opt = MaskedOptimizer(inner) if kind is None else MaskedOptimizer(inner, workloads.make_masks(kind, shapes))
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 784), dtype=np.float32)
@@ -64,14 +63,15 @@ def instructions(hlo: str) -> collections.Counter:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--inner", default="Adam", choices=list(bench_step.INNERS))
+    p.add_argument("--inner", default="Adam", choices=list(workloads.INNERS))
     p.add_argument("--dump", help="write each variant's optimized HLO text into this folder")
     args = p.parse_args(argv)
     if keras.backend.backend() != "jax":
         raise SystemExit("hlo_train_step.py reads XLA's programs of the JAX trainer: run with KERAS_BACKEND=jax")
     print(f"## JAX train step, MLP 784-1024-1024-10, batch 256, {args.inner}: the compiled programs\n")
-    print("| variant | flops | bytes accessed | ratio vs bare | temporaries (MB) | HLO instructions beyond bare |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("\n".join(harness.table(
+        ["variant", "flops", "bytes accessed", "ratio vs bare", "temporaries (MB)", "HLO instructions beyond bare"],
+        "lrrrrl")))
     bare = None
     for variant in ["bare", *VARIANTS]:
         compiled = compiled_step(variant, args.inner)

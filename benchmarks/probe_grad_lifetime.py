@@ -27,6 +27,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import numpy as np  # noqa: E402
 
 import keras  # noqa: E402
+
+import harness  # noqa: E402
 from masked_opt import MaskedOptimizer  # noqa: E402
 
 LAYERS, WIDTH, TOKENS, RANK = 8, 1024, 512, 8
@@ -78,8 +80,7 @@ def temporaries_mib(model) -> float:
 def main() -> None:
     kernel = WIDTH * WIDTH * 4 / 2**20
     print(f"{LAYERS} x Dense({WIDTH}) on {TOKENS} tokens, Adam; one kernel's gradient = {kernel:.0f} MiB\n")
-    print("| variant | XLA temporaries MiB | vs LoRA |")
-    print("|---|---:|---:|")
+    print("\n".join(harness.table(["variant", "XLA temporaries MiB", "vs LoRA"], "lrr")))
     lora = None
     for variant in VARIANTS:
         mib = temporaries_mib(build(variant))

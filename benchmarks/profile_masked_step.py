@@ -33,45 +33,22 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import statistics
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 from masked_opt import MaskedOptimizer, _backend  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (  # noqa: E402
-    INNERS,
-    OPT_SHAPES,
-    environment,
-    _ratio_cell,
-    make_masks,
-    time_rounds,
-)
-
-
-def _variables(rng: np.random.Generator) -> tuple[list[keras.Variable], list[tf.Tensor]]:
-    variables, grads = [], []
-    for path, shape in OPT_SHAPES.items():
-        layer, var = path.split("/")
-        with keras.name_scope(layer):
-            variables.append(
-                keras.Variable(rng.standard_normal(shape, dtype=np.float32) * 0.05, name=var)
-            )
-        grads.append(tf.constant(rng.standard_normal(shape, dtype=np.float32)))
-    return variables, grads
+import harness  # noqa: E402
+from workloads import INNERS, OPT_SHAPES, make_masks, opt_variables  # noqa: E402
 
 
 def pieces(inner_name: str, warmup: int) -> dict:
     """name -> run(k): each piece as its own traced function, warmed up."""
-    rng = np.random.default_rng(1)
     masks_np = make_masks("realistic", OPT_SHAPES)
     bool_masks = [tf.constant(np.asarray(masks_np[p], bool)) for p in OPT_SHAPES]
     float_masks = [
@@ -79,12 +56,12 @@ def pieces(inner_name: str, warmup: int) -> dict:
         for p, s in OPT_SHAPES.items()
     ]
 
-    bare_vars, grads = _variables(rng)
+    # Each set of variables the same values (seed 1), as the grads.
+    bare_vars, grads = opt_variables()
     bare = INNERS[inner_name]()
     bare.build(bare_vars)
 
-    rng = np.random.default_rng(1)
-    masked_vars, _ = _variables(rng)
+    masked_vars, _ = opt_variables()
     masked = MaskedOptimizer(INNERS[inner_name](), masks_np)
     masked.build(masked_vars)
 
@@ -126,19 +103,16 @@ def pieces(inner_name: str, warmup: int) -> dict:
         masked.apply(grads, masked_vars)
         return [masked.iterations]
 
-    rng = np.random.default_rng(1)
-    xla_vars, _ = _variables(rng)
+    xla_vars, _ = opt_variables()
     xla_bare = INNERS[inner_name]()
     xla_bare.build(xla_vars)
-    rng = np.random.default_rng(1)
-    jit_vars, _ = _variables(rng)
+    jit_vars, _ = opt_variables()
     jit_masked = None
     if "jit_compile" in inspect.signature(MaskedOptimizer).parameters:
         jit_masked = MaskedOptimizer(INNERS[inner_name](), masks_np, jit_compile=True)
         jit_masked.build(jit_vars)
 
-    rng = np.random.default_rng(1)
-    hand_vars, _ = _variables(rng)
+    hand_vars, _ = opt_variables()
     hand_bare = INNERS[inner_name]()
     hand_bare.build(hand_vars)
 
@@ -198,22 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     n = sum(int(np.prod(s)) for s in OPT_SHAPES.values())
     print("## Environment\n")
-    for line in environment():
+    for line in harness.environment():
         print(f"- {line}")
-    print(f"- command: `python benchmarks/profile_masked_step.py {' '.join(sys.argv[1:])}`")
+    print(f"- command: `{harness.command(__file__)}`")
     print(
         f"\n## Pieces of a masked {args.inner} step, {n:,} parameters "
         f"(50% kernel masks, frozen biases)\n"
     )
-    samples = time_rounds(pieces(args.inner, args.warmup), args.rounds, args.steps)
-    ref = samples["inner apply"]
-    print("| piece | wall ms | wall vs inner apply (IQR) | CPU ms | CPU vs inner apply (IQR) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, s in samples.items():
-        print(
-            f"| {name} | {statistics.median(s.wall) * 1e3:.1f} | {_ratio_cell(s.wall, ref.wall)} "
-            f"| {statistics.median(s.cpu) * 1e3:.1f} | {_ratio_cell(s.cpu, ref.cpu)} |"
-        )
+    samples = harness.time_rounds(pieces(args.inner, args.warmup), args.rounds, args.steps)
+    print("\n".join(harness.table(
+        ["piece", "wall ms", "wall vs inner apply (IQR)", "CPU ms", "CPU vs inner apply (IQR)"], "lrrrr")))
+    print("\n".join(harness.timing_rows(samples, "inner apply")))
     print(f"\n- load average at end: {os.getloadavg()}")
 
 
