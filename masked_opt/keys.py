@@ -151,7 +151,17 @@ def _match_string(
         hits = [i for i, p in enumerate(paths) if rule(p)]
         if hits:
             return hits
-    frozen = [v.path for v in others if any(rule(v.path) for rule in rules)]
+    named = [v for v in others if any(rule(v.path) for rule in rules)]
+    frozen = [v.path for v in named]
+    quantized = [v.path for v in named if keras.backend.standardize_dtype(v.dtype).startswith(("int", "uint"))]
+    if quantized:
+        raise ValueError(
+            f"`{argument}` key {key!r} names integer (quantized) variable(s) {quantized[:5]}"
+            f"{' ...' if len(quantized) > 5 else ''}: a kernel quantized by `model.quantize(\"int8\")` (or "
+            "\"int4\") holds integers, which take no gradient, so no optimizer, masked or not, can train its "
+            "elements. Mask the float model before quantizing, or train the quantized model through LoRA "
+            "adapters (`layer.enable_lora(rank)`: QLoRA), whose float variables masks can select."
+        )
     if frozen:
         raise ValueError(
             f"`{argument}` key {key!r} names non-trainable variable(s) "

@@ -103,3 +103,45 @@ def test_a_model_trains_exactly_the_budget_and_nothing_else():
     trainable = sum(int(optimizer.get_mask(v).sum()) for v in model.trainable_variables)
     assert trainable == lora_count((16, 32), 2) + lora_count((32, 8), 2)
     assert moved == trainable
+
+
+def _int8_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    outputs = keras.layers.Dense(4, name="b")(keras.layers.Dense(32, name="a")(inputs))
+    model = keras.Model(inputs, outputs)
+    model.quantize("int8")
+    return model
+
+
+def test_an_int8_kernel_cannot_be_masked_and_the_error_says_what_to_do_instead():
+    # `model.quantize("int8")` turns each kernel into a non-trainable int8
+    # variable (plus a float scale): no gradient reaches it.
+    model = _int8_model()
+    model.compile(optimizer=MaskedOptimizer(keras.optimizers.Adam(), masks={"a/kernel": np.ones((16, 32), bool)}),
+                  loss="mse")
+    with pytest.raises(ValueError, match=r"integer \(quantized\).*'a/kernel'.*enable_lora"):
+        model.fit(np.ones((8, 16), "float32"), np.ones((8, 4), "float32"), verbose=0)
+
+
+def test_masks_select_elements_of_the_lora_adapters_of_an_int8_model_exactly():
+    # QLoRA with masked_opt: the int8 base is frozen by Keras, the adapters train
+    # where their masks are True; frozen adapter elements keep their bits.
+    model = _int8_model()
+    model.get_layer("a").enable_lora(4)
+    a_mask = np.zeros((16, 4), bool)
+    a_mask[:3] = True
+    b_mask = np.zeros((4, 32), bool)
+    b_mask[:, :5] = True
+    masks = {"a/lora_kernel_a": a_mask, "a/lora_kernel_b": b_mask, "a/bias": False, "b/bias": False}
+    model.compile(optimizer=MaskedOptimizer(keras.optimizers.AdamW(1e-2, weight_decay=0.1), masks=masks), loss="mse")
+    layer = model.get_layer("a")
+    before = {name: to_numpy(getattr(layer, name)) for name in ("lora_kernel_a", "lora_kernel_b")}
+    rng = np.random.default_rng(0)
+    model.fit(rng.random((16, 16), dtype=np.float32), rng.random((16, 4), dtype=np.float32), epochs=2, verbose=0)
+    for name, mask in (("lora_kernel_a", a_mask), ("lora_kernel_b", b_mask)):
+        after = to_numpy(getattr(layer, name))
+        assert np.array_equal(after[~mask], before[name][~mask]), name
+        assert np.all(after[mask] != before[name][mask]), name
+    base = next(v for v in model.weights if v.path == "a/kernel")
+    assert base.dtype == "int8" and not base.trainable
