@@ -1,4 +1,4 @@
-"""Config and weights-file state of a `MaskedOptimizer`.
+"""Saving a `MaskedOptimizer`: `Saving` owns its config, its weights-file state and every load decision.
 
 The config holds keys and storage shapes only (JSON, no arrays); mask and
 multiplier values live in the optimizer's variables, which Keras saves by

@@ -1,4 +1,4 @@
-"""Inspecting masks: counts, plots, and checks that frozen weights stay put.
+"""Inspecting masks: what each variable trains, as counts, tables and plots.
 
 * `mask_summary(optimizer)` -> `MaskSummary` (per-variable `MaskRow`s and
   totals); `print_mask_summary` formats it PEFT-style. `masked_only=True`
