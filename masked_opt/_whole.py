@@ -48,8 +48,8 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     keep = sorted(set(range(len(grads))) - set(at))
     if not any(grads[i] is not None for i in keep):
         return grads, variables  # nothing else to update: the masked path keeps the step count
-    if _backend.runs_eagerly(grads[at[0]]):
-        skip_in_backward(table, owner, inner, variables)
+    if owner.rewrap is not None and _backend.runs_eagerly(grads[at[0]]):
+        owner.rewrap()  # a train function rebuilt without the wrapper (a recompile): install it again
     return [grads[i] for i in keep], [variables[i] for i in keep]
 
 
@@ -75,8 +75,8 @@ class _Frozen:
 def skip_in_backward(table: VariableTable, owner: Owner, inner: Any, variables: list) -> None:
     """Has the owner's eager trainer (torch) leave the wholly frozen variables
     out of autograd from its next step on; called at build (so the first step
-    saves too), from an eager step that finds some, and after every rebuild
-    of the train function (`Owner.rewrap`)."""
+    saves too); `Owner.rewrap` installs it again after every rebuild of the
+    train function, and from an eager step that still finds some."""
     if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
         return
     frozen = _Frozen(table, variables)
