@@ -34,14 +34,11 @@ import numpy as np
 from keras import ops
 
 from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import StateLayout, reset_slots
+from masked_opt._layout import ELEMENTWISE, StateLayout, reset_slots, scoped_variable
 from masked_opt._table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
 
-# Built-in optimizers whose update of an element depends on that element's
-# gradient, weight and slots only (and on scalars: step count, learning rate).
-ELEMENTWISE = ("SGD", "RMSprop", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "Ftrl", "Lion")
 # Known to couple the elements of a variable.
 _COUPLED = {
     "Lamb": "its trust ratio is the norm of the whole variable over the norm of its update",
@@ -128,20 +125,11 @@ def padded_indices(full_mask: np.ndarray, capacity: int, path: str, what: str) -
     return idx, int(np.count_nonzero(flat))
 
 
-def _scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any):
-    """An untracked scratch `keras.Variable` of zeros with path `scope/.../name`."""
-    if not scopes:
-        kwargs = {} if layout is None else {"layout": layout}
-        return keras.Variable("zeros", shape=shape, dtype=dtype, name=name, trainable=False, **kwargs)
-    with keras.name_scope(scopes[0]):
-        return _scoped_variable(scopes[1:], name, shape, dtype, layout)
-
-
 class CompactLayout(StateLayout):
     bare_at_identity = False  # the inner optimizer updates proxies, not the variables
 
-    def __init__(self, inner, add_state, read, capacity: Any):
-        super().__init__(inner, add_state, read)
+    def __init__(self, inner, add_state, owner, capacity: Any):
+        super().__init__(inner, add_state, owner)
         self.capacity = capacity  # the `compact_capacity` argument
         self._proxies = 0
 
@@ -161,7 +149,7 @@ class CompactLayout(StateLayout):
         # Its path ends with the variable's own path, so MultiOptimizer maps and
         # `exclude_from_weight_decay(var_names=...)` select it as they would the
         # variable. It is scratch space (re-gathered every step), not state.
-        proxy = _scoped_variable(
+        proxy = scoped_variable(
             [f"masked_compact_{self._proxies}", *variable.path.split("/")[:-1]],
             variable.path.split("/")[-1],
             (capacity,),

@@ -31,8 +31,11 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi("keras.src.utils.tracking", "Keras module",
                "no_automatic_dependency_tracking (re-exported for code that assigns containers in build)"),
     PrivateApi("_var_key", "BaseOptimizer", "the per-variable key Keras's optimizers use (id, or TF's unique id)"),
-    PrivateApi("_variables", "BaseOptimizer", "the wrapper's own variables (`variables` is own + inner)"),
+    PrivateApi("_variables", "BaseOptimizer",
+               "the wrapper's own variables (`variables` is own + inner); a grown slot takes its stand-in's place"),
     PrivateApi("_trainable_variables", "BaseOptimizer", "the variables the optimizer was built on"),
+    PrivateApi("_trainable_variables_indices", "BaseOptimizer",
+               "dense state: a wholly frozen variable's zero-size stand-in is replaced by the variable"),
     PrivateApi("_iterations", "BaseOptimizer", "`apply_gradients` returns the step counter as Keras's does"),
     PrivateApi("_get_variable_index", "BaseOptimizer", "which EMA average belongs to a variable"),
     PrivateApi("_model_variables_moving_average", "BaseOptimizer",
@@ -164,3 +167,26 @@ MULTI_OPTIMIZER = getattr(keras.optimizers, "MultiOptimizer", None)
 """keras.optimizers.MultiOptimizer arrived in Keras 3.15."""
 
 BACKEND_MODULE_PREFIX = "keras.src.backend."
+
+
+def replace_built_variable(optimizer: Any, old: Any, new: Any) -> None:
+    """Puts `new` where `old` is among the variables `optimizer` was built on
+    (same index, so its slots and saved positions stay put)."""
+    i = optimizer._get_variable_index(old)
+    optimizer._trainable_variables[i] = new
+    del optimizer._trainable_variables_indices[optimizer._var_key(old)]
+    optimizer._trainable_variables_indices[optimizer._var_key(new)] = i
+
+
+def replace_state_variable(optimizer: Any, old: Any, new: Any) -> None:
+    """Puts `new` (made last by `add_variable_from_reference`) where `old` is
+    among the optimizer's variables (saved by position) and in every list of
+    slots the optimizer keeps (`_momentums`, `_velocities`, ...)."""
+    variables = optimizer._variables
+    del variables[next(k for k, v in enumerate(variables) if v is new)]
+    variables[next(k for k, v in enumerate(variables) if v is old)] = new
+    for value in vars(optimizer).values():
+        if isinstance(value, list) and value is not variables:
+            for k, v in enumerate(value):
+                if v is old:
+                    value[k] = new

@@ -20,15 +20,48 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import keras
 import numpy as np
 
-from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import StateLayout
+from masked_opt import _backend, _blend, _compat, _inner
+from masked_opt._layout import ELEMENTWISE, StateLayout, scoped_variable
 from masked_opt._table import Entry, VariableTable
 from masked_opt.registry import MASKS
 
 
 class DenseLayout(StateLayout):
+    def __init__(self, inner, add_state, owner):
+        super().__init__(inner, add_state, owner)
+        # Wholly frozen at build: id(variable) -> (variable, the zero-size
+        # stand-in the inner optimizer was built on: no state until it trains).
+        self.stand_ins: dict[int, tuple[keras.Variable, keras.Variable]] = {}
+
+    def inner_variables(self, variables: list, table: VariableTable) -> list:
+        """The variables, but a zero-size stand-in for each wholly frozen one
+        where the inner optimizer's state is per element and placed by no
+        distribution (`holds_nothing_for_frozen`): its slots hold nothing."""
+        if not (table.wholly_frozen and self.holds_nothing_for_frozen(variables)):
+            return list(variables)
+        out = []
+        for v in variables:
+            if table.key(v) in table.wholly_frozen:
+                path = v.path.split("/")
+                stand_in = scoped_variable(["masked_frozen", *path[:-1]], path[-1], (0,), v.dtype, None)
+                self.stand_ins[id(v)] = (v, stand_in)
+                v = stand_in
+            out.append(v)
+        return out
+
+    def holds_nothing_for_frozen(self, variables: list) -> bool:
+        """Only where the owner model's trainer builds the optimizer (`fit`,
+        `train_on_batch`; not a custom loop, `load_model`): it retraces its step
+        when a stand-in grows, which a custom loop's own compiled step would not
+        (its masked path keeps the edits of any variable retrace-free)."""
+        leaves = _inner.leaf_optimizers(self.inner, variables)
+        return (self.owner.drives_training and not self.inner.built and leaves == [self.inner] and type(self.inner).__name__ in ELEMENTWISE
+                and not _inner.uses_ema(self.inner) and not getattr(self.inner, "gradient_accumulation_steps", None)
+                and not _backend.distributed(self.inner))
+
     def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
         entry.mask_shape = tuple(mask.shape)
         entry.mask = self.add_state(entry.variable, np.array(mask, dtype=bool), "_mask")
@@ -51,6 +84,11 @@ class DenseLayout(StateLayout):
         return entry.mask.value
 
     def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
+        if self.stand_ins:  # wholly frozen with no state: nothing to update, nothing to restore
+            grads, variables, handled = self._without_stand_ins(grads, variables, handled)
+            if not variables:  # every variable wholly frozen: the step still counts
+                self.inner.iterations.assign_add(1)
+                return
         masked_grads = list(grads)
         pending, frozen = [], []
         for i, entry in handled:
@@ -82,6 +120,57 @@ class DenseLayout(StateLayout):
         olds = self._mask_frozen(frozen, grads, variables, masked_grads, guard)
         self.inner.apply(masked_grads, variables)
         _restore(frozen, olds, [item for items in pending for item in items()], guard)
+
+    def _without_stand_ins(self, grads: list, variables: list, handled: list) -> tuple[list, list, list]:
+        keep = [i for i, v in enumerate(variables) if id(v) not in self.stand_ins]
+        if len(keep) == len(variables):
+            return grads, variables, handled
+        at = {i: j for j, i in enumerate(keep)}
+        return [grads[i] for i in keep], [variables[i] for i in keep], [(at[i], e) for i, e in handled if i in at]
+
+    def fresh_state(self, entry: Entry) -> None:
+        """A variable that leaves the wholly frozen set: fresh state, in place,
+        or, where it had none (a stand-in), in new full-size slots that take
+        the stand-in's slots' places (saved positions unchanged)."""
+        if id(entry.variable) not in self.stand_ins:
+            return super().fresh_state(entry)
+        variable = entry.variable
+        weights = np.asarray(self.read(variable, variable.path))  # syncs JAX's trainer first
+        self.grow(variable, _inner.fresh_state(self.inner, variable, weights))
+
+    def grow(self, variable: keras.Variable, values: dict[str, np.ndarray]) -> None:
+        """Full-size slots for `variable` (holding `values`, by slot suffix) in
+        place of its stand-in's zero-size ones; the inner optimizer updates
+        `variable` from then on."""
+        _, stand_in = self.stand_ins.pop(id(variable))
+        for suffix, old in _inner.slot_variables(self.inner.variables, stand_in).items():
+            value = np.asarray(values[suffix], dtype=old.dtype)
+            new = self.inner.add_variable_from_reference(variable, suffix, initializer=lambda shape, dtype=None, x=value: x)
+            _compat.replace_state_variable(self.inner, old, new)
+        _compat.replace_built_variable(self.inner, stand_in, variable)
+
+    def load_deferred(self, deferred: list, table: VariableTable) -> None:
+        """Saved slot values whose size differs from the slot here: a stand-in's
+        zero-size slot given full-size values (a file saved while the variable
+        trained, or by a version that kept state for it) grows if the loaded
+        mask lets the variable train, else the values are not needed (fresh at
+        unfreeze); a full-size slot given none (saved as a stand-in) keeps its
+        values if the loaded mask freezes the variable wholly."""
+        grown: dict[int, dict[str, np.ndarray]] = {}
+        for slot, value in deferred:
+            owner = next((v for v, s in self.stand_ins.values() if _holds(self.inner, s, slot)), None)
+            if owner is not None and table.key(owner) not in table.wholly_frozen:
+                suffix = slot.name[len(self.stand_ins[id(owner)][1].path.replace("/", "_")) + 1:]
+                grown.setdefault(id(owner), {})[suffix] = value
+            elif owner is None and not any(table.key(e.variable) in table.wholly_frozen and _holds(
+                    self.inner, e.variable, slot) for e in table.masked()):
+                raise ValueError(
+                    f"The saved optimizer state holds no values for '{slot.path}' (its variable was wholly frozen "
+                    "when saved), but the loaded masks let the variable train. Load into an optimizer built "
+                    "with the same masks, or unfreeze it after loading (a fresh optimizer state).")
+        for key, values in grown.items():
+            variable = self.stand_ins[key][0]
+            self.grow(variable, values)
 
     def _mask_frozen(self, frozen: list, grads: list, variables: list, masked_grads: list, guard) -> list:
         """Masks the gradients of the frozen-only variables `(i, entry, mask)`
@@ -129,6 +218,11 @@ class DenseLayout(StateLayout):
 
     def detached(self, table: VariableTable) -> bool:
         return any(_backend.is_purged(e.mask) for e in table.masked())
+
+
+def _holds(inner, reference: keras.Variable, slot: keras.Variable) -> bool:
+    """Whether `slot` is one of the inner optimizer's slots made from `reference`."""
+    return any(s is slot for s in _inner.slot_variables(inner.variables, reference).values())
 
 
 def _restore(frozen: list, olds: list, multiplied: list, guard) -> None:

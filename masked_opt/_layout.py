@@ -30,13 +30,28 @@ Read = Callable[[keras.Variable, str], np.ndarray]
 it holds the value (see `_owner.Owner.read`)."""
 
 
+# Built-in optimizers whose update of an element depends on that element's
+# gradient, weight and slots only (and on scalars: step count, learning rate).
+ELEMENTWISE = ("SGD", "RMSprop", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "Ftrl", "Lion")
+
+
+def scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any):
+    """An untracked scratch `keras.Variable` of zeros with path `scope/.../name`."""
+    if not scopes:
+        kwargs = {} if layout is None else {"layout": layout}
+        return keras.Variable("zeros", shape=shape, dtype=dtype, name=name, trainable=False, **kwargs)
+    with keras.name_scope(scopes[0]):
+        return scoped_variable(scopes[1:], name, shape, dtype, layout)
+
+
 class StateLayout:
     """The interface; `DenseLayout` and `CompactLayout` implement it."""
 
     bare_at_identity = True  # with nothing frozen or scaled, the step is the bare inner update
 
-    def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, read: Read):
-        self.inner, self.add_state, self.read = inner, add_state, read
+    def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, owner: Any):
+        self.inner, self.add_state, self.owner = inner, add_state, owner  # owner: `_owner.Owner`
+        self.read: Read = owner.read
 
     # -- build
     def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
@@ -56,6 +71,16 @@ class StateLayout:
 
     def after_load(self, table: VariableTable) -> None:
         """Brings derived state in line with loaded (or assigned) masks."""
+
+    stand_ins: dict = {}  # the dense layout's zero-size stand-ins of wholly frozen variables
+
+    def load_deferred(self, deferred: list, table: VariableTable) -> None:
+        """Saved (slot, values) whose size differs from the slot: only the dense
+        layout's stand-ins can take them."""
+        if deferred:
+            slot, value = deferred[0]
+            raise ValueError(f"Cannot load the optimizer state: '{slot.path}' was saved with shape "
+                             f"{tuple(value.shape)}, here {tuple(slot.shape)}.")
 
     # -- train
     def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:

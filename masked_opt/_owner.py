@@ -27,6 +27,13 @@ class Owner:
     def __init__(self) -> None:
         self._ref: Any = None
         self.rewrap: Any = None  # re-installs a train-function wrapper after a rebuild (`_whole`)
+        self.found_in = ""  # the owner's method the optimizer was found from
+
+    @property
+    def drives_training(self) -> bool:
+        """Whether the owner's trainer found the optimizer (`fit`, `train_on_batch`:
+        building it or tracing its step), not e.g. `load_model`'s compile."""
+        return self.model() is not None and self.found_in in ("_symbolic_build", "train_step", "fit", "train_on_batch")
 
     def find(self, optimizer: Any) -> None:
         """Remembers the calling model of `optimizer` (trace time only)."""
@@ -42,6 +49,7 @@ class Owner:
                 opt = getattr(candidate, "optimizer", None)
                 if opt is optimizer or getattr(opt, "inner_optimizer", None) is optimizer:
                     self._ref = weakref.ref(candidate)
+                    self.found_in = frame.f_code.co_name
                     return
 
     def model(self) -> keras.Model | None:

@@ -26,7 +26,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _compat
+from masked_opt import _backend, _compat, _inner
 from masked_opt._table import VariableTable
 from masked_opt.keys import match_key
 from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry
@@ -263,14 +263,22 @@ def saved_arrays(store: Any, registry: Registry, entry: int) -> np.ndarray | Non
     return np.asarray(store[name]).astype(registry.quantity.dtype)
 
 
-def load_variables(store: Any, variables: list, saved: dict, own: dict, all_paths: list[str], name: str) -> None:
+def load_variables(store: Any, variables: list, saved: dict, own: dict, all_paths: list[str], name: str,
+                   flexible: set[int] = frozenset()) -> list[tuple[Any, np.ndarray]]:
     """Assigns the saved values by position after checking that the file holds
-    the same masks, multipliers and variable shapes as this optimizer."""
+    the same masks, multipliers and variable shapes as this optimizer. Returns
+    the (variable, value) pairs whose sizes differ where one side holds
+    nothing for a wholly frozen variable (`flexible`: the ids of this side's
+    zero-size slots; a zero-size saved value): the layout settles them once
+    the masks are loaded."""
     problems = _differences(saved, own, all_paths)
     arrays = [np.asarray(store[str(i)]) for i in range(min(saved["num_variables"], len(variables)))]
+    deferred = []
     if not problems:
         for i, (variable, value) in enumerate(zip(variables, arrays)):
-            if tuple(value.shape) != tuple(variable.shape):
+            if tuple(value.shape) != tuple(variable.shape) and (id(variable) in flexible or value.size == 0):
+                deferred.append((variable, value))
+            elif tuple(value.shape) != tuple(variable.shape):
                 problems.append(f"optimizer variable {i} ('{variable.path}') saved with shape "
                                 f"{tuple(value.shape)}, here {tuple(variable.shape)}")
                 break
@@ -283,8 +291,11 @@ def load_variables(store: Any, variables: list, saved: dict, own: dict, all_path
             + ". Build the optimizer with the same masks and multipliers (keys and "
             "shapes) as the saved one."
         )
+    skip = {id(v) for v, _ in deferred}
     for variable, value in zip(variables, arrays):
-        variable.assign(value)
+        if id(variable) not in skip:
+            variable.assign(value)
+    return deferred
 
 
 _AUTO_NUMBER = re.compile(r"_\d+$")
@@ -418,10 +429,15 @@ class Saving:
                 return self.values.load_unbuilt(store)  # arrays given before build, by config entry
             variables = saved_variables(self.table, variables)
             own = meta(self.table, built, len(variables))
-            load_variables(store, variables, record, own, built_paths, name)
+            flexible = {id(s) for _, stand_in in self.layout.stand_ins.values()
+                        for s in _inner.slot_variables(self.inner.variables, stand_in).values()}
+            deferred = load_variables(store, variables, record, own, built_paths, name, flexible)
+            if flexible or deferred:  # the inner's own copy of these values would not fit its slots
+                skip_next_load(self.inner)
         except ValueError:
             skip_next_load(self.inner)
             raise
         self.layout.after_load(self.table)
         self.table.unset = []
         self.values.refresh_identity()
+        self.layout.load_deferred(deferred, self.table)

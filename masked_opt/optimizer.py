@@ -87,9 +87,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._compile = compilation
         self._owner = Owner()
         if compact_state:
-            self._layout = _compact.CompactLayout(inner, self._add_state, self._owner.read, compact_capacity)
+            self._layout = _compact.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
         else:
-            self._layout = DenseLayout(inner, self._add_state, self._owner.read)
+            self._layout = DenseLayout(inner, self._add_state, self._owner)
         self._values = Values(self._table, self._layout, self._owner, *registries)
         self._saving = _saving.Saving(self._table, self._values, self._layout, inner)
 

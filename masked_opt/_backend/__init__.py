@@ -41,6 +41,7 @@ INTERFACE = (
     "check_strategy_support",
     "counts_in_trace",
     "densify",
+    "distributed",
     "frozen_guard",
     "if_frozen",
     "in_traced_function",
@@ -87,6 +88,7 @@ can_inspect_frames = _pick("can_inspect_frames")
 check_strategy_support = _pick("check_strategy_support")
 counts_in_trace = _pick("counts_in_trace")
 densify = _pick("densify")
+distributed = _pick("distributed")
 frozen_guard = _pick("frozen_guard")
 if_frozen = _pick("if_frozen")
 in_traced_function = _pick("in_traced_function")

@@ -229,6 +229,11 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     return False
 
 
+def distributed(optimizer: Any) -> bool:
+    """Whether the optimizer's state is placed by a distribution (keras.distribution here)."""
+    return not no_distribution()
+
+
 def check_strategy_support(inner_optimizer: Any, var_list: Any = None) -> None:
     """Refuses inner-optimizer options that fail under a tf.distribute strategy."""
 

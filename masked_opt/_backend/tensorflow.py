@@ -179,6 +179,13 @@ def _non_default_strategy(optimizer: Any) -> Any | None:
     return None
 
 
+def distributed(optimizer: Any) -> bool:
+    """Whether the optimizer's state is placed by a distribution: a
+    `tf.distribute` strategy (active, or the one it was created under) or
+    keras.distribution."""
+    return _non_default_strategy(optimizer) is not None or common.distributed(optimizer)
+
+
 def _is_mirrored_family(strategy: Any) -> bool:
     """MirroredStrategy, MultiWorkerMirroredStrategy (and their variants)."""
     try:  # a private module (masked_opt/_compat.py)
