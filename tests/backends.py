@@ -269,3 +269,20 @@ def pack_masks_from(monkeypatch, size: int) -> None:
     for module in {common, dispatcher._impl}:
         if hasattr(module, "PACK_MIN_SIZE"):
             monkeypatch.setattr(module, "PACK_MIN_SIZE", size)
+
+
+def frozen_slot_names(optimizer) -> tuple[str, ...]:
+    """Name prefixes of the inner optimizer's slots of the variables wholly
+    frozen now (mask stored as a scalar False): their values are not state (a
+    fresh state comes when they train), and the dense layout may hold them at
+    size 0 (stand-ins) where another build holds them full-size."""
+    prefixes = []
+    for v in optimizer.masked_variables:
+        if optimizer.mask_storage_shape(v) == () and not optimizer.get_mask(v).any():
+            prefix = v.path.replace("/", "_") + "_"
+            prefixes += [prefix, "masked_frozen_" + prefix]
+    return tuple(prefixes)
+
+
+def is_frozen_slot(variable, prefixes: tuple[str, ...]) -> bool:
+    return variable.name.startswith(prefixes) or any(("_" + p) in variable.name for p in prefixes)
