@@ -17,6 +17,7 @@ import inspect
 from typing import Any, NamedTuple
 
 import keras
+from keras.src.backend.common.stateless_scope import in_stateless_scope  # noqa: F401 (re-exported)
 from keras.src.utils import tracking
 
 
@@ -28,6 +29,8 @@ class PrivateApi(NamedTuple):
 
 
 PRIVATE_APIS: tuple[PrivateApi, ...] = (
+    PrivateApi("keras.src.backend.common.stateless_scope.in_stateless_scope", "Keras function",
+               "a step inside `stateless_apply`, which cannot create optimizer state"),
     PrivateApi("keras.src.utils.tracking", "Keras module",
                "no_automatic_dependency_tracking (re-exported for code that assigns containers in build)"),
     PrivateApi("_var_key", "BaseOptimizer", "the per-variable key Keras's optimizers use (id, or TF's unique id)"),

@@ -85,6 +85,7 @@ class DenseLayout(StateLayout):
 
     def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
         if self.stand_ins:  # wholly frozen with no state: nothing to update, nothing to restore
+            self._grow_outside_trainer(grads, variables)
             grads, variables, handled = self._without_stand_ins(grads, variables, handled)
             if not variables:  # every variable wholly frozen: the step still counts
                 self.inner.iterations.assign_add(1)
@@ -121,6 +122,31 @@ class DenseLayout(StateLayout):
         self.inner.apply(masked_grads, variables)
         _restore(frozen, olds, [item for items in pending for item in items()], guard)
 
+    def _grow_outside_trainer(self, grads: list, variables: list) -> None:
+        """A step that Keras's trainer does not run (a custom loop over every
+        variable) gives every stand-in full-size state first, as if the loop
+        had built the optimizer: its own compiled step would not see slots that
+        an edit grows later, and its masked path keeps edits retrace-free."""
+        given = [g for g, v in zip(grads, variables) if g is not None and id(v) in self.stand_ins]
+        if not given or not _backend.can_inspect_frames(given[0]) or self.owner.in_train_step():
+            return
+        if _compat.in_stateless_scope() or not (_backend.runs_eagerly(given[0]) or _backend.in_traced_function()):
+            frozen = sorted(v.path for v, _ in self.stand_ins.values())
+            raise ValueError(
+                f"This optimizer was built by the model's trainer (`fit`) with no optimizer state for the wholly "
+                f"frozen variables {frozen} (they need none while frozen), and a step outside the trainer "
+                "(`stateless_apply` in your own loop) cannot create it. Call "
+                "`optimizer.build(model.trainable_variables)` once before reading `optimizer.variables` for "
+                "your loop: it gives them their full-size state.")
+        self.grow_all()
+
+    def grow_all(self) -> None:
+        """Full-size state, fresh, for every stand-in (eagerly, even during a
+        TensorFlow trace); `optimizer.build` on a built optimizer calls it."""
+        with _backend.state_scope():
+            for variable, _ in list(self.stand_ins.values()):
+                self._grow_fresh(variable)
+
     def _without_stand_ins(self, grads: list, variables: list, handled: list) -> tuple[list, list, list]:
         keep = [i for i, v in enumerate(variables) if id(v) not in self.stand_ins]
         if len(keep) == len(variables):
@@ -134,7 +160,9 @@ class DenseLayout(StateLayout):
         the stand-in's slots' places (saved positions unchanged)."""
         if id(entry.variable) not in self.stand_ins:
             return super().fresh_state(entry)
-        variable = entry.variable
+        self._grow_fresh(entry.variable)
+
+    def _grow_fresh(self, variable: keras.Variable) -> None:
         weights = np.asarray(self.read(variable, variable.path))  # syncs JAX's trainer first
         self.grow(variable, _inner.fresh_state(self.inner, variable, weights))
 

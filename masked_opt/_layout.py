@@ -74,6 +74,9 @@ class StateLayout:
 
     stand_ins: dict = {}  # the dense layout's zero-size stand-ins of wholly frozen variables
 
+    def grow_all(self) -> None:
+        """Full-size state for every variable (the dense layout's stand-ins)."""
+
     def load_deferred(self, deferred: list, table: VariableTable) -> None:
         """Saved (slot, values) whose size differs from the slot: only the dense
         layout's stand-ins can take them."""

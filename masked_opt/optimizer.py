@@ -99,8 +99,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ build
 
     def build(self, var_list: Sequence[keras.Variable]) -> None:
-        if self.built:
-            return
+        if self.built:  # called again (a custom loop after `fit`): full-size state for every variable
+            return self._layout.grow_all()
         var_list = list(var_list)
         self._owner.find(self)
         _backend.check_strategy_support(self.inner_optimizer, var_list)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from backends import synced, to_numpy
+from backends import IS_JAX, IS_TF, synced, to_numpy
 from masked_opt import MaskedOptimizer, _dense
 from models import mlp, mse_step, regression_data
 
@@ -141,3 +141,83 @@ def test_load_model_builds_full_size_state_and_loads_a_file_saved_with_stand_ins
         m.optimizer.set_mask("a", True)
         m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     assert_bitwise([to_numpy(w) for w in synced(loaded).weights], [to_numpy(w) for w in synced(model).weights])
+
+
+def loop_step(model, optimizer):
+    """A custom loop's step over every trainable variable, compiled as each
+    backend's guide compiles it (TF: `tf.function`; JAX: `jax.jit` around
+    `stateless_apply`; torch: eager)."""
+    variables = model.trainable_variables
+    if IS_TF:
+        import tensorflow as tf
+
+        @tf.function
+        def traced(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(x) - y) ** 2)
+            optimizer.apply(tape.gradient(loss, variables), variables)
+
+        return lambda x, y: traced(tf.constant(x), tf.constant(y))
+    if IS_JAX:
+        import jax
+
+        def loss_fn(trainable, non_trainable, x, y):
+            out, non_trainable = model.stateless_call(trainable, non_trainable, x)
+            return keras.ops.mean((out - y) ** 2), non_trainable
+
+        @jax.jit
+        def jitted(trainable, non_trainable, opt_vars, x, y):
+            grads, non_trainable = jax.grad(loss_fn, has_aux=True)(trainable, non_trainable, x, y)
+            return (*optimizer.stateless_apply(opt_vars, grads, trainable), non_trainable)
+
+        def step(x, y):
+            state = [[v.value for v in vs] for vs in (variables, model.non_trainable_variables, optimizer.variables)]
+            trainable, opt_vars, non_trainable = jitted(state[0], state[1], state[2], x, y)
+            for v, value in zip(variables + optimizer.variables + model.non_trainable_variables,
+                                trainable + opt_vars + non_trainable):
+                v.assign(value)
+
+        return step
+    return lambda x, y: mse_step(model, optimizer, x, y)
+
+
+@pytest.mark.parametrize("build_again", [True, False], ids=["build called", "no build"])
+def test_a_custom_loop_after_fit_gets_full_size_state_and_trains_through_an_unfreeze(build_again):
+    # `fit` builds with stand-ins; a loop that then drives the optimizer gets
+    # full-size (fresh) state before its first step (from `optimizer.build`, as
+    # the guides call it, or, where the step can create state, from the step),
+    # so an unfreeze later needs no state its compiled step would not see.
+    def run(stand_ins):
+        original = _dense.DenseLayout.holds_nothing_for_frozen
+        if not stand_ins:
+            _dense.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
+        try:
+            model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+            optimizer = MaskedOptimizer(keras.optimizers.AdamW(1e-2, weight_decay=0.1), masks={"a": False})
+            model.compile(optimizer=optimizer, loss="mse")
+            x, y = regression_data(40, 16, 8)
+            model.train_on_batch(x[:8], y[:8])
+            assert sizes(optimizer)["a"] == (0 if stand_ins else FULL_A)
+            if build_again:
+                optimizer.build(model.trainable_variables)
+                assert sizes(optimizer)["a"] == FULL_A
+            step, kernel = loop_step(model, optimizer), model.get_layer("a").kernel
+            before = to_numpy(kernel)
+            for i in range(1, 5):
+                if i == 3:
+                    optimizer.set_mask("a", True)
+                step(x[8 * i: 8 * (i + 1)], y[8 * i: 8 * (i + 1)])
+                assert sizes(optimizer)["a"] == FULL_A
+                assert np.array_equal(to_numpy(kernel), before) == (i < 3)
+            return [to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables]
+        finally:
+            _dense.DenseLayout.holds_nothing_for_frozen = original
+
+    if IS_JAX and not build_again:  # `stateless_apply` cannot create state: a clear error says what to call
+        with pytest.raises(ValueError, match=r"wholly frozen variables \['sequential/a/bias', 'sequential/a/kernel'\].*optimizer\.build"):
+            run(stand_ins=True)
+        return
+    weights, state = run(stand_ins=True)
+    ref_weights, ref_state = run(stand_ins=False)
+    assert_bitwise(weights, ref_weights)
+    assert_bitwise(state, ref_state)

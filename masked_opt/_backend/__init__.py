@@ -64,6 +64,7 @@ INTERFACE = (
     "skip_in_backward",
     "snapshot",
     "squared_grad_sums",
+    "state_scope",
     "step_mask",
     "step_while_detached",
     "sync_model",
@@ -111,6 +112,7 @@ select = _pick("select")
 skip_in_backward = _pick("skip_in_backward")
 snapshot = _pick("snapshot")
 squared_grad_sums = _pick("squared_grad_sums")
+state_scope = _pick("state_scope")
 step_mask = _pick("step_mask")
 step_while_detached = _pick("step_while_detached")
 sync_model = _pick("sync_model")

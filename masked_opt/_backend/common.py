@@ -6,6 +6,7 @@ JAX and torch use most of it as is; TensorFlow replaces more. See
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -91,6 +92,11 @@ def counts_in_trace(x: Any) -> bool:
 def can_inspect_frames(x: Any) -> bool:
     """Whether the step reading `x` may walk Python's call stack."""
     return True
+
+
+def state_scope() -> Any:
+    """Where a step may create optimizer state (eagerly): here, where it is."""
+    return contextlib.nullcontext()
 
 
 def in_traced_function() -> bool:

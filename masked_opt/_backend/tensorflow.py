@@ -92,6 +92,11 @@ def traced_into_xla(x: Any) -> bool:
 is_compiling = traced_into_xla
 
 
+def state_scope() -> Any:
+    """Lifts a trace out to eager, as Keras's optimizers do to build in one."""
+    return tf.init_scope()
+
+
 def in_traced_function() -> bool:
     return tf.inside_function()
 
