@@ -15,7 +15,7 @@ if _quiet.launched_as_cli():  # `python -m masked_opt`: a quiet start-up, for th
     _quiet.quiet_cli_startup()
 
 from masked_opt import callbacks, delta, masks, pruning, sparse_training  # noqa: E402
-from masked_opt._table import OptimizerInfo, VariableInfo  # noqa: E402
+from masked_opt._info import OptimizerInfo, VariableInfo  # noqa: E402
 from masked_opt.delta import BaseRecord, DeltaFileError, SparseDelta  # noqa: E402
 from masked_opt.callbacks import DynamicMask, GradualUnfreezing, masked_optimizer  # noqa: E402
 from masked_opt.keys import Key  # noqa: E402

@@ -26,8 +26,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _compat, _inner
-from masked_opt._table import VariableTable
+from masked_opt import _backend, _compat, _inner_optimizer
+from masked_opt._variable_table import VariableTable
 from masked_opt.keys import match_key
 from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry
 
@@ -378,8 +378,8 @@ class Saving:
     Entries rebuilt from a config are bound to variables at build by
     `bind_config_specs`; only the registries write their specs."""
 
-    def __init__(self, table: VariableTable, values: Any, layout: Any, inner: Any):
-        self.table, self.values, self.layout, self.inner = table, values, layout, inner
+    def __init__(self, table: VariableTable, mask_store: Any, layout: Any, inner: Any):
+        self.table, self.mask_store, self.layout, self.inner = table, mask_store, layout, inner
 
     @staticmethod
     def pop_config_entries(kwargs: dict) -> dict[Quantity, list]:
@@ -388,7 +388,7 @@ class Saving:
         return {q: specs_from_config(kwargs.pop(config_key(q), None) or [], q) for q in (MASKS, MULTIPLIERS)}
 
     def config(self, name: str, jit_compile: Any, compact_state: bool, compact_capacity: Any, built: bool) -> dict:
-        masks, multipliers = (self.values.registry(q) for q in (MASKS, MULTIPLIERS))
+        masks, multipliers = (self.mask_store.registry(q) for q in (MASKS, MULTIPLIERS))
         config = {
             "name": name,
             "inner_optimizer": inner_config(self.inner),
@@ -414,7 +414,7 @@ class Saving:
     def save(self, store: Any, variables: list, built: bool, name: str) -> None:
         variables = saved_variables(self.table, variables)
         record = meta(self.table, built, len(variables))
-        save_state(store, variables, record, list(self.values.registries.values()), name)
+        save_state(store, variables, record, list(self.mask_store.registries.values()), name)
 
     def load(self, store: Any, variables: list, built: bool, built_paths: list[str], name: str) -> None:
         """Loads a file saved by `save`: refuses one whose masks differ, warns
@@ -426,11 +426,11 @@ class Saving:
                 skip_next_load(self.inner)
                 if record.get("built", True):  # a built file cannot fill an unbuilt optimizer
                     return warn_unbuilt(name)
-                return self.values.load_unbuilt(store)  # arrays given before build, by config entry
+                return self.mask_store.load_unbuilt(store)  # arrays given before build, by config entry
             variables = saved_variables(self.table, variables)
             own = meta(self.table, built, len(variables))
             flexible = {id(s) for _, stand_in in self.layout.stand_ins.values()
-                        for s in _inner.slot_variables(self.inner.variables, stand_in).values()}
+                        for s in _inner_optimizer.slot_variables(self.inner.variables, stand_in).values()}
             deferred = load_variables(store, variables, record, own, built_paths, name, flexible)
             if flexible or deferred:  # the inner's own copy of these values would not fit its slots
                 skip_next_load(self.inner)
@@ -439,5 +439,5 @@ class Saving:
             raise
         self.layout.after_load(self.table)
         self.table.unset = []
-        self.values.refresh_identity()
+        self.mask_store.refresh_identity()
         self.layout.load_deferred(deferred, self.table)

@@ -40,7 +40,7 @@ import numpy as np
 
 import keras
 
-from masked_opt._owner import current_step
+from masked_opt._owner_model import current_step
 from masked_opt.optimizer import MaskedOptimizer, masked_optimizer
 from masked_opt.keys import Key, check_key, describe_key, match_key
 from masked_opt.registry import MaskValue

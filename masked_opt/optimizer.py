@@ -11,11 +11,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _compact, _compat, _inner, _saving, _whole, _xla
-from masked_opt._dense import DenseLayout
-from masked_opt._owner import Owner
-from masked_opt._table import OptimizerInfo, VariableTable
-from masked_opt._values import Values
+from masked_opt import _backend, _compact_state, _compat, _info, _inner_optimizer, _saving, _wholly_frozen, _xla_update
+from masked_opt._dense_state import DenseLayout
+from masked_opt._mask_store import MaskStore
+from masked_opt._owner_model import Owner
+from masked_opt._variable_table import VariableTable
 from masked_opt.keys import Key, one_variable
 from masked_opt.registry import MASKS, MULTIPLIERS, MaskValue, MultiplierValue, Registry, Where
 
@@ -72,10 +72,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         **kwargs: Any,
     ):
         saved = _saving.Saving.pop_config_entries(kwargs)  # a saved config's (values: from the weights)
-        _compact.check_arguments(compact_state, compact_capacity)
-        compilation = _xla.Compilation(jit_compile)
-        _inner.check_wrapper_kwargs(kwargs)
-        inner = _inner.resolve(inner_optimizer, MaskedOptimizer)
+        _compact_state.check_arguments(compact_state, compact_capacity)
+        compilation = _xla_update.Compilation(jit_compile)
+        _inner_optimizer.check_wrapper_kwargs(kwargs)
+        inner = _inner_optimizer.resolve(inner_optimizer, MaskedOptimizer)
         registries = [Registry(MASKS, masks, saved[MASKS]), Registry(MULTIPLIERS, multipliers, saved[MULTIPLIERS])]
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
@@ -87,11 +87,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._compile = compilation
         self._owner = Owner()
         if compact_state:
-            self._layout = _compact.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
+            self._state_layout = _compact_state.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
         else:
-            self._layout = DenseLayout(inner, self._add_state, self._owner)
-        self._values = Values(self._table, self._layout, self._owner, *registries)
-        self._saving = _saving.Saving(self._table, self._values, self._layout, inner)
+            self._state_layout = DenseLayout(inner, self._add_state, self._owner)
+        self._store = MaskStore(self._table, self._state_layout, self._owner, *registries)
+        self._saving = _saving.Saving(self._table, self._store, self._state_layout, inner)
 
     def _key(self, variable: Any) -> Any:
         return _compat.var_key(self, variable)
@@ -100,26 +100,26 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def build(self, var_list: Sequence[keras.Variable]) -> None:
         if self.built:  # called again (a custom loop after `fit`): full-size state for every variable
-            return self._layout.grow_all()
+            return self._state_layout.grow_all()
         var_list = list(var_list)
         self._owner.find(self)
         _backend.check_strategy_support(self.inner_optimizer, var_list)
         # Float8 scale variables are overwritten with their gradient: never masked.
         maskable = [v for v in var_list if not _compat.overwrites_with_gradient(self, v)]
-        self._values.build(var_list, maskable, self._key)
-        inner_variables = self._layout.inner_variables(var_list, self._table)
-        _inner.build(self.inner_optimizer, inner_variables, compact=self.compact_state)
-        self._layout.after_inner_build(self._table)
-        _whole.skip_in_backward(self._table, self._owner, self.inner_optimizer, var_list)
+        self._store.build(var_list, maskable, self._key)
+        inner_variables = self._state_layout.inner_variables(var_list, self._table)
+        _inner_optimizer.build(self.inner_optimizer, inner_variables, compact=self.compact_state)
+        self._state_layout.after_inner_build(self._table)
+        _wholly_frozen.skip_in_backward(self._table, self._owner, self.inner_optimizer, var_list)
         if self._table.multiplied():
-            _inner.check_multiplier_support(self.inner_optimizer, var_list)
+            _inner_optimizer.check_multiplier_support(self.inner_optimizer, var_list)
         super().build(var_list)
 
     def _add_state(self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True):
         """A variable holding `value` from its initializer (an `assign` in a build traced by `fit` can
         be lost), named after `variable`; `sharded`: laid out like it under keras.distribution."""
         value = np.asarray(value)
-        layout = _backend.mask_layout(variable, value.shape) if sharded else None
+        layout = _backend.mask_sharding(variable, value.shape) if sharded else None
         return self.add_variable(
             shape=value.shape,
             initializer=lambda shape, dtype=None: value,
@@ -151,8 +151,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         self._table.check_loaded()
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
-        grads, trainable_variables = _whole.leave_out(self._table, self._owner, self.inner_optimizer, grads,
-                                                      trainable_variables)
+        grads, trainable_variables = _wholly_frozen.leave_out(self._table, self._owner, self.inner_optimizer, grads,
+                                                              trainable_variables)
         if self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
                 self.jit_compile is True or self._table.handled(grads, trainable_variables, lambda g: False)):
             key = tuple(self._key(v) for v in trainable_variables)
@@ -163,9 +163,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     @_backend.no_autograph
     def _update(self, grads: list, variables: list) -> None:
         self._compile.record(grads)
-        handled = self._table.handled(grads, variables, lambda g: self._layout.bare_at_identity and _backend.runs_eagerly(g))
+        handled = self._table.handled(grads, variables, lambda g: self._state_layout.bare_at_identity and _backend.runs_eagerly(g))
         if handled:
-            self._layout.step(grads, variables, handled, self._table.identity)
+            self._state_layout.step(grads, variables, handled, self._table.identity)
         else:
             self.inner_optimizer.apply(grads, variables)
 
@@ -173,12 +173,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         var_list = list(var_list)
         # JAX's `fit` calls this from a `finally`, where the variables may still be
         # detached after an error: read nothing then (it would hide that error).
-        if any(_backend.is_purged(v) for v in var_list) or self._layout.detached(self._table):
+        if any(_backend.is_purged(v) for v in var_list) or self._state_layout.detached(self._table):
             return
-        if not _inner.uses_ema(self.inner_optimizer):
+        if not _inner_optimizer.uses_ema(self.inner_optimizer):
             self.inner_optimizer.finalize_variable_values(var_list)
             return
-        self._layout.finalize(var_list, self._table)
+        self._state_layout.finalize(var_list, self._table)
 
     # ------------------------------------------------- masks and multipliers
 
@@ -207,13 +207,13 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         moments, the EMA at the weight), as for a newly grown connection."""
         if not self.built:  # nothing to reset
             raise ValueError("`reset_state` needs a built optimizer: build it (or run a step) first.")
-        self._values.reset_state(key, where, _compat.built_on(self))
+        self._store.reset_state(key, where, _compat.built_on(self))
 
     def _edit(self, quantity, kind: str, key: Key, payload: Any) -> None:
         if self.built:  # validates every selected variable, then changes them all
-            self._values.edit(quantity, kind, key, payload, _compat.built_on(self))
+            self._store.edit(quantity, kind, key, payload, _compat.built_on(self))
         else:  # recorded, replayed at build
-            self._values.registry(quantity).record(kind, key, payload)
+            self._store.registry(quantity).record(kind, key, payload)
 
     def get_mask(self, variable: Key) -> np.ndarray:
         """The variable's mask as a bool array of its full shape (True = trainable)."""
@@ -226,7 +226,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def _get(self, quantity, key: Key, method: str) -> np.ndarray:
         variable = one_variable(key, _compat.built_on(self), argument=method, built=self.built)
-        return self._values.get(quantity, variable, self.built)
+        return self._store.get(quantity, variable, self.built)
 
     # ------------------------------------------------------------ inspection
 
@@ -251,16 +251,16 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(list(variables))
-        return _whole.trained(self._table, list(variables))
+        return _wholly_frozen.trained(self._table, list(variables))
 
     def mask_storage_shape(self, variable: keras.Variable) -> tuple[int, ...] | None:
         """The shape the variable's mask is stored at (fixed at build), or None."""
         entry = self._table.get(variable)
         return None if entry is None else entry.mask_shape
 
-    def inspect(self) -> OptimizerInfo:
+    def inspect(self) -> _info.OptimizerInfo:
         """What the optimizer keeps per variable and how its update ran."""
-        return OptimizerInfo(
+        return _info.OptimizerInfo(
             built=bool(self.built),
             compact_state=self.compact_state,
             variables=self._table.info(),

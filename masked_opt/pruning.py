@@ -31,7 +31,7 @@ import numpy as np
 
 import keras
 
-from masked_opt._owner import current_step
+from masked_opt._owner_model import current_step
 from masked_opt._ranking import count
 from masked_opt.optimizer import MaskedOptimizer, masked_optimizer
 from masked_opt.keys import Key, check_key, match_key

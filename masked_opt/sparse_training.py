@@ -38,9 +38,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _inner
-from masked_opt._compact import ELEMENTWISE
-from masked_opt._owner import current_step
+from masked_opt import _backend, _inner_optimizer
+from masked_opt._compact_state import ELEMENTWISE
+from masked_opt._owner_model import current_step
 from masked_opt.fisher import resolve_loss
 from masked_opt.optimizer import masked_optimizer
 from masked_opt.keys import Key, match_key
@@ -240,7 +240,7 @@ class _GrowDrop(keras.callbacks.Callback):
 
     def _check(self, optimizer: Any) -> None:
         name = type(self).__name__
-        for leaf in _inner.leaf_optimizers(optimizer.inner_optimizer):
+        for leaf in _inner_optimizer.leaf_optimizers(optimizer.inner_optimizer):
             if type(leaf).__name__ not in ELEMENTWISE:
                 raise ValueError(
                     f"`{name}` gives grown elements a fresh optimizer state, element by element; the inner "

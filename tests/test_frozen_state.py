@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from backends import IS_JAX, IS_TF, synced, to_numpy
-from masked_opt import MaskedOptimizer, _dense
+from masked_opt import MaskedOptimizer, _dense_state
 from models import mlp, mse_step, regression_data
 
 
@@ -28,9 +28,9 @@ def sizes(optimizer):
 def train(masks, *, stand_ins=True, edit_at=None, driver="fit", inner=None, steps=6):
     """Weights and inner state after `steps` batches; `edit_at`: unfreeze layer
     "a" before that batch."""
-    original = _dense.DenseLayout.holds_nothing_for_frozen
+    original = _dense_state.DenseLayout.holds_nothing_for_frozen
     if not stand_ins:
-        _dense.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
+        _dense_state.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
     try:
         model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
         optimizer = MaskedOptimizer(inner or keras.optimizers.AdamW(1e-2, weight_decay=0.1), masks=masks)
@@ -49,7 +49,7 @@ def train(masks, *, stand_ins=True, edit_at=None, driver="fit", inner=None, step
         synced(model)
         return [to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables], history, model
     finally:
-        _dense.DenseLayout.holds_nothing_for_frozen = original
+        _dense_state.DenseLayout.holds_nothing_for_frozen = original
 
 
 def assert_bitwise(actual, expected):
@@ -188,9 +188,9 @@ def test_a_custom_loop_after_fit_gets_full_size_state_and_trains_through_an_unfr
     # the guides call it, or, where the step can create state, from the step),
     # so an unfreeze later needs no state its compiled step would not see.
     def run(stand_ins):
-        original = _dense.DenseLayout.holds_nothing_for_frozen
+        original = _dense_state.DenseLayout.holds_nothing_for_frozen
         if not stand_ins:
-            _dense.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
+            _dense_state.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
         try:
             model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
             optimizer = MaskedOptimizer(keras.optimizers.AdamW(1e-2, weight_decay=0.1), masks={"a": False})
@@ -211,7 +211,7 @@ def test_a_custom_loop_after_fit_gets_full_size_state_and_trains_through_an_unfr
                 assert np.array_equal(to_numpy(kernel), before) == (i < 3)
             return [to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables]
         finally:
-            _dense.DenseLayout.holds_nothing_for_frozen = original
+            _dense_state.DenseLayout.holds_nothing_for_frozen = original
 
     if IS_JAX and not build_again:  # `stateless_apply` cannot create state: a clear error says what to call
         with pytest.raises(ValueError, match=r"wholly frozen variables \['sequential/a/bias', 'sequential/a/kernel'\].*optimizer\.build"):

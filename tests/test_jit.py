@@ -274,13 +274,13 @@ def test_graph_step_traced_with_nothing_frozen_masks_only_while_something_is():
 
 
 def test_xla_pays_for_few_variables_or_large_ones_not_many_small_ones():
-    from masked_opt import _xla
+    from masked_opt import _xla_update
 
     small, large = np.zeros((8, 8)), np.zeros((512, 128))
-    assert _xla.xla_pays([small] * _xla.FEW_VARIABLES)
-    assert not _xla.xla_pays([small] * (_xla.FEW_VARIABLES + 1))
-    assert _xla.xla_pays([large] * 100 + [small] * 20)  # mean over 32 k elements
-    assert _xla.xla_pays([None] * 40 + [small])  # None gradients do not count
+    assert _xla_update.xla_pays([small] * _xla_update.FEW_VARIABLES)
+    assert not _xla_update.xla_pays([small] * (_xla_update.FEW_VARIABLES + 1))
+    assert _xla_update.xla_pays([large] * 100 + [small] * 20)  # mean over 32 k elements
+    assert _xla_update.xla_pays([None] * 40 + [small])  # None gradients do not count
 
 
 @tf_only

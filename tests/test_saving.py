@@ -125,7 +125,7 @@ def test_config_is_json_nests_the_inner_optimizer_and_holds_no_arrays(built):
     assert json.loads(text) == json.loads(json.dumps(json.loads(text)))
 
 
-def test_from_config_round_trip_keeps_inner_optimizer_and_mask_layout():
+def test_from_config_round_trip_keeps_inner_optimizer_and_mask_shapes():
     variables = make_model().trainable_variables
     opt = make_optimizer()
     opt.build(variables)

@@ -5,7 +5,7 @@ In a step of the model's `train_step` (`fit`, `train_on_batch`) such a
 variable gets no masking, update, snapshot or restore, and nothing reads the
 trainer's gradient of it, so XLA (JAX, TF) or TensorFlow's graph pruning
 drops its computation. Results are those of the masked path (the reference
-run turns `_whole.leave_out` off): bit for bit where something masked is left
+run turns `_wholly_frozen.leave_out` off): bit for bit where something masked is left
 in the step, within the suite's ulp bound where the step is left with the
 bare update (graph mode there, the masked path's XLA update here), an edit that makes such a
 variable trainable takes effect at the next step with one retrace and a
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from masked_opt import _dense, _whole
+from masked_opt import _dense_state, _wholly_frozen
 from backends import IS_TF, IS_TORCH, assert_equal_across_programs, jax_only, synced
 from masked_opt import MaskedOptimizer
 from models import mlp, mse_step, regression_data
@@ -56,10 +56,10 @@ class EditAt(keras.callbacks.Callback):
 def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
     """Trains with the substitution on or off; returns weights, optimizer
     variables, the frozen kernel after each batch, and the trace counts."""
-    original, original_skip = _whole.leave_out, _whole.skip_in_backward
+    original, original_skip = _wholly_frozen.leave_out, _wholly_frozen.skip_in_backward
     if not zeroing:
-        _whole.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
-        _whole.skip_in_backward = lambda table, owner, inner, variables: None
+        _wholly_frozen.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
+        _wholly_frozen.skip_in_backward = lambda table, owner, inner, variables: None
     try:
         model, optimizer = model_and_optimizer(masks, inner)
         x, y = regression_data(64, 16, 8)
@@ -73,7 +73,7 @@ def run(zeroing, masks, edit_at=None, edit=lambda opt: None, inner=None):
         return ([to_numpy(w) for w in model.weights], [to_numpy(v) for v in optimizer.variables], kernels,
                 callbacks[0].traces if edit_at is not None else None, model)
     finally:
-        _whole.leave_out, _whole.skip_in_backward = original, original_skip
+        _wholly_frozen.leave_out, _wholly_frozen.skip_in_backward = original, original_skip
 
 
 def bits(x):
@@ -172,12 +172,12 @@ def test_the_compiled_step_computes_no_gradient_of_a_wholly_frozen_layer():
 
     def flops(kind):
         if kind == "masked path":  # full-size state for "a" (no stand-in), left in the step
-            original = _dense.DenseLayout.holds_nothing_for_frozen
-            _dense.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
+            original = _dense_state.DenseLayout.holds_nothing_for_frozen
+            _dense_state.DenseLayout.holds_nothing_for_frozen = lambda self, variables: False
             try:
                 return flops_of(kind)
             finally:
-                _dense.DenseLayout.holds_nothing_for_frozen = original
+                _dense_state.DenseLayout.holds_nothing_for_frozen = original
         return flops_of(kind)
 
     def flops_of(kind):
@@ -192,13 +192,13 @@ def test_the_compiled_step_computes_no_gradient_of_a_wholly_frozen_layer():
         model.train_on_batch(x, y)  # builds everything
         state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
                                      optimizer_variables=True, metrics_variables=True)
-        original = _whole.leave_out
+        original = _wholly_frozen.leave_out
         if kind == "masked path":
-            _whole.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
+            _wholly_frozen.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
         try:
             compiled = jax.jit(model.train_step).lower(state, (x, y)).compile()
         finally:
-            _whole.leave_out = original
+            _wholly_frozen.leave_out = original
         analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         return analysis["flops"]
@@ -481,9 +481,9 @@ def test_callbacks_that_unfreeze_whole_layers_take_effect_at_the_next_step(drive
     from masked_opt.callbacks import DynamicMask, GradualUnfreezing
 
     def train(leave_out):
-        original = _whole.leave_out
+        original = _wholly_frozen.leave_out
         if not leave_out:
-            _whole.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
+            _wholly_frozen.leave_out = lambda table, owner, inner, grads, variables: (grads, variables)
         try:
             model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
             if driver == "GradualUnfreezing":
@@ -501,7 +501,7 @@ def test_callbacks_that_unfreeze_whole_layers_take_effect_at_the_next_step(drive
             model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback, record])
             return [to_numpy(w) for w in model.weights], kernels
         finally:
-            _whole.leave_out = original
+            _wholly_frozen.leave_out = original
 
     (weights, kernels), (ref_weights, _) = train(True), train(False)
     initial = to_numpy(mlp(16, ("a", 32), ("b", 8), init_seed=0).get_layer("a").kernel)

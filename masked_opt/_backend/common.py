@@ -244,7 +244,7 @@ def check_strategy_support(inner_optimizer: Any, var_list: Any = None) -> None:
     """Refuses inner-optimizer options that fail under a tf.distribute strategy."""
 
 
-def mask_layout(variable: Any, mask_shape: tuple[int, ...]) -> Any:
+def mask_sharding(variable: Any, mask_shape: tuple[int, ...]) -> Any:
     """The keras.distribution layout for a mask of `variable` stored at
     `mask_shape`: the variable's own layout for a full-shape mask (sharded as
     its weight is), replicated for a broadcast mask, None without a

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from masked_opt import _compat, _inner
+from masked_opt import _compat, _inner_optimizer
 from masked_opt._backend import common
 from masked_opt._backend.common import SAME_WIDTH_INT, RowSnapshot
 
@@ -210,7 +210,7 @@ def check_strategy_support(inner_optimizer: Any, var_list: Sequence[Any] | None 
     and `gradient_accumulation_steps=...` fail at the first step with
     "merge_call called while defining a new graph" (keras-team/keras#20582).
     A MultiOptimizer's sub-optimizers are checked one by one."""
-    for opt in _inner.leaf_optimizers(inner_optimizer, var_list):
+    for opt in _inner_optimizer.leaf_optimizers(inner_optimizer, var_list):
         strategy = _non_default_strategy(opt) or _non_default_strategy(inner_optimizer)
         if strategy is None or not _is_mirrored_family(strategy):
             continue
@@ -249,7 +249,7 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     """
     if tf.distribute.has_strategy():
         return False
-    opt = _inner.optimizer_for(inner_optimizer, variable)
+    opt = _inner_optimizer.optimizer_for(inner_optimizer, variable)
     if opt is None or type(opt) is not keras.optimizers.SGD:
         return False
     if opt.momentum != 0 or opt.use_ema or opt.gradient_accumulation_steps or opt.global_clipnorm:

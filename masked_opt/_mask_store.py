@@ -1,5 +1,6 @@
-"""Masks and multipliers on the host: resolved into the table at build, read
-back, and edited after build.
+"""The mask store (`MaskStore`): the masks and multipliers on the host.
+
+Resolved into the variable table at build, read back, and edited after build.
 
 An edit validates the new value of every variable it selects before it
 changes any (a rejected `set_mask` or `set_multiplier` changes nothing, so
@@ -7,7 +8,7 @@ training goes on exactly as if it had not been called), then commits them,
 and refreshes the table's flags: `identity` (no element frozen, every
 multiplier 1), which the XLA decision reads, and `wholly_frozen` (masks
 stored as a scalar False), which steps of Keras's trainer leave out (see
-`_whole`): when that set changes, the owner model's train function is
+`_wholly_frozen`): when that set changes, the owner model's train function is
 rebuilt (one retrace), and a variable an edit takes out of it gets a fresh
 optimizer state.
 """
@@ -21,14 +22,17 @@ import keras
 import numpy as np
 
 from masked_opt import _saving
-from masked_opt._layout import StateLayout
-from masked_opt._owner import Owner
-from masked_opt._table import Entry, VariableTable
+from masked_opt._state_layout import StateLayout
+from masked_opt._owner_model import Owner
+from masked_opt._variable_table import Entry, VariableTable
 from masked_opt.keys import Key, check_key, match_key
 from masked_opt.registry import MASKS, MULTIPLIERS, Quantity, Registry, apply_where
 
 
-class Values:
+class MaskStore:
+    """The masks and multipliers of one optimizer: its registries, resolved into the
+    table at build; reads and atomic edits after build."""
+
     def __init__(self, table: VariableTable, layout: StateLayout, owner: Owner, masks: Registry, multipliers: Registry):
         self.table, self.layout, self.owner = table, layout, owner
         self.registries = {MASKS.argument: masks, MULTIPLIERS.argument: multipliers}

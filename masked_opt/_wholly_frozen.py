@@ -7,7 +7,7 @@ out: no gradient masking, no inner update, no snapshot or restore, and
 nothing reads the trainer's gradient of it, so XLA (JAX, TF) and
 TensorFlow's graph pruning drop its computation and the backward pass only
 it needs. Its optimizer state is held meanwhile. The table bakes the set into
-such steps; `_values` rebuilds the owner's train function when an edit
+such steps; `_mask_store` rebuilds the owner's train function when an edit
 changes it (one retrace), and gives a variable that leaves the set a fresh
 optimizer state, so `fit` and a custom loop (which keeps the masked path and
 needs no retrace) continue identically. Masks stored at any other shape
@@ -21,9 +21,9 @@ from typing import Any
 
 import keras
 
-from masked_opt import _backend, _inner
-from masked_opt._owner import Owner
-from masked_opt._table import VariableTable
+from masked_opt import _backend, _inner_optimizer
+from masked_opt._owner_model import Owner
+from masked_opt._variable_table import VariableTable
 
 
 def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, variables: list) -> tuple[list, list]:
@@ -38,7 +38,7 @@ def leave_out(table: VariableTable, owner: Owner, inner: Any, grads: list, varia
     at = table.wholly_frozen_at(grads, variables)
     if not at or not _backend.can_inspect_frames(grads[at[0]]) or not owner.in_train_step():
         return grads, variables
-    if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
+    if _inner_optimizer.uses_ema(inner) or len(_inner_optimizer.leaf_optimizers(inner)) > 1:
         if _backend.runs_eagerly(grads[at[0]]):
             return grads, variables  # computed already: the masked path
         grads = list(grads)
@@ -77,7 +77,7 @@ def skip_in_backward(table: VariableTable, owner: Owner, inner: Any, variables: 
     out of autograd from its next step on; called at build (so the first step
     saves too); `Owner.rewrap` installs it again after every rebuild of the
     train function, and from an eager step that still finds some."""
-    if _inner.uses_ema(inner) or len(_inner.leaf_optimizers(inner)) > 1:
+    if _inner_optimizer.uses_ema(inner) or len(_inner_optimizer.leaf_optimizers(inner)) > 1:
         return
     frozen = _Frozen(table, variables)
     owner.rewrap = lambda: _backend.skip_in_backward(owner.model(), frozen)  # after each retrace too

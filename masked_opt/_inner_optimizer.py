@@ -1,4 +1,4 @@
-"""What the wrapper needs to know about the inner optimizer.
+"""The inner optimizer's internals: what the wrapper needs to know about it.
 
 Which optimizers update variables (a MultiOptimizer's sub-optimizers), where
 the EMA of a variable lives, weight-decay exclusions, the state a fresh copy

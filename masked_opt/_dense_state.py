@@ -1,6 +1,8 @@
-"""The default layout: the inner optimizer keeps full-size state; each mask is
-a bool optimizer variable at its storage shape (plus a bit-packed copy for
-large full-shape masks, read by compiled steps: XLA, torch.compile).
+"""Dense state (`DenseLayout`, the default layout): the inner optimizer keeps full-size state.
+
+Each mask is a bool optimizer variable at its storage shape (plus a
+bit-packed copy for large full-shape masks, read by compiled steps: XLA,
+torch.compile).
 
 Each step, for every handled variable: (1) zero the gradient where the mask
 is False (NaN/inf there included), (2) snapshot the variable, (3) let the
@@ -23,9 +25,9 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from masked_opt import _backend, _blend, _compat, _inner
-from masked_opt._layout import ELEMENTWISE, StateLayout, scoped_variable
-from masked_opt._table import Entry, VariableTable
+from masked_opt import _backend, _compat, _inner_optimizer, _restore
+from masked_opt._state_layout import ELEMENTWISE, StateLayout, scoped_variable
+from masked_opt._variable_table import Entry, VariableTable
 from masked_opt.registry import MASKS
 
 
@@ -57,9 +59,9 @@ class DenseLayout(StateLayout):
         `train_on_batch`; not a custom loop, `load_model`): it retraces its step
         when a stand-in grows, which a custom loop's own compiled step would not
         (its masked path keeps the edits of any variable retrace-free)."""
-        leaves = _inner.leaf_optimizers(self.inner, variables)
+        leaves = _inner_optimizer.leaf_optimizers(self.inner, variables)
         return (self.owner.drives_training and not self.inner.built and leaves == [self.inner] and type(self.inner).__name__ in ELEMENTWISE
-                and not _inner.uses_ema(self.inner) and not getattr(self.inner, "gradient_accumulation_steps", None)
+                and not _inner_optimizer.uses_ema(self.inner) and not getattr(self.inner, "gradient_accumulation_steps", None)
                 and not _backend.distributed(self.inner))
 
     def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
@@ -71,7 +73,7 @@ class DenseLayout(StateLayout):
 
     def after_inner_build(self, table: VariableTable) -> None:
         for entry in table.masked():
-            entry.ema = _inner.ema_owner(self.inner, entry.variable)[1]
+            entry.ema = _inner_optimizer.ema_owner(self.inner, entry.variable)[1]
 
     def after_load(self, table: VariableTable) -> None:
         for entry in table.masked():  # the packed copies follow the loaded masks
@@ -95,7 +97,7 @@ class DenseLayout(StateLayout):
         for i, entry in handled:
             variable = variables[i]
             if entry.mask is None:
-                pending.append(_blend.multiplied_only(self.inner, variable, entry.multiplier))
+                pending.append(_restore.multiplied_only(self.inner, variable, entry.multiplier))
                 continue
             mask = self._mask_tensor(entry, grads[i])
             if entry.multiplier is None:
@@ -104,10 +106,10 @@ class DenseLayout(StateLayout):
             # A multiplier blends the whole value: no row-only snapshot.
             masked_grads[i] = _backend.mask_gradient(grads[i], mask, tuple(variable.shape))
             old = _backend.snapshot(variable)
-            ema = _blend.ema_before(self.inner, variable)
+            ema = _restore.ema_before(self.inner, variable)
             pending.append(
                 lambda v=variable, m=mask, x=entry.multiplier, o=old, a=ema:
-                _blend.multiplied_items(v, m, x.value, o, *a)
+                _restore.multiplied_items(v, m, x.value, o, *a)
             )
         # A TF graph-mode step traced while nothing is frozen (all-True masks
         # registered for later edits) masks frozen-only variables only while
@@ -120,7 +122,7 @@ class DenseLayout(StateLayout):
         )
         olds = self._mask_frozen(frozen, grads, variables, masked_grads, guard)
         self.inner.apply(masked_grads, variables)
-        _restore(frozen, olds, [item for items in pending for item in items()], guard)
+        _write_back(frozen, olds, [item for items in pending for item in items()], guard)
 
     def _grow_outside_trainer(self, grads: list, variables: list) -> None:
         """A step that Keras's trainer does not run (a custom loop over every
@@ -164,14 +166,14 @@ class DenseLayout(StateLayout):
 
     def _grow_fresh(self, variable: keras.Variable) -> None:
         weights = np.asarray(self.read(variable, variable.path))  # syncs JAX's trainer first
-        self.grow(variable, _inner.fresh_state(self.inner, variable, weights))
+        self.grow(variable, _inner_optimizer.fresh_state(self.inner, variable, weights))
 
     def grow(self, variable: keras.Variable, values: dict[str, np.ndarray]) -> None:
         """Full-size slots for `variable` (holding `values`, by slot suffix) in
         place of its stand-in's zero-size ones; the inner optimizer updates
         `variable` from then on."""
         _, stand_in = self.stand_ins.pop(id(variable))
-        for suffix, old in _inner.slot_variables(self.inner.variables, stand_in).items():
+        for suffix, old in _inner_optimizer.slot_variables(self.inner.variables, stand_in).items():
             value = np.asarray(values[suffix], dtype=old.dtype)
             new = self.inner.add_variable_from_reference(variable, suffix, initializer=lambda shape, dtype=None, x=value: x)
             _compat.replace_state_variable(self.inner, old, new)
@@ -227,7 +229,7 @@ class DenseLayout(StateLayout):
             entry = table.get(variable)
             if entry is not None and entry.mask is not None:
                 old = _backend.snapshot(variable)
-                restore.extend(_blend.frozen_items(variable, entry.ema, entry.mask.value, old))
+                restore.extend(_restore.frozen_items(variable, entry.ema, entry.mask.value, old))
         self.inner.finalize_variable_values(var_list)
         _backend.restore_frozen(restore)
 
@@ -250,17 +252,17 @@ class DenseLayout(StateLayout):
 
 def _holds(inner, reference: keras.Variable, slot: keras.Variable) -> bool:
     """Whether `slot` is one of the inner optimizer's slots made from `reference`."""
-    return any(s is slot for s in _inner.slot_variables(inner.variables, reference).values())
+    return any(s is slot for s in _inner_optimizer.slot_variables(inner.variables, reference).values())
 
 
-def _restore(frozen: list, olds: list, multiplied: list, guard) -> None:
+def _write_back(frozen: list, olds: list, multiplied: list, guard) -> None:
     """Writes back the frozen elements of `frozen` from `olds` (behind `guard`,
     if any) and the blended `multiplied` items."""
 
     def frozen_items() -> list:
         items = []
         for (_, entry, mask), old in zip(frozen, olds):
-            items.extend(_blend.frozen_items(entry.variable, entry.ema, mask, old))
+            items.extend(_restore.frozen_items(entry.variable, entry.ema, mask, old))
         return items
 
     if guard is None:  # one restore (one merge_call under tf.distribute)

@@ -1,4 +1,6 @@
-"""Where masked variables keep their optimizer state, and the step over it.
+"""The state layout interface (`StateLayout`): where masked variables keep optimizer state.
+
+Where masked variables keep their optimizer state, and the step over it.
 
 Two layouts implement one interface: `DenseLayout` (the default: the inner
 optimizer keeps full-size state, masks are bool variables) and
@@ -17,8 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _inner
-from masked_opt._table import Entry, VariableTable
+from masked_opt import _inner_optimizer
+from masked_opt._variable_table import Entry, VariableTable
 
 AddState = Callable[..., keras.Variable]
 """`add_state(variable, value, suffix, sharded=True) -> keras.Variable`: an
@@ -27,7 +29,7 @@ optimizer variable holding `value`, named after `variable` (see
 
 Read = Callable[[keras.Variable, str], np.ndarray]
 """`read(state_variable, path) -> np.ndarray`, syncing JAX's trainer first if
-it holds the value (see `_owner.Owner.read`)."""
+it holds the value (see `_owner_model.Owner.read`)."""
 
 
 # Built-in optimizers whose update of an element depends on that element's
@@ -50,7 +52,7 @@ class StateLayout:
     bare_at_identity = True  # with nothing frozen or scaled, the step is the bare inner update
 
     def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, owner: Any):
-        self.inner, self.add_state, self.owner = inner, add_state, owner  # owner: `_owner.Owner`
+        self.inner, self.add_state, self.owner = inner, add_state, owner  # owner: `_owner_model.Owner`
         self.read: Read = owner.read
 
     # -- build
@@ -115,8 +117,8 @@ class StateLayout:
         what a variable that stops being wholly frozen starts from."""
         variable = entry.variable
         weights = np.asarray(self.read(variable, variable.path))
-        fresh = _inner.fresh_state(self.inner, variable, weights)
-        for suffix, slot in _inner.slot_variables(self.inner.variables, variable).items():
+        fresh = _inner_optimizer.fresh_state(self.inner, variable, weights)
+        for suffix, slot in _inner_optimizer.slot_variables(self.inner.variables, variable).items():
             if suffix in fresh and tuple(np.shape(fresh[suffix])) == tuple(slot.shape):
                 slot.assign(np.asarray(fresh[suffix]))
 
@@ -133,8 +135,8 @@ def reset_slots(inner: Any, reference: keras.Variable, variable: keras.Variable,
     optimizer's values at flat positions `at` (whose weights are `weights`)."""
     if at.size == 0:
         return
-    fresh = _inner.fresh_state(inner, reference, weights)
-    for suffix, slot in _inner.slot_variables(inner.variables, reference).items():
+    fresh = _inner_optimizer.fresh_state(inner, reference, weights)
+    for suffix, slot in _inner_optimizer.slot_variables(inner.variables, reference).items():
         if tuple(slot.shape) != tuple(reference.shape) or suffix not in fresh:
             raise ValueError(
                 f"`reset_state('{variable.path}')`: the inner optimizer's state '{slot.name}' has shape "

@@ -1,4 +1,6 @@
-"""The host-side table: one place that knows, for each model variable the
+"""The variable table (`VariableTable`): an entry per masked or multiplied variable.
+
+The host-side table: one place that knows, for each model variable the
 optimizer masks or multiplies, its mask and multiplier variables, their
 storage shapes and its compact-state indices.
 
@@ -17,6 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from masked_opt._info import VariableInfo
 
 
 @dataclass(eq=False)
@@ -52,52 +55,11 @@ class Entry:
         return int(np.prod(self.variable.shape, dtype=np.int64))
 
 
-@dataclass(frozen=True)
-class VariableInfo:
-    """What a `MaskedOptimizer` keeps for one variable (see `inspect()`)."""
-
-    path: str
-    shape: tuple[int, ...]
-    mask_shape: tuple[int, ...] | None  # the mask's storage shape, None: no mask
-    multiplier_shape: tuple[int, ...] | None  # None: no multiplier
-    compact_capacity: int | None  # compact_state: elements its state can hold
-    packed_mask: bool  # a bit-packed copy of the mask is read by compiled steps
-
-
-@dataclass(frozen=True)
-class OptimizerInfo:
-    """A read-only view of a `MaskedOptimizer`'s bookkeeping (see `inspect()`).
-
-    `update_traces` counts the Python executions of the masked update (one
-    per trace in a TensorFlow or JAX compiled step, one per call in eager
-    mode; torch.compile's traces are not counted);
-    `xla_functions` the masked updates compiled by `jit_compile` on
-    TensorFlow; `last_update_compiled` whether the last of those executions
-    was traced into a compiled program (XLA, or torch.compile), None before
-    the first.
-    """
-
-    built: bool
-    compact_state: bool
-    variables: tuple[VariableInfo, ...]  # masked or multiplied, in build order
-    update_traces: int
-    xla_functions: int
-    last_update_compiled: bool | None
-
-    def variable(self, path: str) -> VariableInfo:
-        """The row of the variable whose path is (or ends with "/") `path`."""
-        hits = [v for v in self.variables if v.path == path or v.path.endswith("/" + path)]
-        if len(hits) != 1:
-            known = [v.path for v in self.variables]
-            raise KeyError(f"{path!r} selects {len(hits)} of the optimizer's variables {known}")
-        return hits[0]
-
-
 class VariableTable:
     """Entries by variable, in build order; `identity` says whether every mask
     is all True and every multiplier 1 (the bare optimizer's update);
     `wholly_frozen` holds the keys of the variables whose mask is stored as a
-    scalar False (see `_whole`)."""
+    scalar False (see `_wholly_frozen`)."""
 
     def __init__(self, key: Callable[[Any], Any]):
         self._key = key

@@ -1,4 +1,4 @@
-"""The model whose trainer drives the optimizer.
+"""The owner model (`Owner`): the model whose trainer drives the optimizer.
 
 Found once, when the optimizer is built or first traced, by walking up the
 call stack to the `keras.Model` whose `optimizer` is this one (or wraps it).
@@ -26,7 +26,7 @@ from masked_opt import _backend
 class Owner:
     def __init__(self) -> None:
         self._ref: Any = None
-        self.rewrap: Any = None  # re-installs a train-function wrapper after a rebuild (`_whole`)
+        self.rewrap: Any = None  # re-installs a train-function wrapper after a rebuild (`_wholly_frozen`)
         self.found_in = ""  # the owner's method the optimizer was found from
 
     @property

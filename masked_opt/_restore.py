@@ -1,5 +1,7 @@
-"""What goes back after the inner optimizer's step: frozen elements restored,
-multiplied updates blended, and the EMA of both kept consistent.
+"""The restore after the inner optimizer's step: frozen elements, multiplied updates, their EMA.
+
+What goes back once the inner optimizer has stepped: frozen elements
+restored, multiplied updates blended, and the EMA of both kept consistent.
 
 Each function returns `(target, keep, new)` items for
 `_backend.restore_frozen`, which writes `where(keep, target, new)`
@@ -13,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from masked_opt import _backend, _inner
+from masked_opt import _backend, _inner_optimizer
 
 
 def frozen_items(variable: keras.Variable, ema: Any, mask: Any, old: Any) -> list[tuple]:
@@ -29,7 +31,7 @@ def frozen_items(variable: keras.Variable, ema: Any, mask: Any, old: Any) -> lis
 def ema_before(inner: Any, target: keras.Variable) -> tuple:
     """(EMA variable, its value before the step, the momentum of this step's
     EMA update) of a multiplied `target`, or three Nones without EMA."""
-    opt, average = _inner.ema_owner(inner, target)
+    opt, average = _inner_optimizer.ema_owner(inner, target)
     if average is None:
         return None, None, None
     # Keras's EMA momentum: zero at the first step (the average starts at the

@@ -1,4 +1,4 @@
-"""Compact optimizer state (`MaskedOptimizer(..., compact_state=True)`).
+"""Compact state (`CompactLayout`, `compact_state=True`): state for the trainable elements only.
 
 For each masked variable the inner optimizer is built on a *proxy*: a 1-D
 scratch variable of `capacity` elements holding the variable's trainable
@@ -33,9 +33,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from masked_opt import _backend, _blend, _inner
-from masked_opt._layout import ELEMENTWISE, StateLayout, reset_slots, scoped_variable
-from masked_opt._table import CompactState, Entry, VariableTable
+from masked_opt import _backend, _inner_optimizer, _restore
+from masked_opt._state_layout import ELEMENTWISE, StateLayout, reset_slots, scoped_variable
+from masked_opt._variable_table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
 
@@ -154,15 +154,15 @@ class CompactLayout(StateLayout):
             variable.path.split("/")[-1],
             (capacity,),
             variable.dtype,
-            _backend.mask_layout(variable, (capacity,)),
+            _backend.mask_sharding(variable, (capacity,)),
         )
         entry.compact = CompactState(proxy, index_var, count_var, capacity)
         self._proxies += 1
 
     def inner_variables(self, variables: list, table: VariableTable) -> list:
-        check_inner(_inner.leaf_optimizers(self.inner, variables))
+        check_inner(_inner_optimizer.leaf_optimizers(self.inner, variables))
         pairs = [(e.variable, e.compact.proxy) for e in table.masked()]
-        _inner.share_weight_decay_exclusions(self.inner, pairs)
+        _inner_optimizer.share_weight_decay_exclusions(self.inner, pairs)
         out = []
         for v in variables:
             entry = table.get(v)
@@ -192,19 +192,19 @@ class CompactLayout(StateLayout):
         dense, pending = [], []
         for i, entry in handled:
             if entry.compact is None:  # a multiplier only: the variable keeps dense state
-                dense.append(_blend.multiplied_only(self.inner, variables[i], entry.multiplier))
+                dense.append(_restore.multiplied_only(self.inner, variables[i], entry.multiplier))
                 continue
             c = entry.compact
             grads[i], old, valid = self.gather(c, variables[i], grads[i])
             inner_vars[i] = c.proxy
             m = None if entry.multiplier is None else self._gathered_multiplier(entry)
-            ema = _blend.ema_before(self.inner, c.proxy) if m is not None else None
+            ema = _restore.ema_before(self.inner, c.proxy) if m is not None else None
             pending.append((entry, old, valid, m, ema))
         self.inner.apply(grads, inner_vars)
         restore = [item for items in dense for item in items()]
         for entry, old, valid, m, ema in pending:
             if m is not None:  # blend on the proxy, then write it back
-                restore.extend(_blend.multiplied_items(entry.compact.proxy, valid, m, old, *ema))
+                restore.extend(_restore.multiplied_items(entry.compact.proxy, valid, m, old, *ema))
         _backend.restore_frozen(restore)
         for entry, old, valid, _, _ in pending:
             self.scatter(entry.compact, entry.variable, old, valid)
@@ -260,8 +260,8 @@ class CompactLayout(StateLayout):
             kept = loc < len(old_idx)
             kept[kept] = old_idx[loc[kept]] == valid[kept]
             flat_w = _backend.to_numpy(entry.variable).reshape(-1)
-            fresh = _inner.fresh_state(self.inner, c.proxy, flat_w[new_idx])
-            for suffix, var in _inner.slot_variables(self.inner.variables, c.proxy).items():
+            fresh = _inner_optimizer.fresh_state(self.inner, c.proxy, flat_w[new_idx])
+            for suffix, var in _inner_optimizer.slot_variables(self.inner.variables, c.proxy).items():
                 values = np.array(fresh[suffix])
                 values[:new_count][kept] = _backend.to_numpy(var)[loc[kept]]
                 var.assign(values)
