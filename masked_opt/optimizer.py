@@ -79,17 +79,13 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         registries = [Registry(MASKS, masks, saved[MASKS]), Registry(MULTIPLIERS, multipliers, saved[MULTIPLIERS])]
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
-        self.jit_compile = jit_compile
-        self.compact_state = compact_state
-        self.compact_capacity = compact_capacity
+        self.jit_compile, self.compact_state, self.compact_capacity = jit_compile, compact_state, compact_capacity
         # Host-side state: plain objects, which no attribute tracking touches.
         self._table = VariableTable(self._key)
         self._compile = compilation
         self._owner = Owner()
-        if compact_state:
-            self._state_layout = _compact_state.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
-        else:
-            self._state_layout = DenseLayout(inner, self._add_state, self._owner)
+        self._state_layout = (_compact_state.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
+                              if compact_state else DenseLayout(inner, self._add_state, self._owner))
         self._store = MaskStore(self._table, self._state_layout, self._owner, *registries)
         self._saving = _saving.Saving(self._table, self._store, self._state_layout, inner)
 
@@ -103,6 +99,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             return self._state_layout.grow_all()
         var_list = list(var_list)
         self._owner.find(self)
+        with _backend.state_scope():  # TF: eagerly (a variable made in a trace costs ~10 ms)
+            self._build(var_list)
+
+    def _build(self, var_list: list) -> None:
         _backend.check_strategy_support(self.inner_optimizer, var_list)
         # Float8 scale variables are overwritten with their gradient: never masked.
         maskable = [v for v in var_list if not _compat.overwrites_with_gradient(self, v)]
