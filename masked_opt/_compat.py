@@ -17,7 +17,7 @@ import inspect
 from typing import Any, NamedTuple
 
 import keras
-from keras.src.backend.common.stateless_scope import in_stateless_scope  # noqa: F401 (re-exported)
+from keras.src.backend.common import stateless_scope
 from keras.src.utils import tracking
 
 
@@ -194,3 +194,8 @@ def replace_state_variable(optimizer: Any, old: Any, new: Any) -> None:
             for k, v in enumerate(value):
                 if v is old:
                     value[k] = new
+
+
+def in_stateless_scope() -> bool:
+    """Whether a `keras.StatelessScope` is active (a step inside `stateless_apply`)."""
+    return stateless_scope.in_stateless_scope()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras
-from models import mlp, small_data, small_masked
+from models import mlp, small_masked
 from masked_opt import MaskedOptimizer
 from masked_opt import masks as M
 from masked_opt import summary as S
