@@ -221,3 +221,30 @@ def test_a_custom_loop_after_fit_gets_full_size_state_and_trains_through_an_unfr
     ref_weights, ref_state = run(stand_ins=False)
     assert_bitwise(weights, ref_weights)
     assert_bitwise(state, ref_state)
+
+
+@pytest.mark.skipif(not IS_TF, reason="TensorFlow builds the optimizer inside the first trace of train_on_batch")
+def test_tensorflow_builds_the_state_outside_the_first_trace(monkeypatch):
+    # A variable made inside a `tf.function` trace gets a lifted initializer
+    # (one `tf.cond` each, ~11 ms on a large model's first step); the wrapper
+    # makes its masks, stand-ins and the inner optimizer's slots under
+    # `tf.init_scope`, so its first trace makes no such `cond` (the bare
+    # optimizer's own build there makes one per slot).
+    from tensorflow.python.ops import cond_v2
+
+    original, calls = cond_v2.cond_v2, []
+    monkeypatch.setattr(cond_v2, "cond_v2", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def conds(optimizer):
+        calls.clear()
+        model = mlp(16, ("a", 32), ("b", 8), init_seed=0)
+        model.compile(optimizer=optimizer, loss="mse")
+        x, y = regression_data(8, 16, 8)
+        model.train_on_batch(x, y)
+        return len(calls)
+
+    bare = conds(keras.optimizers.Adam(1e-2))
+    masks = {"a": False, "b/kernel": np.eye(32, 8, dtype=bool)}
+    masked = conds(MaskedOptimizer(keras.optimizers.Adam(1e-2), masks=masks))
+    assert bare >= 8  # the bare Adam's 8 slots, made in the trace
+    assert masked == 0
