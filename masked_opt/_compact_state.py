@@ -128,8 +128,8 @@ def padded_indices(full_mask: np.ndarray, capacity: int, path: str, what: str) -
 class CompactLayout(StateLayout):
     bare_at_identity = False  # the inner optimizer updates proxies, not the variables
 
-    def __init__(self, inner, add_state, owner, capacity: Any):
-        super().__init__(inner, add_state, owner)
+    def __init__(self, inner, add_variable, owner, capacity: Any):
+        super().__init__(inner, add_variable, owner)
         self.capacity = capacity  # the `compact_capacity` argument
         self._proxies = 0
 

@@ -32,8 +32,8 @@ from masked_opt.registry import MASKS
 
 
 class DenseLayout(StateLayout):
-    def __init__(self, inner, add_state, owner):
-        super().__init__(inner, add_state, owner)
+    def __init__(self, inner, add_variable, owner):
+        super().__init__(inner, add_variable, owner)
         # Wholly frozen at build: id(variable) -> (variable, the zero-size
         # stand-in the inner optimizer was built on: no state until it trains).
         self.stand_ins: dict[int, tuple[keras.Variable, keras.Variable]] = {}

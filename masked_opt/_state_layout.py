@@ -8,7 +8,9 @@ optimizer keeps full-size state, masks are bool variables) and
 the trainable elements only). The orchestrator (`MaskedOptimizer`) builds the
 table of entries, then asks its layout to create a mask's state, to run a
 step, to finalize the EMA, and to read or edit a mask. Multipliers are
-stored the same way in both layouts (see `add_multiplier`).
+stored the same way in both layouts (see `add_multiplier`). The layouts make
+the wrapper's own variables (masks, multipliers, compact indices) through its
+`add_variable` (`add_state`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _inner_optimizer
+from masked_opt import _backend, _inner_optimizer
 from masked_opt._variable_table import Entry, VariableTable
 
-AddState = Callable[..., keras.Variable]
-"""`add_state(variable, value, suffix, sharded=True) -> keras.Variable`: an
-optimizer variable holding `value`, named after `variable` (see
-`MaskedOptimizer._add_state`)."""
+AddVariable = Callable[..., keras.Variable]
+"""The wrapper's `keras.optimizers.Optimizer.add_variable`: its own variables
+(saved with it, by position)."""
 
 Read = Callable[[keras.Variable, str], np.ndarray]
 """`read(state_variable, path) -> np.ndarray`, syncing JAX's trainer first if
@@ -51,11 +52,26 @@ class StateLayout:
 
     bare_at_identity = True  # with nothing frozen or scaled, the step is the bare inner update
 
-    def __init__(self, inner: keras.optimizers.Optimizer, add_state: AddState, owner: Any):
-        self.inner, self.add_state, self.owner = inner, add_state, owner  # owner: `_owner_model.Owner`
+    def __init__(self, inner: keras.optimizers.Optimizer, add_variable: AddVariable, owner: Any):
+        self.inner, self.add_variable, self.owner = inner, add_variable, owner  # owner: `_owner_model.Owner`
         self.read: Read = owner.read
 
     # -- build
+    def add_state(self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True):
+        """One of the wrapper's variables, holding `value` from its initializer
+        (an `assign` in a build traced by `fit` can be lost), named after
+        `variable`; `sharded`: laid out like it under keras.distribution."""
+        value = np.asarray(value)
+        layout = _backend.mask_sharding(variable, value.shape) if sharded else None
+        return self.add_variable(
+            shape=value.shape,
+            initializer=lambda shape, dtype=None: value,
+            dtype=value.dtype.name,
+            aggregation="only_first_replica",
+            name=variable.path.replace("/", "_") + suffix,
+            **({} if layout is None else {"layout": layout}),
+        )
+
     def add_mask(self, entry: Entry, mask: np.ndarray, capacity: int | None) -> None:
         """Creates the optimizer variables that hold `entry`'s mask (and state)."""
         raise NotImplementedError

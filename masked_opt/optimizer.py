@@ -84,8 +84,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._table = VariableTable(self._key)
         self._compile = compilation
         self._owner = Owner()
-        self._state_layout = (_compact_state.CompactLayout(inner, self._add_state, self._owner, compact_capacity)
-                              if compact_state else DenseLayout(inner, self._add_state, self._owner))
+        self._state_layout = (_compact_state.CompactLayout(inner, self.add_variable, self._owner, compact_capacity)
+                              if compact_state else DenseLayout(inner, self.add_variable, self._owner))
         self._store = MaskStore(self._table, self._state_layout, self._owner, *registries)
         self._saving = _saving.Saving(self._table, self._store, self._state_layout, inner)
 
@@ -114,20 +114,6 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if self._table.multiplied():
             _inner_optimizer.check_multiplier_support(self.inner_optimizer, var_list)
         super().build(var_list)
-
-    def _add_state(self, variable: keras.Variable, value: np.ndarray, suffix: str, *, sharded: bool = True):
-        """A variable holding `value` from its initializer (an `assign` in a build traced by `fit` can
-        be lost), named after `variable`; `sharded`: laid out like it under keras.distribution."""
-        value = np.asarray(value)
-        layout = _backend.mask_sharding(variable, value.shape) if sharded else None
-        return self.add_variable(
-            shape=value.shape,
-            initializer=lambda shape, dtype=None: value,
-            dtype=value.dtype.name,
-            aggregation="only_first_replica",
-            name=variable.path.replace("/", "_") + suffix,
-            **({} if layout is None else {"layout": layout}),
-        )
 
     # ------------------------------------------------------------------ apply
 
