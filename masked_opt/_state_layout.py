@@ -104,6 +104,16 @@ class StateLayout:
                              f"{tuple(value.shape)}, here {tuple(slot.shape)}.")
 
     # -- train
+    @_backend.no_autograph
+    def update(self, grads: list, variables: list, table: VariableTable) -> None:
+        """One step: the `handled` entries through `step`; with none (nothing
+        masked or scaled among these variables), the bare inner update."""
+        handled = table.handled(grads, variables, lambda g: self.bare_at_identity and _backend.runs_eagerly(g))
+        if handled:
+            self.step(grads, variables, handled, table.identity)
+        else:
+            self.inner.apply(grads, variables)
+
     def step(self, grads: list, variables: list, handled: list[tuple[int, Entry]], identity: bool = False) -> None:
         """The inner optimizer's update with `handled` entries masked/multiplied;
         `identity`: nothing is frozen or scaled now (the host-side flag)."""

@@ -78,11 +78,20 @@ class Compilation:
             return True
         return _backend.in_traced_function() and not identity and xla_pays(grads)
 
-    def run_xla(self, fn: Callable, grads: list, variables: list, key: tuple) -> None:
-        """`fn(grads, variables)` as an XLA function made once per `key`."""
+    def run(self, update: Callable, table: Any, grads: list, variables: list, key: tuple | None) -> None:
+        """`update(grads, variables, table)`, each Python execution of it
+        recorded; as an XLA function made once per `key` where one is given."""
+
+        def recorded(grads: list, variables: list) -> None:
+            self.record(grads)
+            update(grads, variables, table)
+
+        if key is None:
+            recorded(grads, variables)
+            return
         compiled = self._functions.get(key)
         if compiled is None:
-            compiled = self._functions[key] = _backend.jit_function(fn, list(variables))
+            compiled = self._functions[key] = _backend.jit_function(recorded, list(variables))
         compiled(grads)
 
     def record(self, grads: list) -> None:

@@ -139,21 +139,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
         grads, trainable_variables = _wholly_frozen.leave_out(self._table, self._owner, self.inner_optimizer, grads,
                                                               trainable_variables)
-        if self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
-                self.jit_compile is True or self._table.handled(grads, trainable_variables, lambda g: False)):
-            key = tuple(self._key(v) for v in trainable_variables)
-            self._compile.run_xla(self._update, grads, trainable_variables, key)
-        else:
-            self._update(grads, trainable_variables)
-
-    @_backend.no_autograph
-    def _update(self, grads: list, variables: list) -> None:
-        self._compile.record(grads)
-        handled = self._table.handled(grads, variables, lambda g: self._state_layout.bare_at_identity and _backend.runs_eagerly(g))
-        if handled:
-            self._state_layout.step(grads, variables, handled, self._table.identity)
-        else:
-            self.inner_optimizer.apply(grads, variables)
+        xla = self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
+            self.jit_compile is True or self._table.handled(grads, trainable_variables, lambda g: False))
+        key = tuple(self._key(v) for v in trainable_variables) if xla else None
+        self._compile.run(self._state_layout.update, self._table, grads, trainable_variables, key)
 
     def finalize_variable_values(self, var_list):
         var_list = list(var_list)

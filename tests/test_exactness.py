@@ -280,10 +280,12 @@ def run_oracle(opt_id: str, feature: str, *, restore: bool = True, mode: str = "
     schedule = _schedule(f)
     grads = _grads(schedule, f.nan)
     opt = OPTIMIZERS[opt_id](**f.kwargs)
+    # Built as the masked optimizer builds its inner one: eagerly, even when
+    # its first call is traced (TF: under tf.init_scope). Stock
+    # ScheduleFreeAdamW assigns its `z` slot in `build`, an assign that is
+    # lost when built inside a tf.function.
+    opt.build(variables)
     if mode == "function":
-        # Built where the masked optimizer is built: in the first call (inside
-        # the trace on TF). Stock ScheduleFreeAdamW assigns its `z` slot in
-        # `build`, an assign that is lost when built inside a tf.function.
         step = CompiledStep(opt, variables)
     elif mode == "xla":
         import tensorflow as tf
@@ -291,15 +293,8 @@ def run_oracle(opt_id: str, feature: str, *, restore: bool = True, mode: str = "
         xla_apply = tf.function(
             lambda g: opt.apply(g, variables), jit_compile=True, autograph=False
         )
-
-        def traced(g):
-            if not opt.built:  # in the trace, as above
-                opt.build(variables)
-            xla_apply(g)
-
-        step = tf.function(traced, autograph=False)
+        step = tf.function(xla_apply, autograph=False)
     else:
-        opt.build(variables)
 
         def step(g):
             opt.apply_gradients(zip(g, variables))

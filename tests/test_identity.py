@@ -75,6 +75,8 @@ def _fit(opt_id: str, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
     inner = OPTIMIZERS[opt_id]()
     opt = inner if isinstance(masks, str) else MaskedOptimizer(inner, masks)
     model.compile(optimizer=opt, loss="mse")
+    if opt is inner:  # built eagerly, as the wrapper builds it (TF's fit would build it in its first trace,
+        inner.build(model.trainable_variables)  # where ScheduleFreeAdamW's build-time assign is lost)
     rng = np.random.default_rng(9)
     x = rng.normal(size=(16, 5)).astype("float32")
     y = rng.normal(size=(16, 4)).astype("float32")
