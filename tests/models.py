@@ -74,3 +74,37 @@ def small_masked(masks: Any, inner: Any = None, build: bool = True) -> tuple[ker
 def small_data(n: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Regression data for `small_masked`'s model."""
     return regression_data(n, 4, 2)
+
+
+def jax_step(model, optimizer, chosen, run=True):
+    """`stateless_call` + `stateless_apply` under `jax.jit`; the gradients of
+    variables not in `chosen` are given as None."""
+    import jax
+
+    variables = model.trainable_variables
+    keep = [any(v is c for c in chosen) for v in variables]
+    if not optimizer.built:
+        optimizer.build(variables)
+
+    def loss_fn(trainable, non_trainable, x, y):
+        out, non_trainable = model.stateless_call(trainable, non_trainable, x)
+        return keras.ops.mean((out - y) ** 2), non_trainable
+
+    @jax.jit
+    def step(trainable, non_trainable, opt_vars, x, y):
+        grads, non_trainable = jax.grad(loss_fn, has_aux=True)(trainable, non_trainable, x, y)
+        grads = [g if k else None for g, k in zip(grads, keep)]
+        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
+        return trainable, non_trainable, opt_vars
+
+    def state():
+        return ([v.value for v in variables], [v.value for v in model.non_trainable_variables],
+                [v.value for v in optimizer.variables])
+
+    def apply(x, y):
+        trainable, non_trainable, opt_vars = step(*state(), x, y)
+        for v, value in zip(variables + model.non_trainable_variables + optimizer.variables,
+                            trainable + non_trainable + opt_vars):
+            v.assign(value)
+
+    return apply if run else (step, state)

@@ -12,7 +12,7 @@ import pytest
 
 from backends import IS_JAX, IS_TF, synced, to_numpy
 from masked_opt import MaskedOptimizer, _dense_state
-from models import mlp, mse_step, regression_data
+from models import jax_step, mlp, mse_step, regression_data
 
 
 def sizes(optimizer):
@@ -158,26 +158,8 @@ def loop_step(model, optimizer):
             optimizer.apply(tape.gradient(loss, variables), variables)
 
         return lambda x, y: traced(tf.constant(x), tf.constant(y))
-    if IS_JAX:
-        import jax
-
-        def loss_fn(trainable, non_trainable, x, y):
-            out, non_trainable = model.stateless_call(trainable, non_trainable, x)
-            return keras.ops.mean((out - y) ** 2), non_trainable
-
-        @jax.jit
-        def jitted(trainable, non_trainable, opt_vars, x, y):
-            grads, non_trainable = jax.grad(loss_fn, has_aux=True)(trainable, non_trainable, x, y)
-            return (*optimizer.stateless_apply(opt_vars, grads, trainable), non_trainable)
-
-        def step(x, y):
-            state = [[v.value for v in vs] for vs in (variables, model.non_trainable_variables, optimizer.variables)]
-            trainable, opt_vars, non_trainable = jitted(state[0], state[1], state[2], x, y)
-            for v, value in zip(variables + optimizer.variables + model.non_trainable_variables,
-                                trainable + opt_vars + non_trainable):
-                v.assign(value)
-
-        return step
+    if IS_JAX:  # `stateless_apply` under `jax.jit`, every variable's gradient given
+        return jax_step(model, optimizer, variables)
     return lambda x, y: mse_step(model, optimizer, x, y)
 
 

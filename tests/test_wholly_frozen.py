@@ -19,7 +19,7 @@ import pytest
 from masked_opt import _dense_state, _wholly_frozen
 from backends import IS_TF, IS_TORCH, assert_equal_across_programs, jax_only, synced
 from masked_opt import MaskedOptimizer
-from models import mlp, mse_step, regression_data
+from models import jax_step, mlp, mse_step, regression_data
 
 
 def to_numpy(x):
@@ -293,40 +293,6 @@ def custom_step(model, optimizer, x, y, only_trained, chosen=None):
         optimizer.apply(list(torch.autograd.grad(loss, [v.value for v in chosen])), chosen)
     else:
         jax_step(model, optimizer, chosen)(x, y)
-
-
-def jax_step(model, optimizer, chosen, run=True):
-    """`stateless_call` + `stateless_apply` under `jax.jit`; the gradients of
-    variables not in `chosen` are given as None."""
-    import jax
-
-    variables = model.trainable_variables
-    keep = [any(v is c for c in chosen) for v in variables]
-    if not optimizer.built:
-        optimizer.build(variables)
-
-    def loss_fn(trainable, non_trainable, x, y):
-        out, non_trainable = model.stateless_call(trainable, non_trainable, x)
-        return keras.ops.mean((out - y) ** 2), non_trainable
-
-    @jax.jit
-    def step(trainable, non_trainable, opt_vars, x, y):
-        grads, non_trainable = jax.grad(loss_fn, has_aux=True)(trainable, non_trainable, x, y)
-        grads = [g if k else None for g, k in zip(grads, keep)]
-        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
-        return trainable, non_trainable, opt_vars
-
-    def state():
-        return ([v.value for v in variables], [v.value for v in model.non_trainable_variables],
-                [v.value for v in optimizer.variables])
-
-    def apply(x, y):
-        trainable, non_trainable, opt_vars = step(*state(), x, y)
-        for v, value in zip(variables + model.non_trainable_variables + optimizer.variables,
-                            trainable + non_trainable + opt_vars):
-            v.assign(value)
-
-    return apply if run else (step, state)
 
 
 @pytest.mark.skipif(not IS_TORCH, reason="torch's eager autograd; XLA and graph pruning: the tests above")
