@@ -1,8 +1,6 @@
 """The state layout interface (`StateLayout`): where masked variables keep optimizer state.
 
-Where masked variables keep their optimizer state, and the step over it.
-
-Two layouts implement one interface: `DenseLayout` (the default: the inner
+The step over that state is the layout's too (`update`, `step`). Two layouts implement one interface: `DenseLayout` (the default: the inner
 optimizer keeps full-size state, masks are bool variables) and
 `CompactLayout` (`compact_state=True`: the inner optimizer keeps state for
 the trainable elements only). The orchestrator (`MaskedOptimizer`) builds the
