@@ -131,6 +131,7 @@ class CompactLayout(StateLayout):
     def __init__(self, inner, add_variable, owner, capacity: Any):
         super().__init__(inner, add_variable, owner)
         self.capacity = capacity  # the `compact_capacity` argument
+        self.trainable_proxies = False  # `side_path=True`: proxies may become model variables
         self._proxies = 0
 
     # ------------------------------------------------------------- build
@@ -155,6 +156,7 @@ class CompactLayout(StateLayout):
             (capacity,),
             variable.dtype,
             _backend.mask_sharding(variable, (capacity,)),
+            trainable=self.trainable_proxies,
         )
         entry.compact = CompactState(proxy, index_var, count_var, capacity)
         self._proxies += 1
@@ -172,13 +174,14 @@ class CompactLayout(StateLayout):
     # ------------------------------------------------------------- train
 
     @staticmethod
-    def gather(c: CompactState, variable: keras.Variable, grad: Any) -> tuple[Any, Any, Any]:
-        """(compact gradient, the gathered weights, the validity mask) for a step."""
+    def gather(c: CompactState, variable: keras.Variable, grad: Any, compact: bool = False) -> tuple[Any, Any, Any]:
+        """(compact gradient, the gathered weights, the validity mask) for a
+        step; `compact`: `grad` is the compact gradient already (the side path's)."""
         indices = c.indices.value
         valid = ops.less(ops.arange(c.capacity, dtype="int32"), c.count.value)
         old = ops.take(ops.reshape(variable.value, (-1,)), indices, axis=0)
         c.proxy.assign(old)
-        g = ops.take(ops.reshape(_backend.densify(grad), (-1,)), indices, axis=0)
+        g = grad if compact else ops.take(ops.reshape(_backend.densify(grad), (-1,)), indices, axis=0)
         return ops.where(valid, g, ops.zeros((), g.dtype)), old, valid
 
     @staticmethod
@@ -195,7 +198,7 @@ class CompactLayout(StateLayout):
                 dense.append(_restore.multiplied_only(self.inner, variables[i], entry.multiplier))
                 continue
             c = entry.compact
-            grads[i], old, valid = self.gather(c, variables[i], grads[i])
+            grads[i], old, valid = self.gather(c, variables[i], grads[i], compact=entry.side is not None and len(grads[i].shape) == 1)
             inner_vars[i] = c.proxy
             m = None if entry.multiplier is None else self._gathered_multiplier(entry)
             ema = _restore.ema_before(self.inner, c.proxy) if m is not None else None
@@ -252,6 +255,12 @@ class CompactLayout(StateLayout):
         c = entry.compact
         full = np.broadcast_to(new, tuple(entry.variable.shape))
         new_idx, new_count = padded_indices(full, c.capacity, entry.path, what)
+        if entry.side is not None and not np.array_equal(full, self.read_mask(entry)):
+            raise ValueError(
+                f"`{what}`: variable '{entry.path}' trains through the side path (`side_path=True`), whose "
+                f"slices along axis {entry.side.axis} are fixed at build (its layer's forward pass has them). "
+                "To train other slices, build a new MaskedOptimizer with the new masks (its state starts "
+                "fresh), or use `side_path=False`, whose masks can change at any step.")
 
         def commit() -> None:
             old_idx = np.asarray(self.read(c.indices, entry.path))[: int(self.read(c.count, entry.path))]

@@ -57,6 +57,11 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi("_model", "keras.callbacks.Callback", "the model without the JAX state sync `.model` does"),
     PrivateApi("_jax_state", "Trainer (JAX)", "the step counter during fit without a full state sync"),
     PrivateApi("_nodes_by_depth", "Functional", "layerwise_decay orders layers by graph depth"),
+    PrivateApi("_flatten_layers", "Layer", "side path: the layer that owns a kernel"),
+    PrivateApi("Layer._trainable_variables", "Layer", "side path: a layer's own trainable variables (not its sublayers')"),
+    PrivateApi("_layers", "Layer",
+               "side path: a layer holds its slice variable in its sublayer list, which Keras's saving skips"),
+    PrivateApi("_track_variable", "Layer", "side path: the holder layer tracks the slice variable"),
     PrivateApi("_unique_id", "tf.Variable", "(via `_var_key` on TensorFlow)"),
     PrivateApi("tensorflow.python.ops.control_flow_util", "TensorFlow",
                "whether a TF graph is compiled by XLA (fallback: never; only a speed-up is lost)",
@@ -199,3 +204,21 @@ def replace_state_variable(optimizer: Any, old: Any, new: Any) -> None:
 def in_stateless_scope() -> bool:
     """Whether a `keras.StatelessScope` is active (a step inside `stateless_apply`)."""
     return stateless_scope.in_stateless_scope()
+
+
+def flatten_layers(model: Any) -> list:
+    """Every layer of `model`, nested ones included."""
+    return list(model._flatten_layers())
+
+
+def own_trainable_variables(layer: Any) -> list:
+    """A layer's own trainable variables, without its sublayers'."""
+    return list(layer._trainable_variables)
+
+
+def hold_in_sublayers(layer: Any, holder: Any, variable: Any) -> None:
+    """Has `holder` (a bare Layer) track `variable` and `layer` list it among its
+    sublayers: `layer.trainable_weights` then includes it, while Keras's saving
+    (which walks attributes, and skips `_layers`) never sees it."""
+    holder._track_variable(variable)
+    layer._layers.append(holder)

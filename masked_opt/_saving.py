@@ -387,7 +387,8 @@ class Saving:
         constructor's `kwargs`, by quantity (their values come with the weights)."""
         return {q: specs_from_config(kwargs.pop(config_key(q), None) or [], q) for q in (MASKS, MULTIPLIERS)}
 
-    def config(self, name: str, jit_compile: Any, compact_state: bool, compact_capacity: Any, built: bool) -> dict:
+    def config(self, name: str, jit_compile: Any, compact_state: bool, compact_capacity: Any, built: bool,
+               side_path: bool = False) -> dict:
         masks, multipliers = (self.mask_store.registry(q) for q in (MASKS, MULTIPLIERS))
         config = {
             "name": name,
@@ -401,6 +402,8 @@ class Saving:
         if compact_state:
             config["compact_state"] = True
             config["compact_capacity"] = compact_capacity
+        if side_path:
+            config["side_path"] = True
         return config
 
     @staticmethod

@@ -36,13 +36,13 @@ it holds the value (see `_owner_model.Owner.read`)."""
 ELEMENTWISE = ("SGD", "RMSprop", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "Ftrl", "Lion")
 
 
-def scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any):
+def scoped_variable(scopes: list[str], name: str, shape: tuple, dtype: Any, layout: Any, trainable: bool = False):
     """An untracked scratch `keras.Variable` of zeros with path `scope/.../name`."""
     if not scopes:
         kwargs = {} if layout is None else {"layout": layout}
-        return keras.Variable("zeros", shape=shape, dtype=dtype, name=name, trainable=False, **kwargs)
+        return keras.Variable("zeros", shape=shape, dtype=dtype, name=name, trainable=trainable, **kwargs)
     with keras.name_scope(scopes[0]):
-        return scoped_variable(scopes[1:], name, shape, dtype, layout)
+        return scoped_variable(scopes[1:], name, shape, dtype, layout, trainable)
 
 
 class StateLayout:

@@ -45,6 +45,7 @@ class Entry:
     ema: keras.Variable | None = None  # the inner optimizer's EMA of the variable (dense state)
     multiplier_shape: tuple[int, ...] | None = None  # storage shape; None: no multiplier
     multiplier: keras.Variable | None = None  # float32
+    side: Any = None  # `_side_path.Side`: trained through its layer's side term (`side_path=True`)
 
     @property
     def path(self) -> str:

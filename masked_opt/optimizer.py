@@ -11,7 +11,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _compact_state, _compat, _info, _inner_optimizer, _saving, _wholly_frozen, _xla_update
+from masked_opt import (_backend, _compact_state, _compat, _info, _inner_optimizer, _saving, _side_path, _wholly_frozen,
+                        _xla_update)
 from masked_opt._dense_state import DenseLayout
 from masked_opt._mask_store import MaskStore
 from masked_opt._owner_model import Owner
@@ -52,6 +53,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         compact_capacity: with `compact_state`, the trainable elements each
             masked variable's state can hold: None (the count at build), an
             int, or a float in (0, 1] (a fraction of each variable).
+        side_path: with `compact_state`, kernels of stock `Dense`,
+            `EinsumDense` and `Embedding` layers whose masks train whole
+            slices (rows, columns, heads) train through a side term of their
+            layer's forward pass, never forming the kernel's full weight
+            gradient (docs/sparse-fine-tuning.md).
         name: the optimizer's name.
 
     After build, `set_mask`, `freeze`, `unfreeze`, `set_multiplier` change the
@@ -68,11 +74,13 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         jit_compile: bool | str = "auto",
         compact_state: bool = False,
         compact_capacity: int | float | None = None,
+        side_path: bool = False,
         name: str | None = None,
         **kwargs: Any,
     ):
         saved = _saving.Saving.pop_config_entries(kwargs)  # a saved config's (values: from the weights)
         _compact_state.check_arguments(compact_state, compact_capacity)
+        _side_path.check_arguments(side_path, compact_state, compact_capacity)
         compilation = _xla_update.Compilation(jit_compile)
         _inner_optimizer.check_wrapper_kwargs(kwargs)
         inner = _inner_optimizer.resolve(inner_optimizer, MaskedOptimizer)
@@ -80,12 +88,14 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
         self.jit_compile, self.compact_state, self.compact_capacity = jit_compile, compact_state, compact_capacity
+        self.side_path, self._sides = side_path, {}
         # Host-side state: plain objects, which no attribute tracking touches.
         self._table = VariableTable(self._key)
         self._compile = compilation
         self._owner = Owner()
         self._state_layout = (_compact_state.CompactLayout(inner, self.add_variable, self._owner, compact_capacity)
                               if compact_state else DenseLayout(inner, self.add_variable, self._owner))
+        self._state_layout.trainable_proxies = side_path
         self._store = MaskStore(self._table, self._state_layout, self._owner, *registries)
         self._saving = _saving.Saving(self._table, self._store, self._state_layout, inner)
 
@@ -107,13 +117,20 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Float8 scale variables are overwritten with their gradient: never masked.
         maskable = [v for v in var_list if not _compat.overwrites_with_gradient(self, v)]
         self._store.build(var_list, maskable, self._key)
+        if self.side_path:
+            self._sides = _side_path.attach(self._table, self._owner, self)
         inner_variables = self._state_layout.inner_variables(var_list, self._table)
         _inner_optimizer.build(self.inner_optimizer, inner_variables, compact=self.compact_state)
         self._state_layout.after_inner_build(self._table)
         _wholly_frozen.skip_in_backward(self._table, self._owner, self.inner_optimizer, var_list)
         if self._table.multiplied():
             _inner_optimizer.check_multiplier_support(self.inner_optimizer, var_list)
-        super().build(var_list)
+        super().build(_side_path.with_proxies(var_list, self._sides, self._key))
+
+    def _model_variables(self) -> list:
+        """The variables built on, without the side path's (what keys select)."""
+        proxies = {id(s.proxy) for s in self._sides.values()}
+        return [v for v in _compat.built_on(self) if id(v) not in proxies]
 
     # ------------------------------------------------------------------ apply
 
@@ -137,6 +154,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         self._table.check_loaded()
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
+        grads, trainable_variables = _side_path.fold(self._table, self._owner, self._sides, grads, trainable_variables)
         grads, trainable_variables = _wholly_frozen.leave_out(self._table, self._owner, self.inner_optimizer, grads,
                                                               trainable_variables)
         xla = self._compile.wants_xla(grads, self._table.identity) and (  # not when nothing masked is left
@@ -182,11 +200,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         moments, the EMA at the weight), as for a newly grown connection."""
         if not self.built:  # nothing to reset
             raise ValueError("`reset_state` needs a built optimizer: build it (or run a step) first.")
-        self._store.reset_state(key, where, _compat.built_on(self))
+        self._store.reset_state(key, where, self._model_variables())
 
     def _edit(self, quantity, kind: str, key: Key, payload: Any) -> None:
         if self.built:  # validates every selected variable, then changes them all
-            self._store.edit(quantity, kind, key, payload, _compat.built_on(self))
+            self._store.edit(quantity, kind, key, payload, self._model_variables())
         else:  # recorded, replayed at build
             self._store.registry(quantity).record(kind, key, payload)
 
@@ -200,7 +218,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         return self._get(MULTIPLIERS, variable, "get_multiplier")
 
     def _get(self, quantity, key: Key, method: str) -> np.ndarray:
-        variable = one_variable(key, _compat.built_on(self), argument=method, built=self.built)
+        variable = one_variable(key, self._model_variables(), argument=method, built=self.built)
         return self._store.get(quantity, variable, self.built)
 
     # ------------------------------------------------------------ inspection
@@ -217,8 +235,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     @property
     def built_variables(self) -> list[keras.Variable]:
-        """The variables the optimizer was built on (empty before build)."""
-        return _compat.built_on(self)
+        """The variables the optimizer was built on (empty before build), without
+        the side path's."""
+        return self._model_variables()
 
     def trained_variables(self, variables: Sequence[keras.Variable]) -> list[keras.Variable]:
         """`variables` without the wholly frozen ones (mask False), in order: what
@@ -286,7 +305,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     # ----------------------------------------------------------------- saving
 
     def get_config(self) -> dict:
-        return self._saving.config(self.name, self.jit_compile, self.compact_state, self.compact_capacity, self.built)
+        return self._saving.config(self.name, self.jit_compile, self.compact_state, self.compact_capacity, self.built,
+                                   self.side_path)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -368,3 +368,8 @@ def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) ->
         f"and torch backends; the active backend is '{BACKEND}'. Set "
         "KERAS_BACKEND to one of those."
     )
+
+
+def release_grad(variable: Any) -> None:
+    """Drops a gradient the backend keeps on the variable (torch's `.grad`),
+    for variables the trainer's `zero_grad` does not reach."""

@@ -330,3 +330,9 @@ class squared_grad_sums:  # noqa: N801  (the interface's name for a step factory
                     if g is not None:
                         acc += torch.square(g.detach())
         return sums
+
+
+def release_grad(variable: Any) -> None:
+    value = getattr(variable, "value", None)
+    if value is not None and getattr(value, "grad", None) is not None:
+        value.grad = None

@@ -1,0 +1,319 @@
+"""The side path (`side_path=True`): slices that train without their kernel's weight gradient.
+
+A kernel whose mask trains whole slices along one axis (`masks.rows`,
+`masks.columns`, attention heads of an `EinsumDense` kernel) trains, with
+`side_path=True`, through a side term of its layer's forward pass:
+
+    y = x @ stop_gradient(W) + x[:, rows] @ (D - stop_gradient(D))
+
+`D` is the compact-state proxy of the kernel (its trainable elements, in
+row-major order), made a trainable variable of the model. The side term's
+value is exactly zero, so the forward pass is the stock layer's; its
+gradient is the slice's alone (`x[:, rows]^T @ dy`), so the kernel's full
+weight gradient is never formed (the S2FT rule). Each step the proxy is
+gathered from the kernel, the inner optimizer updates it with state of its
+own size, and it is written back: the kernel always holds the trained
+values, there is nothing to merge, and saved files are the compact state's.
+
+The layer keeps its class: its `call` is replaced on the instance, and `D`
+is held by a small layer in the layer's `_layers` list, which Keras's saving
+skips, so a saved `.keras` file has stock layers and stock weights. While
+the side path is on, `model.trainable_variables` also lists the `D`s.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from masked_opt import _backend, _compat
+from masked_opt._variable_table import Entry, VariableTable
+
+_FIX = ("Use `masks.rows`/`masks.columns` (or a mask that trains whole slices along one axis), or "
+        "`side_path=False`, which trains any mask through the full gradient.")
+
+
+@dataclass(eq=False)
+class Side:
+    """The side path of one kernel."""
+
+    layer: Any
+    axis: int  # the kernel axis whose slices train
+    indices: np.ndarray  # sorted, the trained slices along `axis`
+    shape: tuple[int, ...]  # the slice block's shape: the kernel's with `indices` along `axis`
+    proxy: keras.Variable  # D: the compact proxy, trainable and held by the layer
+
+
+def check_arguments(side_path: Any, compact_state: bool, capacity: Any) -> None:
+    if not isinstance(side_path, bool):
+        raise TypeError(f"`side_path` must be True or False. Received: {side_path!r}.")
+    if side_path and not compact_state:
+        raise ValueError("`side_path=True` trains each slice's elements on compact state (state of the slices' "
+                         "size): pass `compact_state=True` as well.")
+    if side_path and capacity is not None:
+        raise ValueError("`side_path=True` fixes each side-path kernel's slices at build, so compact state holds "
+                         f"exactly them: leave `compact_capacity` at None. Received: {capacity!r}.")
+
+
+def slice_axis(full: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(axis, trained indices) where `full` trains whole slices along one
+    axis and freezes the rest, else None."""
+    if full.ndim < 2 or full.all() or not full.any():
+        return None
+    for axis in range(full.ndim):
+        others = tuple(a for a in range(full.ndim) if a != axis)
+        along = full.any(axis=others)
+        if np.array_equal(full, np.broadcast_to(np.expand_dims(along, others), full.shape)):
+            return axis, np.flatnonzero(along)
+    return None
+
+
+def _layers_of(model: Any, variables: list) -> dict[int, Any]:
+    """id(variable) -> the layer that owns it, from the model (else from every live layer)."""
+    layers = _compat.flatten_layers(model) if model is not None else [
+        o for o in gc.get_objects() if isinstance(o, keras.layers.Layer)]
+    wanted = {id(v) for v in variables}
+    out = {}
+    for layer in layers:
+        for v in _compat.own_trainable_variables(layer):
+            if id(v) in wanted:
+                out.setdefault(id(v), layer)
+    return out
+
+
+def _kind(layer: Any, variable: Any) -> str | None:
+    kinds = {keras.layers.Dense: "kernel", keras.layers.EinsumDense: "kernel", keras.layers.Embedding: "embeddings"}
+    attr = kinds.get(type(layer))
+    return type(layer).__name__ if attr is not None and getattr(layer, attr, None) is variable else None
+
+
+def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
+    path = entry.path
+    if kind is None:
+        raise ValueError(
+            f"`side_path=True`: variable '{path}' of layer '{layer.name}' ({type(layer).__name__}) trains whole "
+            f"slices along axis {axis}, but the side path serves only the kernels of stock `Dense` and "
+            "`EinsumDense` layers and the table of a stock `Embedding` (a subclass may compute otherwise). "
+            "Give this variable an element mask (it then trains on compact state through its full gradient), "
+            "or use `side_path=False`.")
+    if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"`side_path=True`: layer '{layer.name}' is quantized or has LoRA enabled, so its kernel is not the "
+            "float weight its forward pass multiplies by. Train it with `side_path=False`, or before "
+            "`quantize`/`enable_lora`.")
+    if kind == "Embedding" and axis != 0:
+        raise ValueError(
+            f"`side_path=True`: the mask of '{path}' trains columns (feature axis) of an embedding table, whose "
+            "gradient spans every row; the side path trains rows (tokens) of a table. Use `masks.rows`, or "
+            "an element mask with `side_path=False`.")
+    if kind == "EinsumDense":
+        letter = _einsum_specs(layer.equation)[1][axis]
+        ins, _, out = _einsum_specs(layer.equation)
+        if (letter in ins) == (letter in out):
+            raise ValueError(
+                f"`side_path=True`: axis {axis} of '{path}' is '{letter}' in the equation '{layer.equation}', which "
+                "is in both or neither of its input and output; the side path trains slices along an axis that "
+                f"is contracted (input only) or produced (output only). {_FIX}")
+
+
+def _einsum_specs(equation: str) -> tuple[str, str, str]:
+    inputs, out = equation.split("->")
+    x, kernel = inputs.split(",")
+    return x, kernel, out
+
+
+def _axis_in(spec: str, letter: str) -> int:
+    """The axis of `letter` in an einsum operand spec (negative after an ellipsis)."""
+    if "..." in spec:
+        left, right = spec.split("...")
+        return left.index(letter) if letter in left else right.index(letter) - len(right)
+    return spec.index(letter)
+
+
+def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
+    """Sets up the side path of every kernel whose mask trains whole slices:
+    its proxy becomes a trainable variable held by its layer, whose `call`
+    gains the side term while `optimizer` is its owner model's (a model
+    recompiled with another optimizer trains its kernels as stock layers)."""
+
+    def on() -> bool:
+        model = owner.model()
+        opt = None if model is None else getattr(model, "optimizer", None)
+        return model is None or opt is optimizer or getattr(opt, "inner_optimizer", None) is optimizer
+
+    candidates = []
+    for entry in table.masked():
+        if entry.compact is None or len(entry.variable.shape) < 2:
+            continue
+        count = int(_backend.to_numpy(entry.compact.count))
+        if count != entry.compact.capacity:
+            continue  # padded (a saved capacity): the compact path
+        full = np.zeros(entry.size, bool)
+        full[_backend.to_numpy(entry.compact.indices)] = True
+        found = slice_axis(full.reshape(tuple(entry.variable.shape)))
+        if found is not None:
+            candidates.append((entry, *found))
+    owners = _layers_of(owner.model(), [e.variable for e, _, _ in candidates])
+    sides = {}
+    for entry, axis, indices in candidates:
+        layer = owners.get(id(entry.variable))
+        if layer is None:
+            continue  # not a layer's variable: the compact path
+        kind = _kind(layer, entry.variable)
+        _check_layer(layer, kind, entry, axis)
+        shape = tuple(len(indices) if a == axis else n for a, n in enumerate(entry.variable.shape))
+        proxy = entry.compact.proxy  # made trainable (`CompactLayout.trainable_proxies`): TF's tape watches it
+        side = Side(layer, axis, indices, shape, proxy)
+        holder = keras.layers.Layer(name=f"{layer.name}_side_path")
+        holder.built = True
+        _compat.hold_in_sublayers(layer, holder, proxy)
+        layer.call = _CALLS[kind](layer, side, on)
+        entry.side = side
+        sides[table.key(entry.variable)] = side
+    return sides
+
+
+def with_proxies(variables: list, sides: dict[Any, Side], key: Any) -> list:
+    """`variables` with each side path's proxy right after its layer's own
+    variables: the order of `model.trainable_variables` once they are held."""
+    if not sides:
+        return list(variables)
+    last = {}
+    layers = {id(s.layer): s for s in sides.values()}
+    for i, v in enumerate(variables):
+        for s in layers.values():
+            if any(v is w for w in _compat.own_trainable_variables(s.layer)):
+                last[id(s.layer)] = i
+    out = []
+    for i, v in enumerate(variables):
+        out.append(v)
+        out.extend(s.proxy for s in sides.values() if last.get(id(s.layer)) == i)
+    return out
+
+
+# --------------------------------------------------------------- a step
+
+
+def fold(table: VariableTable, owner: Any, sides: dict[Any, Side], grads: list, variables: list) -> tuple[list, list]:
+    """Hands each side-path kernel its proxy's gradient, flat (the compact
+    gradient), in its own place; the kernel's own gradient, which its layer
+    stops, is dropped. A step that differentiated the kernel but not its
+    proxy (TensorFlow's first trace, which builds the optimizer after the
+    forward pass; a custom loop's list taken before build) keeps the
+    kernel's full gradient, which compact state gathers; in `fit` the next
+    step traces anew with the side path."""
+    if not sides:
+        return grads, variables
+    proxy_at = {id(s.proxy): k for k, s in sides.items()}
+    from_proxy, out_g, out_v = {}, [], []
+    for g, v in zip(grads, variables):
+        k = proxy_at.get(id(v))
+        if k is None:
+            out_g.append(g)
+            out_v.append(v)
+        elif g is not None:
+            from_proxy[k] = ops.reshape(_backend.densify(g), (-1,))
+            _backend.release_grad(v)  # torch: the trainer's `zero_grad` does not reach it
+    stale = False
+    for i, v in enumerate(out_v):
+        k = table.key(v)
+        if k in sides:
+            stale = stale or (k not in from_proxy and out_g[i] is not None)
+            out_g[i] = from_proxy.pop(k, out_g[i])
+    for k, g in from_proxy.items():  # differentiated the proxy without the kernel
+        out_g.append(g)
+        out_v.append(next(e.variable for e in table if table.key(e.variable) == k))
+    if stale and owner.in_train_step():
+        owner.retrace_train_function()
+    return out_g, out_v
+
+
+# ------------------------------------------------------- forward passes
+
+
+def _zero_term(side: Side, dtype: Any) -> Any:
+    """D - stop_gradient(D), in the slice block's shape: zero, with D's gradient."""
+    d = ops.cast(ops.reshape(side.proxy, side.shape), dtype)
+    return ops.subtract(d, ops.stop_gradient(d))
+
+
+def _scatter_along(values: Any, indices: np.ndarray, size: int, axis: int) -> Any:
+    """`values` (with len(indices) entries along `axis`) placed at `indices`
+    of an axis of `size`, zero elsewhere, as a gather (an exact gradient)."""
+    pos = np.full(size, len(indices), np.int32)
+    pos[indices] = np.arange(len(indices), dtype=np.int32)
+    zero = ops.zeros_like(ops.take(values, np.zeros(1, np.int32), axis=axis))
+    return ops.take(ops.concatenate([values, zero], axis=axis), pos, axis=axis)
+
+
+def _dense_call(layer: Any, side: Side, on: Any) -> Any:
+    stock = type(layer).call.__get__(layer)
+
+    def call(inputs: Any, training: Any = None) -> Any:
+        if not on():
+            return stock(inputs, training=training)
+        x = ops.matmul(inputs, ops.stop_gradient(layer.kernel))
+        d = _zero_term(side, x.dtype)
+        if side.axis == 0:
+            extra = ops.matmul(ops.take(inputs, side.indices, axis=-1), d)
+        else:
+            extra = _scatter_along(ops.matmul(inputs, d), side.indices, layer.kernel.shape[1], -1)
+        x = ops.add(x, extra)
+        if layer.bias is not None:
+            x = ops.add(x, layer.bias)
+        return layer.activation(x) if layer.activation is not None else x
+
+    return call
+
+
+def _einsum_call(layer: Any, side: Side, on: Any) -> Any:
+    stock = type(layer).call.__get__(layer)
+    x_spec, k_spec, out_spec = _einsum_specs(layer.equation)
+    letter = k_spec[side.axis]
+
+    def call(inputs: Any, training: Any = None) -> Any:
+        if not on():
+            return stock(inputs, training=training)
+        x = ops.einsum(layer.equation, inputs, ops.stop_gradient(layer.kernel))
+        d = _zero_term(side, x.dtype)
+        if letter in x_spec:
+            extra = ops.einsum(layer.equation, ops.take(inputs, side.indices, axis=_axis_in(x_spec, letter)), d)
+        else:
+            axis = _axis_in(out_spec, letter)
+            extra = _scatter_along(ops.einsum(layer.equation, inputs, d), side.indices,
+                                   layer.kernel.shape[side.axis], axis)
+        x = ops.add(x, extra)
+        if layer.bias is not None:
+            x = ops.add(x, layer.bias)
+        return layer.activation(x) if layer.activation is not None else x
+
+    return call
+
+
+def _embedding_call(layer: Any, side: Side, on: Any) -> Any:
+    stock = type(layer).call.__get__(layer)
+    vocabulary = layer.embeddings.shape[0]
+    pos = np.full(vocabulary, len(side.indices), np.int32)
+    pos[side.indices] = np.arange(len(side.indices), dtype=np.int32)
+
+    def call(inputs: Any) -> Any:
+        if not on():
+            return stock(inputs)
+        if inputs.dtype != "int32" and inputs.dtype != "int64":
+            inputs = ops.cast(inputs, "int32")
+        table = ops.stop_gradient(layer.embeddings)
+        outputs = ops.take(table, inputs, axis=0)
+        d = _zero_term(side, outputs.dtype)
+        rows = ops.concatenate([d, ops.zeros((1, d.shape[1]), d.dtype)], axis=0)
+        outputs = ops.add(outputs, ops.take(rows, ops.take(pos, inputs, axis=0), axis=0))
+        return ops.cast(outputs, dtype=layer.compute_dtype)
+
+    return call
+
+
+_CALLS = {"Dense": _dense_call, "EinsumDense": _einsum_call, "Embedding": _embedding_call}
