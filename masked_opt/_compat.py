@@ -187,6 +187,14 @@ def replace_built_variable(optimizer: Any, old: Any, new: Any) -> None:
     optimizer._trainable_variables_indices[optimizer._var_key(new)] = i
 
 
+def set_built_on(optimizer: Any, variables: list) -> None:
+    """Makes `variables` the list `optimizer` was built on (the same ones in the
+    same order, with more added: indices of the existing ones may shift)."""
+    with tracking.DotNotTrackScope():  # the list is not the optimizer's own state
+        optimizer._trainable_variables = list(variables)
+        optimizer._trainable_variables_indices = {optimizer._var_key(v): i for i, v in enumerate(variables)}
+
+
 def replace_state_variable(optimizer: Any, old: Any, new: Any) -> None:
     """Puts `new` (made last by `add_variable_from_reference`) where `old` is
     among the optimizer's variables (saved by position) and in every list of

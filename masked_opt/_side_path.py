@@ -49,6 +49,25 @@ class Side:
     proxy: keras.Variable  # D: the compact proxy, trainable and held by the layer
 
 
+class _Holder(keras.layers.Layer):
+    """Holds a side path's `D` among its layer's sublayers while the side path
+    is in use (`on()`); after a recompile with another optimizer it holds
+    nothing, so the model's variables are the stock layers' again."""
+
+    def __init__(self, on: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._on = on
+        self.built = True
+
+    @property
+    def weights(self) -> list:
+        return super().weights if self._on() else []
+
+    @property
+    def variables(self) -> list:
+        return super().variables if self._on() else []
+
+
 def check_arguments(side_path: Any, compact_state: bool, capacity: Any) -> None:
     if not isinstance(side_path, bool):
         raise TypeError(f"`side_path` must be True or False. Received: {side_path!r}.")
@@ -76,7 +95,7 @@ def slice_axis(full: np.ndarray) -> tuple[int, np.ndarray] | None:
 def _layers_of(model: Any, variables: list) -> dict[int, Any]:
     """id(variable) -> the layer that owns it, from the model (else from every live layer)."""
     layers = _compat.flatten_layers(model) if model is not None else [
-        o for o in gc.get_objects() if isinstance(o, keras.layers.Layer)]
+        o for o in gc.get_objects() if issubclass(type(o), keras.layers.Layer)]
     wanted = {id(v) for v in variables}
     out = {}
     for layer in layers:
@@ -169,9 +188,7 @@ def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
         shape = tuple(len(indices) if a == axis else n for a, n in enumerate(entry.variable.shape))
         proxy = entry.compact.proxy  # made trainable (`CompactLayout.trainable_proxies`): TF's tape watches it
         side = Side(layer, axis, indices, shape, proxy)
-        holder = keras.layers.Layer(name=f"{layer.name}_side_path")
-        holder.built = True
-        _compat.hold_in_sublayers(layer, holder, proxy)
+        _compat.hold_in_sublayers(layer, _Holder(on, name=f"{layer.name}_side_path"), proxy)
         layer.call = _CALLS[kind](layer, side, on)
         entry.side = side
         sides[table.key(entry.variable)] = side

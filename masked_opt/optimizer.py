@@ -117,7 +117,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         # Float8 scale variables are overwritten with their gradient: never masked.
         maskable = [v for v in var_list if not _compat.overwrites_with_gradient(self, v)]
         self._store.build(var_list, maskable, self._key)
-        if self.side_path:
+        if self.side_path and not self._table.unset:  # else at load, which brings the masks
             self._sides = _side_path.attach(self._table, self._owner, self)
         inner_variables = self._state_layout.inner_variables(var_list, self._table)
         _inner_optimizer.build(self.inner_optimizer, inner_variables, compact=self.compact_state)
@@ -318,6 +318,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         self._saving.load(store, self.variables, self.built, [v.path for v in self.built_variables], self.name)
+        if self.side_path and self.built and not self._sides and not self._table.unset:
+            self._sides = _side_path.attach(self._table, self._owner, self)
+            _compat.set_built_on(self, _side_path.with_proxies(_compat.built_on(self), self._sides, self._key))
 
 
 def unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> MaskedOptimizer:

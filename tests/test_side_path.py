@@ -1,0 +1,309 @@
+"""The side path (`side_path=True`, issue 25 item 1): whole-slice masks of
+stock `Dense`, `EinsumDense` and `Embedding` kernels train through a
+zero-valued side term of their layer, never forming the kernel's weight
+gradient.
+
+Oracles: the slice gradients against a few lines of NumPy backpropagation
+(float64; float32 tolerance `rtol=1e-5, atol=1e-6`); frozen elements and
+the forward pass bit for bit against the stock layer; the trained weights
+against compact state's gather path (`side_path=False`, the kernel's full
+gradient gathered), equal up to the summation order of two different
+matmuls (`rtol=1e-5, atol=1e-6`); the compiled step's cost (JAX) and the
+kernel's gradient (TensorFlow's tape, torch's autograd) for "never formed".
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from backends import IS_JAX, IS_TF, IS_TORCH, gradients, jax_only, to_numpy
+from masked_opt import MaskedOptimizer, masks
+
+B, T = 8, 5
+
+
+def _einsum_out(x, w):  # "abc,cde->abde": a contracted axis (c) and produced ones (d, e)
+    return np.einsum("abc,cde->abde", x, w)
+
+
+# kind -> (layer, input, mask given, kernel axis of the slices, trained indices)
+CASES = {
+    "dense rows": lambda: (keras.layers.Dense(12, name="k"), (B, 10), masks.rows([1, 4, 7]), 0, [1, 4, 7]),
+    "dense columns": lambda: (keras.layers.Dense(12, name="k"), (B, 10), masks.columns([0, 11]), 1, [0, 11]),
+    "einsum heads": lambda: (keras.layers.EinsumDense("abc,cde->abde", (T, 4, 3), name="k"), (B, T, 6),
+                             np.array([False, True, False, True]).reshape(1, 4, 1), 1, [1, 3]),
+    "einsum contracted": lambda: (keras.layers.EinsumDense("abc,cde->abde", (T, 4, 3), name="k"), (B, T, 6),
+                                  masks.rows([2, 5]), 0, [2, 5]),
+    "embedding rows": lambda: (keras.layers.Embedding(20, 6, name="k"), (B, T), masks.rows([0, 3, 9]), 0,
+                               [0, 3, 9]),
+}
+
+
+def _model(kind, seed=0):
+    layer, shape, mask, axis, idx = CASES[kind]()
+    keras.utils.set_random_seed(seed)
+    dtype = "int32" if kind.startswith("embedding") else "float32"
+    inputs = keras.Input(shape[1:], dtype=dtype)
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(seed)
+    if dtype == "int32":
+        x = rng.integers(0, 20, size=shape).astype("int32")
+        x[0, :3] = [0, 3, 9]  # every trained row is looked up
+    else:
+        x = rng.normal(size=shape).astype("float32")
+    y = rng.normal(size=tuple(model.compute_output_shape(shape))).astype("float32")
+    return model, layer, x, y, mask, axis, np.array(idx)
+
+
+def _oracle_kernel_gradient(kind, layer, x, y):
+    """d mean((f(x) - y)^2) / d kernel, in float64."""
+    w = to_numpy(layer.kernel if hasattr(layer, "kernel") else layer.embeddings).astype(np.float64)
+    x64 = x.astype(np.float64)
+    if kind.startswith("dense"):
+        out = x64 @ w + to_numpy(layer.bias)
+        g = 2 * (out - y) / out.size
+        return x64.T @ g
+    if kind.startswith("einsum"):
+        out = _einsum_out(x64, w)
+        g = 2 * (out - y) / out.size
+        return np.einsum("abc,abde->cde", x64, g)
+    out = w[x]
+    g = 2 * (out - y) / out.size
+    grad = np.zeros_like(w)
+    np.add.at(grad, x.reshape(-1), g.reshape(-1, w.shape[1]))
+    return grad
+
+
+class _Spy(keras.optimizers.SGD):
+    """SGD that records the gradients it is given (eager steps only)."""
+
+    seen: list = []
+
+    def apply(self, grads, trainable_variables=None):
+        self.seen.append([None if g is None else to_numpy(g) for g in grads])
+        return super().apply(grads, trainable_variables)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_slice_gradients_are_the_slices_of_the_numpy_gradient_and_the_kernel_has_none(kind):
+    model, layer, x, y, mask, axis, idx = _model(kind)
+    name = "embeddings" if kind.startswith("embedding") else "kernel"
+    spy = _Spy(1e-3)
+    spy.seen = []
+    given = {f"k/{name}": mask, **({"k/bias": False} if getattr(layer, "bias", None) is not None else {})}
+    optimizer = MaskedOptimizer(spy, masks=given, compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse", run_eagerly=True)
+    optimizer.build(model.trainable_variables)  # before the first step: its forward pass has the side term
+    kernel = getattr(layer, name)
+    proxies = [v for v in model.trainable_variables if "masked_compact_" in v.path]
+    assert [tuple(v.shape) for v in proxies] == [(len(idx) * int(np.prod(kernel.shape)) // kernel.shape[axis],)]
+    expected = np.take(_oracle_kernel_gradient(kind, layer, x, y), idx, axis=axis)
+    model.train_on_batch(x, y)
+    (grads,) = spy.seen
+    compact = [g for g in grads if g is not None and g.shape == proxies[0].shape]
+    assert len(compact) == 1
+    np.testing.assert_allclose(compact[0].reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    # The kernel's own gradient is never computed: the layer stops it.
+    loss = lambda: keras.ops.mean(keras.ops.square(keras.ops.subtract(model(x), y)))
+    if IS_TORCH:
+        import torch
+
+        kernel_grad = torch.autograd.grad(loss(), [kernel.value], allow_unused=True)[0]
+    else:
+        kernel_grad = gradients(loss, [kernel])[0]
+    if IS_JAX:
+        assert not np.any(to_numpy(kernel_grad))  # jax.grad gives zeros for a stopped input
+    else:
+        assert kernel_grad is None
+    (proxy_grad,) = gradients(loss, proxies)
+    np.testing.assert_allclose(to_numpy(proxy_grad).reshape(expected.shape),
+                               np.take(_oracle_kernel_gradient(kind, layer, x, y), idx, axis=axis),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _fit(kind, side_path, epochs=3, inner=None, seed=0):
+    model, layer, x, y, mask, axis, idx = _model(kind, seed)
+    name = "embeddings" if kind.startswith("embedding") else "kernel"
+    xs, ys = np.concatenate([x] * 4), np.concatenate([y] * 4)
+    optimizer = MaskedOptimizer(inner or keras.optimizers.AdamW(1e-2, weight_decay=0.05), masks={f"k/{name}": mask},
+                                compact_state=True, side_path=side_path)
+    model.compile(optimizer=optimizer, loss="mse")
+    kernel = getattr(layer, name)
+    before = to_numpy(kernel)
+    model.fit(xs, ys, batch_size=B, epochs=epochs, shuffle=False, verbose=0)
+    return model, optimizer, kernel, before, to_numpy(kernel), idx, axis
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_frozen_elements_stay_bit_identical_and_the_slices_train_as_compact_state_does(kind):
+    model, optimizer, kernel, before, after, idx, axis = _fit(kind, side_path=True)
+    frozen = ~optimizer.get_mask(kernel)
+    assert np.array_equal(after[frozen], before[frozen])
+    assert np.all(np.take(after, idx, axis=axis) != np.take(before, idx, axis=axis))
+    _, reference, _, _, gathered, _, _ = _fit(kind, side_path=False)
+    np.testing.assert_allclose(after, gathered, rtol=1e-5, atol=1e-6)
+    ours = [v for v in optimizer.variables]
+    theirs = [v for v in reference.variables]
+    assert [tuple(v.shape) for v in ours] == [tuple(v.shape) for v in theirs]  # the saved layout is compact state's
+
+
+def test_a_large_kernel_keeps_its_frozen_elements_and_its_forward_pass_is_the_stock_layers_bit_for_bit():
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((64,))
+    layer = keras.layers.Dense(64, activation="gelu", name="k")
+    model = keras.Model(inputs, layer(inputs))  # a 64 x 64 kernel: 4,096 elements
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(32, 64)).astype("float32"), rng.normal(size=(32, 64)).astype("float32")
+    optimizer = MaskedOptimizer(keras.optimizers.AdamW(1e-2, weight_decay=0.1),
+                                masks={"k/kernel": masks.columns(range(0, 64, 7))}, compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    before = to_numpy(layer.kernel)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    after = to_numpy(layer.kernel)
+    frozen = ~optimizer.get_mask(layer.kernel)
+    assert frozen.sum() == 64 * 54 and np.array_equal(after[frozen], before[frozen])
+    stock = to_numpy(type(layer).call(layer, keras.ops.convert_to_tensor(x)))
+    assert np.array_equal(to_numpy(layer(x)), stock)  # the side term adds an exact zero
+
+
+@jax_only
+def test_the_compiled_step_never_forms_the_kernels_weight_gradient():
+    # XLA's cost analysis of the trainer's step. Layer "a" (256 x 256, 8
+    # trained columns) sits on a frozen layer "b", so nothing but its own
+    # weights needs a gradient: the side path costs what `trainable=False`
+    # costs plus the slices' small matmuls; the gather path adds the full
+    # 128 x 256 x 256 weight gradient.
+    import jax
+
+    def flops(kind):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((256,))
+        below = keras.layers.Dense(256, name="b", trainable=False)
+        model = keras.Model(inputs, keras.layers.Dense(256, name="a")(below(inputs)))
+        if kind == "trainable=False":
+            model.get_layer("a").trainable = False
+            model.get_layer("a").bias.trainable = True  # something to train
+            optimizer = keras.optimizers.Adam(1e-3)
+        else:
+            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks={"a/kernel": masks.columns(range(8))},
+                                        compact_state=True, side_path=kind == "side path")
+        model.compile(optimizer=optimizer, loss="mse")
+        x = np.ones((128, 256), "float32")
+        model.train_on_batch(x, x)
+        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                     optimizer_variables=True, metrics_variables=True)
+        analysis = jax.jit(model.train_step).lower(state, (x, x)).compile().cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+    side, gathered, frozen = flops("side path"), flops("gather path"), flops("trainable=False")
+    matmul = 2 * 128 * 256 * 256
+    assert gathered - side > 0.8 * matmul, (side, gathered)
+    assert side - frozen < 0.2 * matmul, (side, frozen)
+
+
+def test_torch_autograd_never_reaches_the_kernel_in_fit():
+    if not IS_TORCH:
+        pytest.skip("torch: a gradient hook on the kernel's parameter")
+    model, layer, x, y, mask, _, _ = _model("dense columns")
+    optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-2), masks={"k/kernel": mask, "k/bias": False},
+                                compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    reached = []
+    layer.kernel.value.register_hook(lambda g: reached.append(g.shape))
+    before = to_numpy(layer.kernel)
+    model.fit(np.concatenate([x] * 3), np.concatenate([y] * 3), batch_size=B, epochs=1, verbose=0)
+    assert reached == [] and not np.array_equal(to_numpy(layer.kernel), before)
+    proxy = next(v for v in model.trainable_variables if "masked_compact_" in v.path)
+    assert proxy.value.grad is None  # released after each step: no accumulation across steps
+
+
+def test_a_saved_model_has_stock_layers_and_weights_and_resumes_exactly(tmp_path):
+    model, optimizer, kernel, _, _, _, _ = _fit("einsum heads", side_path=True, epochs=1)
+    path = str(tmp_path / "side.keras")
+    model.save(path)
+    config = model.get_config()
+    assert [layer["class_name"] for layer in config["layers"]] == ["InputLayer", "EinsumDense"]
+    stock, _, x, y, _, _, _ = _model("einsum heads", seed=5)
+    stock.load_weights(path)  # a stock model of the same architecture takes the weights
+    assert np.array_equal(to_numpy(stock.get_layer("k").kernel), to_numpy(kernel))
+    restored = keras.models.load_model(path)
+    assert restored.optimizer.side_path
+    xs, ys = np.concatenate([x] * 4), np.concatenate([y] * 4)
+    for m in (model, restored):
+        m.fit(xs, ys, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    assert np.array_equal(to_numpy(restored.get_layer("k").kernel), to_numpy(kernel))
+    for a, b in zip(restored.optimizer.variables, optimizer.variables):
+        assert np.array_equal(to_numpy(a), to_numpy(b)), a.path
+
+
+def test_a_model_recompiled_with_another_optimizer_trains_its_layers_as_stock_layers():
+    model, _, kernel, _, _, _, _ = _fit("dense rows", side_path=True, epochs=1)
+    _, _, x, y, _, _, _ = _model("dense rows")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    assert [v.path for v in model.trainable_variables] == ["k/kernel", "k/bias"]  # the side path's is gone
+    before = to_numpy(kernel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. Keras's "Gradients do not exist for variables"
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert np.all(to_numpy(kernel) != before)  # every element moves: the stock layer's gradient
+
+
+def test_element_masks_keep_compact_states_gather_path():
+    model, layer, x, y, _, _, _ = _model("dense rows")
+    count = len(model.trainable_variables)
+    element = np.random.default_rng(0).random((10, 12)) < 0.3
+    optimizer = MaskedOptimizer("adam", masks={"k/kernel": element}, compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    before = to_numpy(layer.kernel)
+    model.fit(x, y, batch_size=B, epochs=2, verbose=0)
+    assert len(model.trainable_variables) == count
+    after = to_numpy(layer.kernel)
+    assert np.array_equal(after[~element], before[~element]) and np.all(after[element] != before[element])
+
+
+def _build(model, **kwargs):
+    optimizer = MaskedOptimizer("adam", **kwargs)
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def test_bad_input_gets_a_clear_error():
+    with pytest.raises(TypeError, match="`side_path` must be True or False. Received: 'yes'"):
+        MaskedOptimizer("adam", compact_state=True, side_path="yes")
+    with pytest.raises(ValueError, match="pass `compact_state=True`"):
+        MaskedOptimizer("adam", side_path=True)
+    with pytest.raises(ValueError, match="leave `compact_capacity` at None. Received: 0.5"):
+        MaskedOptimizer("adam", compact_state=True, compact_capacity=0.5, side_path=True)
+    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv")])
+    with pytest.raises(ValueError, match=r"conv/kernel' of layer 'conv' \(Conv2D\) trains whole slices along axis "
+                                         r"3.*side_path=False"):
+        _build(conv, masks={"conv/kernel": masks.columns([0])}, compact_state=True, side_path=True)
+    table = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4, name="emb")])
+    with pytest.raises(ValueError, match=r"emb/embeddings' trains columns \(feature axis\).*Use `masks.rows`"):
+        _build(table, masks={"emb/embeddings": masks.columns([1])}, compact_state=True, side_path=True)
+    both = keras.Sequential([keras.Input((4, 6)), keras.layers.EinsumDense("abc,bc->ac", (6,), name="e")])
+    with pytest.raises(ValueError, match=r"axis 1 of '[\w/]*e/kernel' is 'c' in the equation 'abc,bc->ac'"):
+        _build(both, masks={"e/kernel": masks.columns([1])}, compact_state=True, side_path=True)
+
+
+def test_an_edit_that_leaves_the_slices_is_refused_and_one_that_keeps_them_is_not():
+    model, layer, x, y, mask, _, _ = _model("dense rows")
+    optimizer = _build(model, masks={"k/kernel": mask}, compact_state=True, side_path=True)
+    with pytest.raises(ValueError, match=r"k/kernel' trains through the side path.*fixed at build.*new MaskedOptimizer"):
+        optimizer.set_mask("k/kernel", masks.rows([1, 4]))
+    optimizer.set_mask("k/kernel", masks.rows([1, 4, 7]))  # the same slices: nothing changes
+    model.fit(x, y, batch_size=B, epochs=1, verbose=0)
+    assert np.array_equal(optimizer.get_mask("k/kernel"), np.broadcast_to(mask(layer.kernel), (10, 12)))
+    assert [v.path for v in optimizer.built_variables] == ["k/kernel", "k/bias"]
+
+
+def test_a_tensorflow_fit_that_builds_in_its_first_trace_switches_to_the_side_path_from_the_second_step():
+    if not IS_TF:
+        pytest.skip("TensorFlow builds the optimizer inside the first trace, after the forward pass")
+    model, _, kernel, before, after, idx, axis = _fit("dense columns", side_path=True, epochs=1)
+    assert any("masked_compact_" in v.path for v in model.trainable_variables)
+    assert np.all(np.take(after, idx, axis=axis) != np.take(before, idx, axis=axis))
