@@ -106,9 +106,12 @@ def _layers_of(model: Any, variables: list) -> dict[int, Any]:
 
 
 def _kind(layer: Any, variable: Any) -> str | None:
-    kinds = {keras.layers.Dense: "kernel", keras.layers.EinsumDense: "kernel", keras.layers.Embedding: "embeddings"}
-    attr = kinds.get(type(layer))
-    return type(layer).__name__ if attr is not None and getattr(layer, attr, None) is variable else None
+    L = keras.layers
+    kinds = {L.Dense: "Dense", L.EinsumDense: "EinsumDense", L.Embedding: "Embedding", L.Conv1D: "Conv",
+             L.Conv2D: "Conv", L.Conv3D: "Conv"}
+    kind = kinds.get(type(layer))
+    attr = "embeddings" if kind == "Embedding" else "kernel"
+    return kind if kind is not None and getattr(layer, attr, None) is variable else None
 
 
 def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
@@ -117,7 +120,8 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
         raise ValueError(
             f"`side_path=True`: variable '{path}' of layer '{layer.name}' ({type(layer).__name__}) trains whole "
             f"slices along axis {axis}, but the side path serves only the kernels of stock `Dense` and "
-            "`EinsumDense` layers and the table of a stock `Embedding` (a subclass may compute otherwise). "
+            "`EinsumDense` and `Conv1D/2D/3D` layers and the table of a stock `Embedding` (a subclass may "
+            "compute otherwise). "
             "Give this variable an element mask (it then trains on compact state through its full gradient), "
             "or use `side_path=False`.")
     if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
@@ -130,6 +134,11 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
             f"`side_path=True`: the mask of '{path}' trains columns (feature axis) of an embedding table, whose "
             "gradient spans every row; the side path trains rows (tokens) of a table. Use `masks.rows`, or "
             "an element mask with `side_path=False`.")
+    if kind == "Conv" and (axis < len(entry.variable.shape) - 2 or getattr(layer, "groups", 1) != 1):
+        raise ValueError(
+            f"`side_path=True`: the mask of '{path}' (layer '{layer.name}') trains slices along axis {axis}; the side "
+            "path trains a convolution's input or output channels (its kernel's last two axes) with `groups=1`. "
+            f"{_FIX}")
     if kind == "EinsumDense":
         letter = _einsum_specs(layer.equation)[1][axis]
         ins, _, out = _einsum_specs(layer.equation)
@@ -333,4 +342,27 @@ def _embedding_call(layer: Any, side: Side, on: Any) -> Any:
     return call
 
 
-_CALLS = {"Dense": _dense_call, "EinsumDense": _einsum_call, "Embedding": _embedding_call}
+def _conv_call(layer: Any, side: Side, on: Any) -> Any:
+    stock = type(layer).call.__get__(layer)
+    channels = -1 if layer.data_format == "channels_last" else 1
+    n_out = layer.kernel.shape[-1]
+
+    def call(inputs: Any) -> Any:
+        if not on():
+            return stock(inputs)
+        x = layer.convolution_op(inputs, ops.stop_gradient(layer.kernel))
+        d = _zero_term(side, x.dtype)
+        if side.axis == len(side.shape) - 2:  # input channels
+            extra = layer.convolution_op(ops.take(inputs, side.indices, axis=channels), d)
+        else:  # output channels
+            extra = _scatter_along(layer.convolution_op(inputs, d), side.indices, n_out, channels)
+        x = ops.add(x, extra)
+        if layer.use_bias:
+            shape = (1,) * (layer.rank + 1) + (layer.filters,) if channels == -1 else (1, layer.filters) + (1,) * layer.rank
+            x = ops.add(x, ops.reshape(layer.bias, shape))
+        return layer.activation(x) if layer.activation is not None else x
+
+    return call
+
+
+_CALLS = {"Dense": _dense_call, "EinsumDense": _einsum_call, "Embedding": _embedding_call, "Conv": _conv_call}

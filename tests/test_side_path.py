@@ -36,6 +36,10 @@ CASES = {
                              np.array([False, True, False, True]).reshape(1, 4, 1), 1, [1, 3]),
     "einsum contracted": lambda: (keras.layers.EinsumDense("abc,cde->abde", (T, 4, 3), name="k"), (B, T, 6),
                                   masks.rows([2, 5]), 0, [2, 5]),
+    "conv output channels": lambda: (keras.layers.Conv2D(5, 3, padding="same", name="k"), (B, 6, 6, 3),
+                                     masks.columns([1, 3]), 3, [1, 3]),
+    "conv input channels": lambda: (keras.layers.Conv2D(5, 3, strides=2, name="k"), (B, 7, 7, 3),
+                                    np.array([True, False, True]).reshape(1, 1, 3, 1), 2, [0, 2]),
     "embedding rows": lambda: (keras.layers.Embedding(20, 6, name="k"), (B, T), masks.rows([0, 3, 9]), 0,
                                [0, 3, 9]),
 }
@@ -69,11 +73,31 @@ def _oracle_kernel_gradient(kind, layer, x, y):
         out = _einsum_out(x64, w)
         g = 2 * (out - y) / out.size
         return np.einsum("abc,abde->cde", x64, g)
+    if kind.startswith("conv"):
+        patches, out_shape = _patches(x64, layer)
+        out = np.einsum("bhwijc,ijcf->bhwf", patches, w) + to_numpy(layer.bias)
+        g = 2 * (out - y) / out.size
+        return np.einsum("bhwijc,bhwf->ijcf", patches, g)
     out = w[x]
     g = 2 * (out - y) / out.size
     grad = np.zeros_like(w)
     np.add.at(grad, x.reshape(-1), g.reshape(-1, w.shape[1]))
     return grad
+
+
+def _patches(x, layer):
+    """(batch, out_h, out_w, kh, kw, channels) windows of a channels-last 2-D convolution."""
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    if layer.padding == "same":
+        ph, pw = kh // 2, kw // 2
+        x = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    out = np.empty((x.shape[0], oh, ow, kh, kw, x.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, i, j] = x[:, i * sh:i * sh + kh, j * sw:j * sw + kw, :]
+    return out, (oh, ow)
 
 
 class _Spy(keras.optimizers.SGD):
@@ -278,10 +302,14 @@ def test_bad_input_gets_a_clear_error():
         MaskedOptimizer("adam", side_path=True)
     with pytest.raises(ValueError, match="leave `compact_capacity` at None. Received: 0.5"):
         MaskedOptimizer("adam", compact_state=True, compact_capacity=0.5, side_path=True)
-    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv")])
-    with pytest.raises(ValueError, match=r"conv/kernel' of layer 'conv' \(Conv2D\) trains whole slices along axis "
-                                         r"3.*side_path=False"):
+    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2DTranspose(4, 3, name="conv")])
+    with pytest.raises(ValueError, match=r"conv/kernel' of layer 'conv' \(Conv2DTranspose\) trains whole slices "
+                                         r"along axis 3.*side_path=False"):
         _build(conv, masks={"conv/kernel": masks.columns([0])}, compact_state=True, side_path=True)
+    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv")])
+    with pytest.raises(ValueError, match=r"conv/kernel' \(layer 'conv'\) trains slices along axis 0.*input or output "
+                                         r"channels"):
+        _build(conv, masks={"conv/kernel": masks.rows([0])}, compact_state=True, side_path=True)
     table = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4, name="emb")])
     with pytest.raises(ValueError, match=r"emb/embeddings' trains columns \(feature axis\).*Use `masks.rows`"):
         _build(table, masks={"emb/embeddings": masks.columns([1])}, compact_state=True, side_path=True)
