@@ -18,6 +18,9 @@ Variants, each in its own process (peak RSS is per process):
 * ``compact``: the same with ``compact_state=True``.
 * ``compact-all``: compact state, the same number of trainable elements
   spread over every decoder kernel (attention and MLP), all else frozen.
+* ``side-all``: ``side_path=True``: the same count as whole slices (rows,
+  columns or heads, the finest the side path takes for each kernel) spread
+  over every decoder kernel; the kernels' weight gradients are never formed.
 
 Reported: time to the first step (the first `train_on_batch`: tracing,
 compiling and one step), median step time over the timed steps (wall and
@@ -41,10 +44,32 @@ import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-VARIANTS = ("full", "lora", "dense", "compact", "compact-all")
+VARIANTS = ("full", "lora", "dense", "compact", "compact-all", "side-all")
 CONFIG = dict(vocabulary_size=32000, num_layers=6, num_query_heads=8, num_key_value_heads=1,
               hidden_dim=512, intermediate_dim=8192, head_dim=64)
 BATCH, SEQ = 4, 128
+
+
+def slice_masks(model, chosen_ids: set, density: float, rng) -> dict:
+    """Per chosen EinsumDense kernel, random whole slices along its finest axis
+    the side path takes (a letter of the equation in the input only or the
+    output only), as many as `density` of the kernel."""
+    import numpy as np
+
+    out = {}
+    for layer in model._flatten_layers():
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or id(kernel) not in chosen_ids:
+            continue
+        x, k, o = layer.equation.replace("->", ",").split(",")
+        axes = [a for a, letter in enumerate(k) if (letter in x) != (letter in o)]
+        axis = max(axes, key=lambda a: kernel.shape[a])
+        n = int(kernel.shape[axis])
+        take = rng.choice(n, size=max(1, round(density * n)), replace=False)
+        mask = np.zeros([n if a == axis else 1 for a in range(len(kernel.shape))], bool)
+        np.put_along_axis(mask, np.expand_dims(take, [a for a in range(mask.ndim) if a != axis]), True, axis)
+        out[kernel.path] = mask
+    return out
 
 
 def child(variant: str, steps: int, rank: int) -> dict:
@@ -66,7 +91,7 @@ def child(variant: str, steps: int, rank: int) -> dict:
     if variant == "lora":
         backbone.enable_lora(rank)
     elif variant != "full":
-        every_kernel = variant == "compact-all"
+        every_kernel = variant in ("compact-all", "side-all")
         kernels = [v for v in model.trainable_variables if len(v.shape) >= 2 and "decoder_block" in v.path]
         chosen = [v for v in kernels if every_kernel or v.path.endswith(lora_targets)]
         chosen_ids = {id(v) for v in chosen}
@@ -76,11 +101,16 @@ def child(variant: str, steps: int, rank: int) -> dict:
         size = sum(int(np.prod(v.shape)) for v in chosen)
         density = lora_count / size
         rng = np.random.default_rng(0)
-        masks = {v.path: rng.random(tuple(v.shape)) < density for v in chosen}
-        optimizer = MaskedOptimizer(optimizer, masks=masks, compact_state=variant != "dense")
+        if variant == "side-all":
+            masks = slice_masks(model, chosen_ids, density, rng)
+        else:
+            masks = {v.path: rng.random(tuple(v.shape)) < density for v in chosen}
+        optimizer = MaskedOptimizer(optimizer, masks=masks, compact_state=variant != "dense",
+                                    side_path=variant == "side-all")
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    if variant in ("dense", "compact", "compact-all"):
-        trainable_elements = sum(int(m.sum()) for m in masks.values())
+    if variant in ("dense", "compact", "compact-all", "side-all"):
+        trainable_elements = sum(int(np.broadcast_to(m, s).sum()) for m, s in
+                                 ((masks[v.path], tuple(v.shape)) for v in model.trainable_variables if v.path in masks))
     else:
         trainable_elements = trainable
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -1,16 +1,21 @@
 """The side path (`side_path=True`): slices that train without their kernel's weight gradient.
 
 A kernel whose mask trains whole slices along one axis (`masks.rows`,
-`masks.columns`, attention heads of an `EinsumDense` kernel) trains, with
-`side_path=True`, through a side term of its layer's forward pass:
+`masks.columns`, attention heads of an `EinsumDense` kernel, a convolution's
+input or output channels, rows of an embedding table) trains, with
+`side_path=True`, through its layer's forward pass (the S2FT rule: the full
+kernel is never what the backward pass differentiates):
 
-    y = x @ stop_gradient(W) + x[:, rows] @ (D - stop_gradient(D))
+* `Dense`, `EinsumDense`: the stock product `x @ W` under a custom gradient
+  that gives the inputs `dy @ W^T`, the slices `x[..., rows]^T @ dy` or
+  `x^T @ dy[..., columns]`, and the kernel nothing;
+* `Conv1D/2D/3D`, `Embedding`: a side term `conv(x[..., in], D - sg(D))`,
+  `conv(x, D - sg(D))` scattered to its channels, or `(D - sg(D))[rows]`,
+  whose value is exactly zero and whose gradient is the slices'.
 
 `D` is the compact-state proxy of the kernel (its trainable elements, in
-row-major order), made a trainable variable of the model. The side term's
-value is exactly zero, so the forward pass is the stock layer's; its
-gradient is the slice's alone (`x[:, rows]^T @ dy`), so the kernel's full
-weight gradient is never formed (the S2FT rule). Each step the proxy is
+row-major order), made a trainable variable of the model. The forward
+pass's values are the stock layer's, bit for bit. Each step the proxy is
 gathered from the kernel, the inner optimizer updates it with state of its
 own size, and it is written back: the kernel always holds the trained
 values, there is nothing to merge, and saved files are the compact state's.
@@ -277,48 +282,67 @@ def _scatter_along(values: Any, indices: np.ndarray, size: int, axis: int) -> An
     return ops.take(ops.concatenate([values, zero], axis=axis), pos, axis=axis)
 
 
-def _dense_call(layer: Any, side: Side, on: Any) -> Any:
+def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, inputs: Any, kernel: Any) -> Any:
+    """`forward(inputs, kernel)` (the stock product, bit for bit), whose
+    backward pass gives the inputs their gradient and the side path's proxy
+    the slices' gradient (`x[..., rows]^T dy` or `x^T dy[..., columns]`) and
+    the kernel none, with nothing kernel- or output-sized on the side: a
+    custom gradient (falls back to the zero-valued side term where the
+    backend has none)."""
+    x_spec, k_spec, o_spec = specs
+    letter = k_spec[side.axis]
+    contracted = letter in x_spec
+    kernel = ops.stop_gradient(kernel)
+    d = ops.cast(ops.reshape(side.proxy, side.shape), inputs.dtype)
+
+    @ops.custom_gradient
+    def product(x: Any, d: Any) -> Any:
+        kept = ops.take(x, side.indices, axis=_axis_in(x_spec, letter)) if contracted else x
+
+        def grad(*args: Any, upstream: Any = None) -> Any:
+            dy = args[0] if upstream is None else upstream
+            dx = ops.einsum(f"{o_spec},{k_spec}->{x_spec}", dy, kernel)
+            g = dy if contracted else ops.take(dy, side.indices, axis=_axis_in(o_spec, letter))
+            (kept_, xs), (g_, os) = _collapse(kept, x_spec), _collapse(g, o_spec)
+            return dx, ops.einsum(f"{xs},{os}->{k_spec}", kept_, g_)
+
+        return forward(x, kernel), grad
+
+    return product(inputs, d)
+
+
+def _collapse(t: Any, spec: str) -> tuple[Any, str]:
+    """`t` with the dimensions its spec's ellipsis covers merged into one
+    named `Z` (TensorFlow's einsum cannot sum over an ellipsis)."""
+    if "..." not in spec:
+        return t, spec
+    left, right = spec.split("...")
+    shape = ops.shape(t)
+    tail = [shape[len(shape) - len(right) + i] for i in range(len(right))]
+    return ops.reshape(t, [shape[i] for i in range(len(left))] + [-1] + tail), f"{left}Z{right}"
+
+
+def _linear_call(layer: Any, side: Side, on: Any, specs: tuple[str, str, str], forward: Any) -> Any:
     stock = type(layer).call.__get__(layer)
 
     def call(inputs: Any, training: Any = None) -> Any:
         if not on():
             return stock(inputs, training=training)
-        x = ops.matmul(inputs, ops.stop_gradient(layer.kernel))
-        d = _zero_term(side, x.dtype)
-        if side.axis == 0:
-            extra = ops.matmul(ops.take(inputs, side.indices, axis=-1), d)
-        else:
-            extra = _scatter_along(ops.matmul(inputs, d), side.indices, layer.kernel.shape[1], -1)
-        x = ops.add(x, extra)
+        x = _sliced_product(forward, specs, side, inputs, layer.kernel)
         if layer.bias is not None:
             x = ops.add(x, layer.bias)
         return layer.activation(x) if layer.activation is not None else x
 
     return call
+
+
+def _dense_call(layer: Any, side: Side, on: Any) -> Any:
+    return _linear_call(layer, side, on, ("...i", "io", "...o"), ops.matmul)
 
 
 def _einsum_call(layer: Any, side: Side, on: Any) -> Any:
-    stock = type(layer).call.__get__(layer)
-    x_spec, k_spec, out_spec = _einsum_specs(layer.equation)
-    letter = k_spec[side.axis]
-
-    def call(inputs: Any, training: Any = None) -> Any:
-        if not on():
-            return stock(inputs, training=training)
-        x = ops.einsum(layer.equation, inputs, ops.stop_gradient(layer.kernel))
-        d = _zero_term(side, x.dtype)
-        if letter in x_spec:
-            extra = ops.einsum(layer.equation, ops.take(inputs, side.indices, axis=_axis_in(x_spec, letter)), d)
-        else:
-            axis = _axis_in(out_spec, letter)
-            extra = _scatter_along(ops.einsum(layer.equation, inputs, d), side.indices,
-                                   layer.kernel.shape[side.axis], axis)
-        x = ops.add(x, extra)
-        if layer.bias is not None:
-            x = ops.add(x, layer.bias)
-        return layer.activation(x) if layer.activation is not None else x
-
-    return call
+    return _linear_call(layer, side, on, _einsum_specs(layer.equation),
+                        lambda x, kernel: ops.einsum(layer.equation, x, kernel))
 
 
 def _embedding_call(layer: Any, side: Side, on: Any) -> Any:
