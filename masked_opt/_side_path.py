@@ -209,6 +209,17 @@ def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
     return sides
 
 
+def attach_loaded(table: VariableTable, owner: Any, optimizer: Any, key: Any) -> dict[Any, Side]:
+    """`attach` for an optimizer built before its masks were loaded: the
+    proxies join the lists it (and a LossScaleOptimizer around it) was built on."""
+    sides = attach(table, owner, optimizer)
+    outer = getattr(owner.model(), "optimizer", None)
+    for opt in (optimizer, outer if getattr(outer, "inner_optimizer", None) is optimizer else None):
+        if opt is not None:
+            _compat.set_built_on(opt, with_proxies(_compat.built_on(opt), sides, key))
+    return sides
+
+
 def with_proxies(variables: list, sides: dict[Any, Side], key: Any) -> list:
     """`variables` with each side path's proxy right after its layer's own
     variables: the order of `model.trainable_variables` once they are held."""
@@ -225,6 +236,12 @@ def with_proxies(variables: list, sides: dict[Any, Side], key: Any) -> list:
         out.append(v)
         out.extend(s.proxy for s in sides.values() if last.get(id(s.layer)) == i)
     return out
+
+
+def without_proxies(variables: list, sides: dict[Any, Side]) -> list:
+    """`variables` without the side paths' proxies (the model's own variables)."""
+    proxies = {id(s.proxy) for s in sides.values()}
+    return [v for v in variables if id(v) not in proxies]
 
 
 # --------------------------------------------------------------- a step

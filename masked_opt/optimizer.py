@@ -107,10 +107,12 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list: Sequence[keras.Variable]) -> None:
         if self.built:  # called again (a custom loop after `fit`): full-size state for every variable
             return self._state_layout.grow_all()
-        var_list = list(var_list)
+        given, var_list = var_list, list(var_list)
         self._owner.find(self)
         with _backend.state_scope():  # TF: eagerly (a variable made in a trace costs ~10 ms)
             self._build(var_list)
+        if self._sides and isinstance(given, list):  # a LossScaleOptimizer builds itself on this list next
+            given[:] = _compat.built_on(self)
 
     def _build(self, var_list: list) -> None:
         _backend.check_strategy_support(self.inner_optimizer, var_list)
@@ -129,8 +131,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def _model_variables(self) -> list:
         """The variables built on, without the side path's (what keys select)."""
-        proxies = {id(s.proxy) for s in self._sides.values()}
-        return [v for v in _compat.built_on(self) if id(v) not in proxies]
+        return _side_path.without_proxies(_compat.built_on(self), self._sides)
 
     # ------------------------------------------------------------------ apply
 
@@ -151,7 +152,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         trainable_variables = list(trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
+                self.build(list(trainable_variables))  # a copy: build adds side-path proxies to its list
         self._table.check_loaded()
         grads = [g if g is None or _backend.is_sparse(g) else keras.ops.convert_to_tensor(g) for g in grads]
         grads, trainable_variables = _side_path.fold(self._table, self._owner, self._sides, grads, trainable_variables)
@@ -163,7 +164,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._compile.run(self._state_layout.update, self._table, grads, trainable_variables, key)
 
     def finalize_variable_values(self, var_list):
-        var_list = list(var_list)
+        var_list = _side_path.without_proxies(list(var_list), self._sides)
         # JAX's `fit` calls this from a `finally`, where the variables may still be
         # detached after an error: read nothing then (it would hide that error).
         if any(_backend.is_purged(v) for v in var_list) or self._state_layout.detached(self._table):
@@ -318,9 +319,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         self._saving.load(store, self.variables, self.built, [v.path for v in self.built_variables], self.name)
-        if self.side_path and self.built and not self._sides and not self._table.unset:
-            self._sides = _side_path.attach(self._table, self._owner, self)
-            _compat.set_built_on(self, _side_path.with_proxies(_compat.built_on(self), self._sides, self._key))
+        if self.side_path and self.built and not self._sides and not self._table.unset:  # masks from the file
+            self._sides = _side_path.attach_loaded(self._table, self._owner, self, self._key)
 
 
 def unwrap(optimizer: Any, *, caller: str, require_built: bool = True) -> MaskedOptimizer:

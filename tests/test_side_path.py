@@ -335,3 +335,62 @@ def test_a_tensorflow_fit_that_builds_in_its_first_trace_switches_to_the_side_pa
     model, _, kernel, before, after, idx, axis = _fit("dense columns", side_path=True, epochs=1)
     assert any("masked_compact_" in v.path for v in model.trainable_variables)
     assert np.all(np.take(after, idx, axis=axis) != np.take(before, idx, axis=axis))
+
+
+def _two_layer(policy=None):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dense(32, name="a")(inputs)
+    hidden = keras.layers.EinsumDense("ab,bc->ac", 8, name="e")(hidden)
+    model = keras.Model(inputs, keras.layers.Activation("linear", dtype="float32")(hidden))
+    rng = np.random.default_rng(0)
+    return model, rng.random((64, 16)).astype("float32"), rng.random((64, 8)).astype("float32")
+
+
+@pytest.mark.parametrize("feature", ["mixed_float16", "ema"])
+def test_mixed_precision_and_ema_train_the_slices_as_compact_state_does(feature):
+    results = {}
+    for side_path in (False, True):
+        if feature == "mixed_float16":
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            model, x, y = _two_layer()
+            inner = keras.optimizers.AdamW(1e-2, use_ema=feature == "ema")
+            optimizer = MaskedOptimizer(inner, masks={"a/kernel": masks.columns([1, 5, 9]), "e/kernel": masks.rows([0, 3]),
+                                                      "a/bias": False}, compact_state=True, side_path=side_path)
+            model.compile(optimizer=optimizer, loss="mse")  # mixed_float16: a LossScaleOptimizer around it
+            own = [v for v in model.weights]
+            before = [to_numpy(v) for v in own]
+            model.fit(x, y, batch_size=16, epochs=3, verbose=0, shuffle=False)
+            for v, b in zip(own, before):
+                mask = optimizer.get_mask(v)
+                after = to_numpy(v)
+                assert np.array_equal(after[~mask], b[~mask]) and np.all(after[mask] != b[mask]), v.path
+            results[side_path] = [to_numpy(v) for v in own]
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_allclose(b, a, rtol=1e-2 if feature == "mixed_float16" else 1e-5, atol=1e-3 if
+                                   feature == "mixed_float16" else 1e-6)
+
+
+def test_a_mixed_precision_model_loaded_from_a_file_trains_through_the_side_path(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, x, y = _two_layer()
+        optimizer = MaskedOptimizer("adam", masks={"e/kernel": masks.rows([0, 3]), "a": False}, compact_state=True,
+                                    side_path=True)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        model.save(tmp_path / "mixed.keras")
+        restored = keras.models.load_model(tmp_path / "mixed.keras")
+        assert isinstance(restored.optimizer, keras.optimizers.LossScaleOptimizer)
+        kernel = restored.get_layer("e").kernel
+        before = to_numpy(kernel)
+        restored.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        after = to_numpy(kernel)
+        assert np.all(after[[0, 3]] != before[[0, 3]]) and np.array_equal(np.delete(after, [0, 3], 0),
+                                                                           np.delete(before, [0, 3], 0))
+        assert any("masked_compact_" in v.path for v in restored.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
