@@ -21,6 +21,9 @@ Variants, each in its own process (peak RSS is per process):
 * ``side-all``: ``side_path=True``: the same count as whole slices (rows,
   columns or heads, the finest the side path takes for each kernel) spread
   over every decoder kernel; the kernels' weight gradients are never formed.
+* ``side-all-built``: the same, with the optimizer built before the first
+  step (`masked_opt.masked_optimizer(model)`): TensorFlow's `fit` otherwise
+  builds it inside its first trace, whose step then takes the full gradients.
 
 Reported: time to the first step (the first `train_on_batch`: tracing,
 compiling and one step), median step time over the timed steps (wall and
@@ -44,7 +47,7 @@ import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-VARIANTS = ("full", "lora", "dense", "compact", "compact-all", "side-all")
+VARIANTS = ("full", "lora", "dense", "compact", "compact-all", "side-all", "side-all-built")
 CONFIG = dict(vocabulary_size=32000, num_layers=6, num_query_heads=8, num_key_value_heads=1,
               hidden_dim=512, intermediate_dim=8192, head_dim=64)
 BATCH, SEQ = 4, 128
@@ -72,7 +75,7 @@ def slice_masks(model, chosen_ids: set, density: float, rng) -> dict:
     return out
 
 
-def child(variant: str, steps: int, rank: int) -> dict:
+def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dict:
     import keras
     import keras_hub
     import numpy as np
@@ -91,7 +94,7 @@ def child(variant: str, steps: int, rank: int) -> dict:
     if variant == "lora":
         backbone.enable_lora(rank)
     elif variant != "full":
-        every_kernel = variant in ("compact-all", "side-all")
+        every_kernel = variant in ("compact-all", "side-all", "side-all-built")
         kernels = [v for v in model.trainable_variables if len(v.shape) >= 2 and "decoder_block" in v.path]
         chosen = [v for v in kernels if every_kernel or v.path.endswith(lora_targets)]
         chosen_ids = {id(v) for v in chosen}
@@ -101,19 +104,24 @@ def child(variant: str, steps: int, rank: int) -> dict:
         size = sum(int(np.prod(v.shape)) for v in chosen)
         density = lora_count / size
         rng = np.random.default_rng(0)
-        if variant == "side-all":
+        if variant.startswith("side-all"):
             masks = slice_masks(model, chosen_ids, density, rng)
         else:
             masks = {v.path: rng.random(tuple(v.shape)) < density for v in chosen}
         optimizer = MaskedOptimizer(optimizer, masks=masks, compact_state=variant != "dense",
-                                    side_path=variant == "side-all")
+                                    side_path=variant.startswith("side-all"),
+                                    jit_compile={"auto": "auto", "false": False}[jit_compile])
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    if variant in ("dense", "compact", "compact-all", "side-all"):
+    if variant in ("dense", "compact", "compact-all", "side-all", "side-all-built"):
         trainable_elements = sum(int(np.broadcast_to(m, s).sum()) for m, s in
                                  ((masks[v.path], tuple(v.shape)) for v in model.trainable_variables if v.path in masks))
     else:
         trainable_elements = trainable
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if variant == "side-all-built":
+        from masked_opt import masked_optimizer
+
+        masked_optimizer(model)  # builds it: before the first step, so the first trace has the side path
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, CONFIG["vocabulary_size"], (BATCH, SEQ + 1)).astype("int32")
     x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((BATCH, SEQ), bool)}
@@ -150,24 +158,27 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--jit-compile", choices=("auto", "false"), default="auto",
+                        help="MaskedOptimizer(jit_compile=...): TensorFlow's XLA update of the masked variants")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        harness.emit(child(args.child, args.steps, args.rank))
+        harness.emit(child(args.child, args.steps, args.rank, args.jit_compile))
         return
     rows = []
     for backend in args.backends.split(","):
         for variant in args.variants.split(","):
             try:
                 rows.append(harness.run_child(
-                    [os.path.abspath(__file__), "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)],
+                    [os.path.abspath(__file__), "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank),
+                     "--jit-compile", args.jit_compile],
                     {"KERAS_BACKEND": backend}))
             except harness.ChildFailed as e:
                 print(e.stdout[-2000:], e.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"{backend} {variant} failed (exit {e.returncode})") from None
             print(f"  {backend} {variant}: {rows[-1]}", flush=True)
     print(f"\n- command: `python benchmarks/bench_lora.py --backends {args.backends} --steps {args.steps} "
-          f"--rank {args.rank}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
+          f"--rank {args.rank} --jit-compile {args.jit_compile}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
     print("\n".join(harness.table(
         ["backend", "variant", "trained elements", "first step (s)", "vs LoRA", "step wall (s)", "vs LoRA",
          "step CPU (s)", "vs LoRA", "peak RSS (MB)", "vs LoRA", "RSS before step 1 (MB)", "optimizer variables (MB)",
