@@ -221,7 +221,7 @@ def flatten_layers(model: Any) -> list:
 
 def own_trainable_variables(layer: Any) -> list:
     """A layer's own trainable variables, without its sublayers'."""
-    return list(layer._trainable_variables)
+    return list(getattr(layer, "_trainable_variables", None) or ())  # () for a layer mid-construction
 
 
 def hold_in_sublayers(layer: Any, holder: Any, variable: Any) -> None:

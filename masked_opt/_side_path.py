@@ -29,6 +29,7 @@ the side path is on, `model.trainable_variables` also lists the `D`s.
 from __future__ import annotations
 
 import gc
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,14 @@ class _Holder(keras.layers.Layer):
     @property
     def variables(self) -> list:
         return super().variables if self._on() else []
+
+
+_HELD: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a proxy a layer holds
+
+
+def without_held(variables: list) -> list:
+    """`variables` without any side path's proxy (what the model's own weights are)."""
+    return [v for v in variables if _HELD.get(id(v)) is not v]
 
 
 def check_arguments(side_path: Any, compact_state: bool, capacity: Any) -> None:
@@ -203,6 +212,7 @@ def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
         proxy = entry.compact.proxy  # made trainable (`CompactLayout.trainable_proxies`): TF's tape watches it
         side = Side(layer, axis, indices, shape, proxy)
         _compat.hold_in_sublayers(layer, _Holder(on, name=f"{layer.name}_side_path"), proxy)
+        _HELD[id(proxy)] = proxy
         layer.call = _CALLS[kind](layer, side, on)
         entry.side = side
         sides[table.key(entry.variable)] = side

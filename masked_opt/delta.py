@@ -43,7 +43,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from masked_opt import _delta_file
+from masked_opt import _delta_file, _side_path
 from masked_opt._delta_file import DeltaFileError, Part, bits, fingerprint
 
 __all__ = ["BaseRecord", "DeltaFileError", "SparseDelta"]
@@ -102,7 +102,7 @@ def _weights(model: Any, argument: str) -> list[keras.Variable]:
     if isinstance(model, keras.layers.Layer):
         if not model.built:
             raise ValueError(f"`{argument}` is not built yet: build it (call it on data) before building a delta.")
-        return list(model.weights)
+        return _side_path.without_held(list(model.weights))  # a side path's proxies are the optimizer's
     if isinstance(model, (list, tuple)) and all(isinstance(v, keras.Variable) for v in model):
         return list(model)
     raise TypeError(f"`{argument}` must be a Keras model or layer (or a list of variables). Received: {type(model).__name__}.")
