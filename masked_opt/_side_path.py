@@ -6,10 +6,11 @@ input or output channels, rows of an embedding table) trains, with
 `side_path=True`, through its layer's forward pass (the S2FT rule: the full
 kernel is never what the backward pass differentiates):
 
-* `Dense`, `EinsumDense`: the stock product `x @ W` under a custom gradient
+* `Dense`, `EinsumDense` (and a `ReversibleEmbedding`'s tied output
+  projection `h @ E^T`): the stock product `x @ W` under a custom gradient
   that gives the inputs `dy @ W^T`, the slices `x[..., rows]^T @ dy` or
   `x^T @ dy[..., columns]`, and the kernel nothing;
-* `Conv1D/2D/3D`, `Embedding`: a side term `conv(x[..., in], D - sg(D))`,
+* `Conv1D/2D/3D`, `Embedding` (and a `ReversibleEmbedding`'s lookup): a side term `conv(x[..., in], D - sg(D))`,
   `conv(x, D - sg(D))` scattered to its channels, or `(D - sg(D))[rows]`,
   whose value is exactly zero and whose gradient is the slices'.
 
@@ -124,7 +125,9 @@ def _kind(layer: Any, variable: Any) -> str | None:
     kinds = {L.Dense: "Dense", L.EinsumDense: "EinsumDense", L.Embedding: "Embedding", L.Conv1D: "Conv",
              L.Conv2D: "Conv", L.Conv3D: "Conv"}
     kind = kinds.get(type(layer))
-    attr = "embeddings" if kind == "Embedding" else "kernel"
+    if type(layer).__name__ == "ReversibleEmbedding" and type(layer).__module__.startswith(("keras.", "keras_hub.")):
+        kind = "ReversibleEmbedding"  # Keras's or KerasHub's: a lookup, and a tied output projection
+    attr = "embeddings" if kind in ("Embedding", "ReversibleEmbedding") else "kernel"
     return kind if kind is not None and getattr(layer, attr, None) is variable else None
 
 
@@ -134,8 +137,8 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
         raise ValueError(
             f"`side_path=True`: variable '{path}' of layer '{layer.name}' ({type(layer).__name__}) trains whole "
             f"slices along axis {axis}, but the side path serves only the kernels of stock `Dense` and "
-            "`EinsumDense` and `Conv1D/2D/3D` layers and the table of a stock `Embedding` (a subclass may "
-            "compute otherwise). "
+            "`EinsumDense` and `Conv1D/2D/3D` layers and the table of a stock `Embedding` or "
+            "`ReversibleEmbedding` (a subclass may compute otherwise). "
             "Give this variable an element mask (it then trains on compact state through its full gradient), "
             "or use `side_path=False`.")
     if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
@@ -143,7 +146,7 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
             f"`side_path=True`: layer '{layer.name}' is quantized or has LoRA enabled, so its kernel is not the "
             "float weight its forward pass multiplies by. Train it with `side_path=False`, or before "
             "`quantize`/`enable_lora`.")
-    if kind == "Embedding" and axis != 0:
+    if kind in ("Embedding", "ReversibleEmbedding") and axis != 0:
         raise ValueError(
             f"`side_path=True`: the mask of '{path}' trains columns (feature axis) of an embedding table, whose "
             "gradient spans every row; the side path trains rows (tokens) of a table. Use `masks.rows`, or "
@@ -416,4 +419,29 @@ def _conv_call(layer: Any, side: Side, on: Any) -> Any:
     return call
 
 
-_CALLS = {"Dense": _dense_call, "EinsumDense": _einsum_call, "Embedding": _embedding_call, "Conv": _conv_call}
+def _reversible_call(layer: Any, side: Side, on: Any) -> Any:
+    """A `ReversibleEmbedding`: the lookup as `Embedding`'s; the tied output
+    projection `h @ E^T` as a sliced product (rows of E are logits' columns)."""
+    stock = type(layer).call.__get__(layer)
+    lookup = _embedding_call(layer, side, on)
+
+    def call(inputs: Any, reverse: bool = False) -> Any:
+        if not on() or (reverse and not layer.tie_weights):  # untied: its own `reverse_embeddings`
+            return stock(inputs, reverse=reverse)
+        if not reverse:
+            return lookup(inputs)
+        table = layer.embeddings
+        if layer.reverse_dtype is not None:
+            inputs, table = ops.cast(inputs, layer.reverse_dtype), ops.cast(table, layer.reverse_dtype)
+        logits = _sliced_product(lambda x, k: ops.matmul(x, ops.transpose(k)), ("...d", "vd", "...v"), side,
+                                 inputs, table)
+        if layer.logit_soft_cap is not None:
+            cap = layer.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    return call
+
+
+_CALLS = {"Dense": _dense_call, "EinsumDense": _einsum_call, "Embedding": _embedding_call, "Conv": _conv_call,
+          "ReversibleEmbedding": _reversible_call}

@@ -54,10 +54,10 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             masked variable's state can hold: None (the count at build), an
             int, or a float in (0, 1] (a fraction of each variable).
         side_path: with `compact_state`, kernels of stock `Dense`,
-            `EinsumDense` and `Embedding` layers whose masks train whole
-            slices (rows, columns, heads) train through a side term of their
-            layer's forward pass, never forming the kernel's full weight
-            gradient (docs/sparse-fine-tuning.md).
+            `EinsumDense`, `Conv`, `Embedding` and `ReversibleEmbedding`
+            layers whose masks train whole slices (rows, columns, heads,
+            channels) train through their layer's forward pass, never forming
+            the kernel's full weight gradient (docs/sparse-fine-tuning.md).
         name: the optimizer's name.
 
     After build, `set_mask`, `freeze`, `unfreeze`, `set_multiplier` change the

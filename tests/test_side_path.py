@@ -431,3 +431,45 @@ def test_backup_and_restore_resumes_bit_for_bit_and_the_trained_slices_export_as
     changed[:, [1, 3], :] = True
     (path,) = delta.paths
     assert path.endswith("k/kernel") and np.array_equal(delta.positions(path), np.flatnonzero(changed))
+
+
+def _reversible():
+    layers = getattr(keras.layers, "ReversibleEmbedding", None)
+    if layers is None:
+        layers = pytest.importorskip("keras_hub").layers.ReversibleEmbedding
+    return layers
+
+
+def test_a_tied_reversible_embedding_trains_its_rows_through_both_uses():
+    # KerasHub's LMs tie the token table to the output projection: logits = h @ E^T.
+    # The rows' gradient is the lookup's plus the projection's, against NumPy.
+    reversible = _reversible()
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((T,), dtype="int32")
+    table = reversible(20, 6, name="emb")
+    mix = keras.layers.Dense(6, name="mix")
+    model = keras.Model(ids, table(mix(table(ids)), reverse=True))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, size=(B, T)).astype("int32")
+    y = rng.normal(size=(B, T, 20)).astype("float32")
+    optimizer = MaskedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), masks={"emb/embeddings": masks.rows([1, 4, 7]),
+                                "mix": False}, compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    optimizer.build(model.trainable_variables)
+    (proxy,) = [v for v in model.trainable_variables if "masked_compact_" in v.path]
+    e, w, bias = (to_numpy(v).astype(np.float64) for v in (table.embeddings, mix.kernel, mix.bias))
+    h = e[x] @ w + bias
+    logits = h @ e.T
+    g = 2 * (logits - y) / logits.size
+    expected = np.einsum("btv,btd->vd", g, h)
+    np.add.at(expected, x.reshape(-1), ((g @ e) @ w.T).reshape(-1, 6))
+    loss = lambda: keras.ops.mean(keras.ops.square(keras.ops.subtract(model(x), y)))
+    (grad,) = gradients(loss, [proxy])
+    np.testing.assert_allclose(to_numpy(grad).reshape(3, 6), expected[[1, 4, 7]], rtol=1e-5, atol=1e-6)
+    stock = to_numpy(type(table).call(table, keras.ops.convert_to_tensor(np.ones((2, 6), "float32")), reverse=True))
+    assert np.array_equal(to_numpy(table(np.ones((2, 6), "float32"), reverse=True)), stock)
+    before = to_numpy(table.embeddings)
+    model.fit(np.concatenate([x] * 3), np.concatenate([y] * 3), batch_size=B, epochs=2, shuffle=False, verbose=0)
+    after = to_numpy(table.embeddings)
+    assert np.array_equal(np.delete(after, [1, 4, 7], 0), np.delete(before, [1, 4, 7], 0))
+    assert np.all(after[[1, 4, 7]] != before[[1, 4, 7]])
