@@ -79,7 +79,7 @@ _HELD: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a pr
 
 
 def without_held(variables: list) -> list:
-    """`variables` without any side path's proxy (what the model's own weights are)."""
+    """`variables` without any side path's proxy (the model's own variables)."""
     return [v for v in variables if _HELD.get(id(v)) is not v]
 
 
@@ -251,12 +251,6 @@ def with_proxies(variables: list, sides: dict[Any, Side], key: Any) -> list:
     return out
 
 
-def without_proxies(variables: list, sides: dict[Any, Side]) -> list:
-    """`variables` without the side paths' proxies (the model's own variables)."""
-    proxies = {id(s.proxy) for s in sides.values()}
-    return [v for v in variables if id(v) not in proxies]
-
-
 # --------------------------------------------------------------- a step
 
 
@@ -303,11 +297,17 @@ def _zero_term(side: Side, dtype: Any) -> Any:
     return ops.subtract(d, ops.stop_gradient(d))
 
 
+def _positions(indices: np.ndarray, size: int) -> np.ndarray:
+    """Each of `size` positions' place in `indices`, `len(indices)` where absent."""
+    pos = np.full(size, len(indices), np.int32)
+    pos[indices] = np.arange(len(indices), dtype=np.int32)
+    return pos
+
+
 def _scatter_along(values: Any, indices: np.ndarray, size: int, axis: int) -> Any:
     """`values` (with len(indices) entries along `axis`) placed at `indices`
     of an axis of `size`, zero elsewhere, as a gather (an exact gradient)."""
-    pos = np.full(size, len(indices), np.int32)
-    pos[indices] = np.arange(len(indices), dtype=np.int32)
+    pos = _positions(indices, size)
     zero = ops.zeros_like(ops.take(values, np.zeros(1, np.int32), axis=axis))
     return ops.take(ops.concatenate([values, zero], axis=axis), pos, axis=axis)
 
@@ -378,8 +378,7 @@ def _einsum_call(layer: Any, side: Side, on: Any) -> Any:
 def _embedding_call(layer: Any, side: Side, on: Any) -> Any:
     stock = type(layer).call.__get__(layer)
     vocabulary = layer.embeddings.shape[0]
-    pos = np.full(vocabulary, len(side.indices), np.int32)
-    pos[side.indices] = np.arange(len(side.indices), dtype=np.int32)
+    pos = _positions(side.indices, vocabulary)
 
     def call(inputs: Any) -> Any:
         if not on():

@@ -131,7 +131,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def _model_variables(self) -> list:
         """The variables built on, without the side path's (what keys select)."""
-        return _side_path.without_proxies(_compat.built_on(self), self._sides)
+        return _side_path.without_held(_compat.built_on(self))
 
     # ------------------------------------------------------------------ apply
 
@@ -164,7 +164,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self._compile.run(self._state_layout.update, self._table, grads, trainable_variables, key)
 
     def finalize_variable_values(self, var_list):
-        var_list = _side_path.without_proxies(list(var_list), self._sides)
+        var_list = _side_path.without_held(list(var_list))
         # JAX's `fit` calls this from a `finally`, where the variables may still be
         # detached after an error: read nothing then (it would hide that error).
         if any(_backend.is_purged(v) for v in var_list) or self._state_layout.detached(self._table):
