@@ -14,7 +14,6 @@ sparse fine-tuning spread over the whole model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -23,25 +22,9 @@ import numpy as np
 
 import harness
 from masked_opt import SparseDelta
-from masked_opt._delta_file import encode_positions
 
-
-def write_version_1(delta: SparseDelta, path: str) -> None:
-    """The version-1 layout (what masked_opt 0.1 wrote before format version 2)."""
-    arrays, entries = {}, []
-    for i, part in enumerate(delta._parts.values()):
-        entries.append({"path": part.path, "shape": list(part.shape), "dtype": str(part.dtype),
-                        "base_sha256": part.base_sha256, "count": part.count, "dense": part.positions is None,
-                        "position": part.position, "num_weights": part.num_weights})
-        arrays[f"{i}.values"] = part.diff
-        if part.positions is not None:
-            arrays[f"{i}.positions"] = encode_positions(part.positions)
-        for name in ("apply_fix", "revert_fix"):
-            if getattr(part, f"{name}_at").size:
-                arrays[f"{i}.{name}_at"] = encode_positions(getattr(part, f"{name}_at"))
-                arrays[f"{i}.{name}"] = getattr(part, name)
-    header = {"format": "masked_opt_delta", "version": 1, "variables": entries}
-    np.savez(path, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+harness.use_test_support()
+from delta_v1 import write_version_1  # noqa: E402
 
 
 def tuned_copy(model: keras.Model, density: float, seed: int) -> keras.Model:

@@ -24,6 +24,9 @@ Variants, each in its own process (peak RSS is per process):
 * ``side-all-built``: the same, with the optimizer built before the first
   step (`masked_opt.masked_optimizer(model)`): TensorFlow's `fit` otherwise
   builds it inside its first trace, whose step then takes the full gradients.
+* ``side-elements``, ``side-elements-built``: ``compact-all``'s random
+  element masks with ``side_path=True``: each kernel's weight gradient is
+  formed in its layer's backward step and gathered there at once.
 
 Reported: time to the first step (the first `train_on_batch`: tracing,
 compiling and one step), median step time over the timed steps (wall and
@@ -47,7 +50,9 @@ import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-VARIANTS = ("full", "lora", "dense", "compact", "compact-all", "side-all", "side-all-built")
+VARIANTS = ("full", "lora", "dense", "compact", "compact-all", "side-all", "side-all-built", "side-elements",
+            "side-elements-built")
+SIDE = ("side-all", "side-all-built", "side-elements", "side-elements-built")
 CONFIG = dict(vocabulary_size=32000, num_layers=6, num_query_heads=8, num_key_value_heads=1,
               hidden_dim=512, intermediate_dim=8192, head_dim=64)
 BATCH, SEQ = 4, 128
@@ -94,7 +99,7 @@ def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dic
     if variant == "lora":
         backbone.enable_lora(rank)
     elif variant != "full":
-        every_kernel = variant in ("compact-all", "side-all", "side-all-built")
+        every_kernel = variant in ("compact-all",) + SIDE
         kernels = [v for v in model.trainable_variables if len(v.shape) >= 2 and "decoder_block" in v.path]
         chosen = [v for v in kernels if every_kernel or v.path.endswith(lora_targets)]
         chosen_ids = {id(v) for v in chosen}
@@ -109,16 +114,16 @@ def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dic
         else:
             masks = {v.path: rng.random(tuple(v.shape)) < density for v in chosen}
         optimizer = MaskedOptimizer(optimizer, masks=masks, compact_state=variant != "dense",
-                                    side_path=variant.startswith("side-all"),
+                                    side_path=variant in SIDE,
                                     jit_compile={"auto": "auto", "false": False}[jit_compile])
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    if variant in ("dense", "compact", "compact-all", "side-all", "side-all-built"):
+    if variant in ("dense", "compact", "compact-all") + SIDE:
         trainable_elements = sum(int(np.broadcast_to(m, s).sum()) for m, s in
                                  ((masks[v.path], tuple(v.shape)) for v in model.trainable_variables if v.path in masks))
     else:
         trainable_elements = trainable
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    if variant == "side-all-built":
+    if variant.endswith("-built"):
         from masked_opt import masked_optimizer
 
         masked_optimizer(model)  # builds it: before the first step, so the first trace has the side path

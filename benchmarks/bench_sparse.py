@@ -56,7 +56,8 @@ def run_one(
 
     import keras
     from masked_opt import MaskedOptimizer
-    from workloads import graph_ops
+    harness.use_test_support()
+    from tf_graphs import graph_ops
 
     keras.utils.set_random_seed(0)
     emb = keras.layers.Embedding(vocab, dim, embeddings_initializer="zeros", name="emb")

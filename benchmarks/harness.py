@@ -277,6 +277,15 @@ def emit(result: dict) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
+def use_test_support() -> None:
+    """Makes the test suite's support modules (``tests/tf_graphs.py``,
+    ``tests/delta_v1.py``: no pytest in them) importable, so a script shares
+    a helper with the tests instead of copying it."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+
+
 def run_child(args: Sequence[str], env: dict[str, str] | None = None, what: str | None = None) -> dict:
     """Runs ``python <args>`` in a fresh process (``env`` added to this
     process's environment) and returns the dict its last ``emit`` line holds.

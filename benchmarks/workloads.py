@@ -298,22 +298,3 @@ def frozen_report(checks: dict[str, FrozenCheck]) -> list[str]:
         note = " (not exact by design)" if name.startswith("grad-only") else ""
         lines.append(f"{name}: {moved:,} of {total:,} frozen elements moved{note}")
     return lines
-
-
-# ------------------------------------------------------------ TensorFlow graphs
-
-
-def graph_ops(graph):
-    """Every op of a traced TF graph, those inside `cond`/`while` branches
-    included (the same walk as `tests/test_sparse.py::_ops`, which a script
-    cannot import without pytest)."""
-    for op in graph.get_operations():
-        yield op
-        for attr in ("then_branch", "else_branch", "body", "cond"):
-            try:
-                name = op.get_attr(attr).name
-            except (ValueError, AttributeError):
-                continue
-            function = graph._get_function(name)
-            if function is not None:
-                yield from graph_ops(function.graph)

@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 from masked_opt import _backend, _inner_optimizer, _restore
-from masked_opt._state_layout import ELEMENTWISE, StateLayout, reset_slots, scoped_variable
+from masked_opt._state_layout import ELEMENTWISE, StateLayout, mask_sharding, reset_slots, scoped_variable
 from masked_opt._variable_table import CompactState, Entry, VariableTable
 
 O = keras.optimizers
@@ -155,7 +155,7 @@ class CompactLayout(StateLayout):
             variable.path.split("/")[-1],
             (capacity,),
             variable.dtype,
-            _backend.mask_sharding(variable, (capacity,)),
+            mask_sharding(variable, (capacity,)),
             trainable=self.trainable_proxies,
         )
         entry.compact = CompactState(proxy, index_var, count_var, capacity)
@@ -258,8 +258,8 @@ class CompactLayout(StateLayout):
         if entry.side is not None and not np.array_equal(full, self.read_mask(entry)):
             raise ValueError(
                 f"`{what}`: variable '{entry.path}' trains through the side path (`side_path=True`), whose "
-                f"slices along axis {entry.side.axis} are fixed at build (its layer's forward pass has them). "
-                "To train other slices, build a new MaskedOptimizer with the new masks (its state starts "
+                f"{entry.side.fixed} are fixed at build (its layer's forward pass has them). "
+                "To train others, build a new MaskedOptimizer with the new masks (its state starts "
                 "fresh), or use `side_path=False`, whose masks can change at any step.")
 
         def commit() -> None:

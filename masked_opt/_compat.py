@@ -53,7 +53,7 @@ PRIVATE_APIS: tuple[PrivateApi, ...] = (
     PrivateApi("_distribution_strategy", "TF optimizer", "the strategy an optimizer was created under"),
     PrivateApi("_value", "keras.Variable (JAX)", "JAX's trainer detaches values during fit (None)"),
     PrivateApi("_layout", "keras.Variable",
-               "keras.distribution: masks are sharded like their variable (`_backend.mask_sharding`)"),
+               "keras.distribution: masks are sharded like their variable (`_state_layout.mask_sharding`)"),
     PrivateApi("_model", "keras.callbacks.Callback", "the model without the JAX state sync `.model` does"),
     PrivateApi("_jax_state", "Trainer (JAX)", "the step counter during fit without a full state sync"),
     PrivateApi("_nodes_by_depth", "Functional", "layerwise_decay orders layers by graph depth"),
@@ -150,6 +150,15 @@ def creation_strategy(optimizer: Any) -> Any:
 def is_detached(variable: Any) -> bool:
     """Whether JAX's trainer has detached the variable's value during `fit`."""
     return getattr(variable, "_value", True) is None
+
+
+def keras_distribution() -> Any:
+    """keras.distribution's active distribution; None where there is none (or
+    the backend or Keras version has no keras.distribution)."""
+    try:
+        return keras.distribution.distribution()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def variable_layout(variable: Any) -> Any:

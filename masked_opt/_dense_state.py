@@ -210,7 +210,8 @@ class DenseLayout(StateLayout):
             out = []
             for i, _, mask in frozen:  # a sparse gradient lets the snapshot keep only its rows
                 g = _backend.mask_gradient(grads[i], mask, tuple(variables[i].shape))
-                out.append((g, _backend.snapshot(variables[i], g, self.inner, mask)))
+                opt = _inner_optimizer.optimizer_for(self.inner, variables[i])
+                out.append((g, _backend.snapshot(variables[i], g, opt, mask)))
             return out
 
         def untouched() -> list:

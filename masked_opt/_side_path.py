@@ -14,6 +14,13 @@ kernel is never what the backward pass differentiates):
   `conv(x, D - sg(D))` scattered to its channels, or `(D - sg(D))[rows]`,
   whose value is exactly zero and whose gradient is the slices'.
 
+An element mask of a stock `Dense` or `EinsumDense` kernel (not whole
+slices) trains the same way: the custom gradient forms that layer's weight
+gradient `x^T @ dy` and gathers the trainable elements at once, so no dense
+weight gradient outlives its layer's backward step (the gather path hands
+every kernel's dense gradient to the optimizer, all alive together). Other
+layers' element masks keep compact state's gather path.
+
 `D` is the compact-state proxy of the kernel (its trainable elements, in
 row-major order), made a trainable variable of the model. The forward
 pass's values are the stock layer's, bit for bit. Each step the proxy is
@@ -50,10 +57,15 @@ class Side:
     """The side path of one kernel."""
 
     layer: Any
-    axis: int  # the kernel axis whose slices train
-    indices: np.ndarray  # sorted, the trained slices along `axis`
-    shape: tuple[int, ...]  # the slice block's shape: the kernel's with `indices` along `axis`
+    axis: int | None  # the kernel axis whose slices train; None: elements (a Dense or EinsumDense kernel)
+    indices: np.ndarray  # sorted, the trained slices along `axis` (elements: flat positions)
+    shape: tuple[int, ...]  # the slice block's shape: the kernel's with `indices` along `axis` (elements: flat)
     proxy: keras.Variable  # D: the compact proxy, trainable and held by the layer
+
+    @property
+    def fixed(self) -> str:
+        """What the layer's forward pass fixes at build, for errors."""
+        return "trainable elements" if self.axis is None else f"slices along axis {self.axis}"
 
 
 class _Holder(keras.layers.Layer):
@@ -141,7 +153,7 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
             "`ReversibleEmbedding` (a subclass may compute otherwise). "
             "Give this variable an element mask (it then trains on compact state through its full gradient), "
             "or use `side_path=False`.")
-    if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+    if _is_modified(layer):
         raise ValueError(
             f"`side_path=True`: layer '{layer.name}' is quantized or has LoRA enabled, so its kernel is not the "
             "float weight its forward pass multiplies by. Train it with `side_path=False`, or before "
@@ -164,6 +176,11 @@ def _check_layer(layer: Any, kind: str | None, entry: Entry, axis: int) -> None:
                 f"`side_path=True`: axis {axis} of '{path}' is '{letter}' in the equation '{layer.equation}', which "
                 "is in both or neither of its input and output; the side path trains slices along an axis that "
                 f"is contracted (input only) or produced (output only). {_FIX}")
+
+
+def _is_modified(layer: Any) -> bool:
+    """Quantized or LoRA-enabled: the kernel is not the float weight the forward pass multiplies by."""
+    return bool(getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False))
 
 
 def _einsum_specs(equation: str) -> tuple[str, str, str]:
@@ -198,20 +215,25 @@ def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
         count = int(_backend.to_numpy(entry.compact.count))
         if count != entry.compact.capacity:
             continue  # padded (a saved capacity): the compact path
+        flat = _backend.to_numpy(entry.compact.indices)[:count]  # sorted: the proxy's order
         full = np.zeros(entry.size, bool)
-        full[_backend.to_numpy(entry.compact.indices)] = True
-        found = slice_axis(full.reshape(tuple(entry.variable.shape)))
-        if found is not None:
-            candidates.append((entry, *found))
+        full[flat] = True
+        candidates.append((entry, slice_axis(full.reshape(tuple(entry.variable.shape))), flat))
     owners = _layers_of(owner.model(), [e.variable for e, _, _ in candidates])
     sides = {}
-    for entry, axis, indices in candidates:
+    for entry, found, flat in candidates:
         layer = owners.get(id(entry.variable))
         if layer is None:
             continue  # not a layer's variable: the compact path
         kind = _kind(layer, entry.variable)
-        _check_layer(layer, kind, entry, axis)
-        shape = tuple(len(indices) if a == axis else n for a, n in enumerate(entry.variable.shape))
+        if found is None:  # elements: a Dense or EinsumDense kernel gathers its own gradient, else the compact path
+            if kind not in ("Dense", "EinsumDense") or _is_modified(layer) or len(flat) in (0, entry.size):
+                continue
+            axis, indices, shape = None, flat, (len(flat),)
+        else:
+            axis, indices = found
+            _check_layer(layer, kind, entry, axis)
+            shape = tuple(len(indices) if a == axis else n for a, n in enumerate(entry.variable.shape))
         proxy = entry.compact.proxy  # made trainable (`CompactLayout.trainable_proxies`): TF's tape watches it
         side = Side(layer, axis, indices, shape, proxy)
         _compat.hold_in_sublayers(layer, _Holder(on, name=f"{layer.name}_side_path"), proxy)
@@ -320,8 +342,8 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
     custom gradient (falls back to the zero-valued side term where the
     backend has none)."""
     x_spec, k_spec, o_spec = specs
-    letter = k_spec[side.axis]
-    contracted = letter in x_spec
+    letter = None if side.axis is None else k_spec[side.axis]
+    contracted = letter in x_spec if letter is not None else None
     kernel = ops.stop_gradient(kernel)
     d = ops.cast(ops.reshape(side.proxy, side.shape), inputs.dtype)
 
@@ -332,9 +354,12 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
         def grad(*args: Any, upstream: Any = None) -> Any:
             dy = args[0] if upstream is None else upstream
             dx = ops.einsum(f"{o_spec},{k_spec}->{x_spec}", dy, kernel)
-            g = dy if contracted else ops.take(dy, side.indices, axis=_axis_in(o_spec, letter))
+            g = dy if contracted is not False else ops.take(dy, side.indices, axis=_axis_in(o_spec, letter))
             (kept_, xs), (g_, os) = _collapse(kept, x_spec), _collapse(g, o_spec)
-            return dx, ops.einsum(f"{xs},{os}->{k_spec}", kept_, g_)
+            dk = ops.einsum(f"{xs},{os}->{k_spec}", kept_, g_)
+            if side.axis is None:  # elements: this layer's weight gradient, gathered at once
+                dk = ops.take(ops.reshape(dk, (-1,)), side.indices, axis=0)
+            return dx, dk
 
         return forward(x, kernel), grad
 

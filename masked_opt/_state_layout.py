@@ -19,12 +19,28 @@ from typing import Any
 import keras
 import numpy as np
 
-from masked_opt import _backend, _inner_optimizer
+from masked_opt import _backend, _compat, _inner_optimizer
 from masked_opt._variable_table import Entry, VariableTable
 
 AddVariable = Callable[..., keras.Variable]
 """The wrapper's `keras.optimizers.Optimizer.add_variable`: its own variables
 (saved with it, by position)."""
+
+def mask_sharding(variable: Any, mask_shape: tuple[int, ...]) -> Any:
+    """The keras.distribution layout for a mask of `variable` stored at
+    `mask_shape`: the variable's own layout for a full-shape mask (sharded as
+    its weight is), replicated for a broadcast mask, None without a
+    distribution (or on Keras < 3.10, whose optimizer variables take no
+    layout: the distribution places the mask by its own path, as it places
+    Keras's own optimizer slots there)."""
+    distribution = _compat.keras_distribution()
+    if not _compat.ADD_VARIABLE_TAKES_LAYOUT or distribution is None:
+        return None
+    layout = _compat.variable_layout(variable)
+    if layout is not None and tuple(mask_shape) == tuple(variable.shape):
+        return layout
+    return keras.distribution.TensorLayout([None] * len(mask_shape), distribution.device_mesh)
+
 
 Read = Callable[[keras.Variable, str], np.ndarray]
 """`read(state_variable, path) -> np.ndarray`, syncing JAX's trainer first if
@@ -60,7 +76,7 @@ class StateLayout:
         (an `assign` in a build traced by `fit` can be lost), named after
         `variable`; `sharded`: laid out like it under keras.distribution."""
         value = np.asarray(value)
-        layout = _backend.mask_sharding(variable, value.shape) if sharded else None
+        layout = mask_sharding(variable, value.shape) if sharded else None
         return self.add_variable(
             shape=value.shape,
             initializer=lambda shape, dtype=None: value,

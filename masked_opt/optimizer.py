@@ -115,7 +115,7 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             given[:] = _compat.built_on(self)
 
     def _build(self, var_list: list) -> None:
-        _backend.check_strategy_support(self.inner_optimizer, var_list)
+        _backend.check_strategy_support(self.inner_optimizer, _inner_optimizer.leaf_optimizers(self.inner_optimizer, var_list))
         # Float8 scale variables are overwritten with their gradient: never masked.
         maskable = [v for v in var_list if not _compat.overwrites_with_gradient(self, v)]
         self._store.build(var_list, maskable, self._key)

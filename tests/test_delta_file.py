@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 
+from delta_v1 import write_version_1
 from masked_opt import DeltaFileError, SparseDelta
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -119,27 +120,6 @@ def test_a_damaged_fixup_name_in_a_version_1_file_raises(tmp_path):
     (tmp_path / "both.npz").write_bytes(bytes(both))
     with pytest.raises(DeltaFileError, match="apply_fix entries are damaged"):
         SparseDelta.load(tmp_path / "both.npz")
-
-
-def write_version_1(delta, path):
-    """The version-1 layout (one npz member per array), written independently
-    of the library from its documented description."""
-    from masked_opt._delta_file import encode_positions
-
-    arrays, entries = {}, []
-    for i, part in enumerate(delta._parts.values()):
-        entries.append({"path": part.path, "shape": list(part.shape), "dtype": str(part.dtype),
-                        "base_sha256": part.base_sha256, "count": part.count, "dense": part.positions is None,
-                        "position": part.position, "num_weights": part.num_weights})
-        arrays[f"{i}.values"] = part.diff
-        if part.positions is not None:
-            arrays[f"{i}.positions"] = encode_positions(part.positions)
-        for name in ("apply_fix", "revert_fix"):
-            if getattr(part, f"{name}_at").size:
-                arrays[f"{i}.{name}_at"] = encode_positions(getattr(part, f"{name}_at"))
-                arrays[f"{i}.{name}"] = getattr(part, name)
-    header = {"format": "masked_opt_delta", "version": 1, "variables": entries}
-    np.savez(path, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
 
 
 def test_the_version_1_fixture_still_loads_bit_for_bit():

@@ -1,7 +1,9 @@
-"""The side path (`side_path=True`, issue 25 item 1): whole-slice masks of
-stock `Dense`, `EinsumDense` and `Embedding` kernels train through a
-zero-valued side term of their layer, never forming the kernel's weight
-gradient.
+"""The side path (`side_path=True`, issue 25 items 1 and 2): whole-slice
+masks of stock `Dense`, `EinsumDense`, `Conv` and `Embedding` kernels train
+through their layer's forward pass, never forming the kernel's weight
+gradient; element masks of `Dense`/`EinsumDense` kernels gather their
+layer's weight gradient inside its backward step (no dense gradient reaches
+the optimizer).
 
 Oracles: the slice gradients against a few lines of NumPy backpropagation
 (float64; float32 tolerance `rtol=1e-5, atol=1e-6`); frozen elements and
@@ -278,17 +280,93 @@ def test_a_model_recompiled_with_another_optimizer_trains_its_layers_as_stock_la
     assert np.all(to_numpy(kernel) != before)  # every element moves: the stock layer's gradient
 
 
-def test_element_masks_keep_compact_states_gather_path():
-    model, layer, x, y, _, _, _ = _model("dense rows")
-    count = len(model.trainable_variables)
-    element = np.random.default_rng(0).random((10, 12)) < 0.3
-    optimizer = MaskedOptimizer("adam", masks={"k/kernel": element}, compact_state=True, side_path=True)
-    model.compile(optimizer=optimizer, loss="mse")
-    before = to_numpy(layer.kernel)
-    model.fit(x, y, batch_size=B, epochs=2, verbose=0)
-    assert len(model.trainable_variables) == count
-    after = to_numpy(layer.kernel)
-    assert np.array_equal(after[~element], before[~element]) and np.all(after[element] != before[element])
+ELEMENT_CASES = {  # kind -> (a CASES model whose kernel gets a random element mask)
+    "dense elements": "dense rows",
+    "einsum elements": "einsum heads",
+}
+
+
+def _element_model(kind, seed=0):
+    model, layer, x, y, _, _, _ = _model(ELEMENT_CASES[kind], seed)
+    shape = tuple(layer.kernel.shape)
+    mask = np.random.default_rng(seed + 7).random(shape) < 0.3
+    return model, layer, x, y, mask
+
+
+@pytest.mark.parametrize("kind", list(ELEMENT_CASES))
+def test_element_gradients_are_the_numpy_gradient_at_the_elements_and_the_kernel_has_none(kind):
+    # An element mask of a Dense/EinsumDense kernel: the layer's backward step
+    # forms its weight gradient and gathers the trainable elements at once.
+    model, layer, x, y, mask = _element_model(kind)
+    spy = _Spy(1e-3)
+    spy.seen = []
+    given = {"k/kernel": mask, **({"k/bias": False} if getattr(layer, "bias", None) is not None else {})}
+    optimizer = MaskedOptimizer(spy, masks=given, compact_state=True, side_path=True)
+    model.compile(optimizer=optimizer, loss="mse", run_eagerly=True)
+    optimizer.build(model.trainable_variables)
+    proxies = [v for v in model.trainable_variables if "masked_compact_" in v.path]
+    assert [tuple(v.shape) for v in proxies] == [(int(mask.sum()),)]
+    oracle = _oracle_kernel_gradient(ELEMENT_CASES[kind], layer, x, y)[mask]  # row-major, as the proxy
+    model.train_on_batch(x, y)
+    (grads,) = spy.seen
+    compact = [g for g in grads if g is not None and g.shape == proxies[0].shape]
+    assert len(compact) == 1
+    np.testing.assert_allclose(compact[0], oracle, rtol=1e-5, atol=1e-6)
+    loss = lambda: keras.ops.mean(keras.ops.square(keras.ops.subtract(model(x), y)))
+    if IS_TORCH:
+        import torch
+
+        kernel_grad = torch.autograd.grad(loss(), [layer.kernel.value], allow_unused=True)[0]
+    else:
+        kernel_grad = gradients(loss, [layer.kernel])[0]
+    if IS_JAX:
+        assert not np.any(to_numpy(kernel_grad))
+    else:
+        assert kernel_grad is None  # no dense weight gradient reaches the optimizer
+
+
+@pytest.mark.parametrize("kind", list(ELEMENT_CASES))
+def test_element_masks_keep_frozen_elements_and_train_as_compact_states_gather_path(kind):
+    def fit(side_path):
+        model, layer, x, y, mask = _element_model(kind)
+        optimizer = MaskedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9, weight_decay=0.01),
+                                    masks={"k/kernel": mask}, compact_state=True, side_path=side_path)
+        model.compile(optimizer=optimizer, loss="mse")
+        before = to_numpy(layer.kernel)
+        model.fit(np.concatenate([x] * 4), np.concatenate([y] * 4), batch_size=B, epochs=3, shuffle=False, verbose=0)
+        return model, optimizer, mask, before, to_numpy(layer.kernel)
+
+    model, optimizer, mask, before, after = fit(True)
+    assert any("masked_compact_" in v.path for v in model.trainable_variables)  # trained through the layer
+    assert np.array_equal(after[~mask], before[~mask]) and np.all(after[mask] != before[mask])
+    _, reference, _, _, gathered = fit(False)
+    np.testing.assert_allclose(after, gathered, rtol=1e-5, atol=1e-6)
+    assert [tuple(v.shape) for v in optimizer.variables] == [tuple(v.shape) for v in reference.variables]
+    with pytest.raises(ValueError, match=r"k/kernel' trains through the side path.*trainable elements are fixed at "
+                                         r"build.*new MaskedOptimizer"):
+        optimizer.set_mask("k/kernel", _moved(mask))
+    optimizer.set_mask("k/kernel", mask)  # the same elements: nothing changes
+
+
+def _moved(mask):
+    """As many trainable elements as `mask`, elsewhere."""
+    return np.roll(mask.reshape(-1), 1).reshape(mask.shape)
+
+
+def test_element_masks_of_other_layers_keep_compact_states_gather_path():
+    keras.utils.set_random_seed(0)
+    conv = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv")])
+    mask = np.random.default_rng(0).random((3, 3, 2, 4)) < 0.3
+    optimizer = _build(conv, masks={"conv/kernel": mask}, compact_state=True, side_path=True)
+    assert len(conv.trainable_variables) == 2  # no proxy: the kernel's full gradient, gathered
+    x = np.random.default_rng(1).normal(size=(B, 6, 6, 2)).astype("float32")
+    y = np.random.default_rng(2).normal(size=(B, 4, 4, 4)).astype("float32")
+    before = to_numpy(conv.get_layer("conv").kernel)
+    conv.fit(x, y, batch_size=B, epochs=2, verbose=0)
+    after = to_numpy(conv.get_layer("conv").kernel)
+    assert np.array_equal(after[~mask], before[~mask]) and np.all(after[mask] != before[mask])
+    optimizer.set_mask("conv/kernel", _moved(mask))  # the gather path's masks change at any step
+    assert np.array_equal(optimizer.get_mask("conv/kernel"), _moved(mask))
 
 
 def _build(model, **kwargs):

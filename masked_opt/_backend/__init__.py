@@ -52,7 +52,6 @@ INTERFACE = (
     "jit_function",
     "loss_gradients",
     "mask_gradient",
-    "mask_sharding",
     "moves_only_gradient_rows",
     "no_autograph",
     "no_snapshot",
@@ -101,7 +100,6 @@ jit_compile_from_config = _pick("jit_compile_from_config")
 jit_function = _pick("jit_function")
 loss_gradients = _pick("loss_gradients")
 mask_gradient = _pick("mask_gradient")
-mask_sharding = _pick("mask_sharding")
 moves_only_gradient_rows = _pick("moves_only_gradient_rows")
 no_autograph = _pick("no_autograph")
 no_snapshot = _pick("no_snapshot")

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from masked_opt import _compat
 
 BACKEND = keras.backend.backend()
 
@@ -211,7 +210,7 @@ def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
     return select(moving, ops.add(old, ops.multiply(m, ops.subtract(current, old))), old)
 
 
-def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
+def snapshot(variable: keras.Variable, grad: Any = None, opt: Any = None, mask: Any = None) -> Any:
     """A copy of the variable's value that later writes cannot alias."""
     return ops.copy(variable.value)
 
@@ -229,8 +228,8 @@ def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
     variable.assign(ops.reshape(updated, variable.shape))
 
 
-def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
-    """Whether the inner optimizer provably moves only the rows a sparse
+def moves_only_gradient_rows(opt: Any, variable: Any) -> bool:
+    """Whether `opt`, the optimizer that updates `variable`, provably moves only the rows a sparse
     gradient names (only TensorFlow has sparse gradients)."""
     return False
 
@@ -240,24 +239,9 @@ def distributed(optimizer: Any) -> bool:
     return not no_distribution()
 
 
-def check_strategy_support(inner_optimizer: Any, var_list: Any = None) -> None:
-    """Refuses inner-optimizer options that fail under a tf.distribute strategy."""
-
-
-def mask_sharding(variable: Any, mask_shape: tuple[int, ...]) -> Any:
-    """The keras.distribution layout for a mask of `variable` stored at
-    `mask_shape`: the variable's own layout for a full-shape mask (sharded as
-    its weight is), replicated for a broadcast mask, None without a
-    distribution (or on Keras < 3.10, whose optimizer variables take no
-    layout: the distribution places the mask by its own path, as it places
-    Keras's own optimizer slots there)."""
-    if not _compat.ADD_VARIABLE_TAKES_LAYOUT or no_distribution():
-        return None
-    layout = _compat.variable_layout(variable)
-    if layout is not None and tuple(mask_shape) == tuple(variable.shape):
-        return layout
-    mesh = keras.distribution.distribution().device_mesh
-    return keras.distribution.TensorLayout([None] * len(mask_shape), mesh)
+def check_strategy_support(inner_optimizer: Any, leaves: Any) -> None:
+    """Refuses options of `leaves` (the optimizers that update variables) that
+    fail under a tf.distribute strategy."""
 
 
 # ------------------------------------------------- trainer state (JAX)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from masked_opt import _compat, _inner_optimizer
+from masked_opt import _compat
 from masked_opt._backend import common
 from masked_opt._backend.common import SAME_WIDTH_INT, RowSnapshot
 
@@ -203,14 +203,15 @@ def _is_mirrored_family(strategy: Any) -> bool:
         )
 
 
-def check_strategy_support(inner_optimizer: Any, var_list: Sequence[Any] | None = None) -> None:
+def check_strategy_support(inner_optimizer: Any, leaves: Sequence[Any]) -> None:
     """Raises a clear error for inner-optimizer options that fail under the
     current `tf.distribute` strategy (stock Keras fails there too): under
     the MirroredStrategy family, `use_ema=True, ema_overwrite_frequency=...`
     and `gradient_accumulation_steps=...` fail at the first step with
     "merge_call called while defining a new graph" (keras-team/keras#20582).
-    A MultiOptimizer's sub-optimizers are checked one by one."""
-    for opt in _inner_optimizer.leaf_optimizers(inner_optimizer, var_list):
+    `leaves`: the optimizers that update variables (a MultiOptimizer's
+    sub-optimizers, else `[inner_optimizer]`), checked one by one."""
+    for opt in leaves:
         strategy = _non_default_strategy(opt) or _non_default_strategy(inner_optimizer)
         if strategy is None or not _is_mirrored_family(strategy):
             continue
@@ -233,8 +234,9 @@ def check_strategy_support(inner_optimizer: Any, var_list: Sequence[Any] | None 
 # ------------------------------------------------------- snapshot / restore
 
 
-def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
-    """Whether the inner optimizer provably changes no row of `variable` other
+def moves_only_gradient_rows(opt: Any, variable: Any) -> bool:
+    """Whether `opt`, the optimizer that updates `variable` (None: not known
+    yet), provably changes no row of `variable` other
     than those a sparse (`IndexedSlices`) gradient names.
 
     True only for plain `keras.optimizers.SGD` without momentum (it applies an
@@ -249,7 +251,6 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     """
     if tf.distribute.has_strategy():
         return False
-    opt = _inner_optimizer.optimizer_for(inner_optimizer, variable)
     if opt is None or type(opt) is not keras.optimizers.SGD:
         return False
     if opt.momentum != 0 or opt.use_ema or opt.gradient_accumulation_steps or opt.global_clipnorm:
@@ -261,17 +262,17 @@ def moves_only_gradient_rows(inner_optimizer: Any, variable: Any) -> bool:
     return _non_default_strategy(opt) is None
 
 
-def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
+def snapshot(variable: keras.Variable, grad: Any = None, opt: Any = None, mask: Any = None) -> Any:
     """What `restore_frozen` needs to put frozen elements back after the step:
     the variable's whole current value (a copy), or, when `grad` is a
-    `tf.IndexedSlices` and the inner optimizer provably moves only the rows
-    it names, a `RowSnapshot` of just those rows (no dense copy of a large
+    `tf.IndexedSlices` and `opt` (the optimizer that updates the variable)
+    provably moves only the rows it names, a `RowSnapshot` of just those rows (no dense copy of a large
     embedding)."""
     if (
         grad is not None
-        and inner_optimizer is not None
+        and opt is not None
         and is_sparse(grad)
-        and moves_only_gradient_rows(inner_optimizer, variable)
+        and moves_only_gradient_rows(opt, variable)
     ):
         return RowSnapshot(grad.indices, tf.gather(variable.value, grad.indices))
     return common.snapshot(variable)

@@ -229,7 +229,7 @@ def blend(old: Any, current: Any, m: Any, moving: Any) -> Any:
         return out
 
 
-def snapshot(variable: keras.Variable, grad: Any = None, inner_optimizer: Any = None, mask: Any = None) -> Any:
+def snapshot(variable: keras.Variable, grad: Any = None, opt: Any = None, mask: Any = None) -> Any:
     """What the restore needs: the frozen elements' values for `FrozenAt`,
     nothing for `ALL_TRAINABLE`, else a copy of the variable's value."""
     if isinstance(mask, FrozenAt):
