@@ -15,11 +15,13 @@ kernel is never what the backward pass differentiates):
   whose value is exactly zero and whose gradient is the slices'.
 
 An element mask of a stock `Dense` or `EinsumDense` kernel (not whole
-slices) trains the same way: the custom gradient forms that layer's weight
-gradient `x^T @ dy` and gathers the trainable elements at once, so no dense
-weight gradient outlives its layer's backward step (the gather path hands
-every kernel's dense gradient to the optimizer, all alive together). Other
-layers' element masks keep compact state's gather path.
+slices) trains the same way: the custom gradient forms the weight gradient
+of the smallest block of whole slices that holds the trainable elements
+(the whole kernel where they are spread over every row and column) and
+gathers them at once, so no dense weight gradient outlives its layer's
+backward step (the gather path hands every kernel's dense gradient to the
+optimizer, all alive together). Other layers' element masks keep compact
+state's gather path.
 
 `D` is the compact-state proxy of the kernel (its trainable elements, in
 row-major order), made a trainable variable of the model. The forward
@@ -57,15 +59,16 @@ class Side:
     """The side path of one kernel."""
 
     layer: Any
-    axis: int | None  # the kernel axis whose slices train; None: elements (a Dense or EinsumDense kernel)
-    indices: np.ndarray  # sorted, the trained slices along `axis` (elements: flat positions)
-    shape: tuple[int, ...]  # the slice block's shape: the kernel's with `indices` along `axis` (elements: flat)
+    axis: int | None  # the kernel axis whose slices train (or hold the trainable elements); None: all
+    indices: np.ndarray | None  # sorted, those slices along `axis`
+    shape: tuple[int, ...]  # D's shape in the layer: the slice block's (elements: flat)
     proxy: keras.Variable  # D: the compact proxy, trainable and held by the layer
+    within: np.ndarray | None = None  # elements: their flat positions in the block of slices (None: slices)
 
     @property
     def fixed(self) -> str:
         """What the layer's forward pass fixes at build, for errors."""
-        return "trainable elements" if self.axis is None else f"slices along axis {self.axis}"
+        return "trainable elements" if self.within is not None else f"slices along axis {self.axis}"
 
 
 class _Holder(keras.layers.Layer):
@@ -229,19 +232,42 @@ def attach(table: VariableTable, owner: Any, optimizer: Any) -> dict[Any, Side]:
         if found is None:  # elements: a Dense or EinsumDense kernel gathers its own gradient, else the compact path
             if kind not in ("Dense", "EinsumDense") or _is_modified(layer) or len(flat) in (0, entry.size):
                 continue
-            axis, indices, shape = None, flat, (len(flat),)
+            axis, indices, within = _element_block(layer, tuple(entry.variable.shape), flat)
+            shape = (len(flat),)
         else:
-            axis, indices = found
+            (axis, indices), within = found, None
             _check_layer(layer, kind, entry, axis)
             shape = tuple(len(indices) if a == axis else n for a, n in enumerate(entry.variable.shape))
         proxy = entry.compact.proxy  # made trainable (`CompactLayout.trainable_proxies`): TF's tape watches it
-        side = Side(layer, axis, indices, shape, proxy)
+        side = Side(layer, axis, indices, shape, proxy, within)
         _compat.hold_in_sublayers(layer, _Holder(on, name=f"{layer.name}_side_path"), proxy)
         _HELD[id(proxy)] = proxy
         layer.call = _CALLS[kind](layer, side, on)
         entry.side = side
         sides[table.key(entry.variable)] = side
     return sides
+
+
+def _element_block(layer: Any, shape: tuple[int, ...], flat: np.ndarray) -> tuple[Any, Any, np.ndarray]:
+    """(axis, slices, positions): the smallest block of whole slices along one
+    axis the side path can take (Dense: rows or columns; EinsumDense: an axis
+    in the input only or the output only) that holds the trainable elements
+    `flat`, and their flat positions in it (row-major, as in the kernel);
+    (None, None, flat) where every slice holds one."""
+    coords = np.unravel_index(flat, shape)
+    if type(layer) is keras.layers.Dense:
+        axes = range(len(shape))
+    else:
+        ins, k_spec, out = _einsum_specs(layer.equation)
+        axes = [a for a, letter in enumerate(k_spec) if (letter in ins) != (letter in out)]
+    best, size = (None, None, flat), int(np.prod(shape))
+    for a in axes:
+        slices = np.unique(coords[a])
+        block = tuple(len(slices) if i == a else n for i, n in enumerate(shape))
+        if int(np.prod(block)) < size:
+            inside = [np.searchsorted(slices, c) if i == a else c for i, c in enumerate(coords)]
+            best, size = (a, slices, np.ravel_multi_index(inside, block)), int(np.prod(block))
+    return best
 
 
 def attach_loaded(table: VariableTable, owner: Any, optimizer: Any, key: Any) -> dict[Any, Side]:
@@ -343,7 +369,7 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
     backend has none)."""
     x_spec, k_spec, o_spec = specs
     letter = None if side.axis is None else k_spec[side.axis]
-    contracted = letter in x_spec if letter is not None else None
+    contracted = None if letter is None else letter in x_spec
     kernel = ops.stop_gradient(kernel)
     d = ops.cast(ops.reshape(side.proxy, side.shape), inputs.dtype)
 
@@ -357,8 +383,8 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
             g = dy if contracted is not False else ops.take(dy, side.indices, axis=_axis_in(o_spec, letter))
             (kept_, xs), (g_, os) = _collapse(kept, x_spec), _collapse(g, o_spec)
             dk = ops.einsum(f"{xs},{os}->{k_spec}", kept_, g_)
-            if side.axis is None:  # elements: this layer's weight gradient, gathered at once
-                dk = ops.take(ops.reshape(dk, (-1,)), side.indices, axis=0)
+            if side.within is not None:  # elements: the block's weight gradient, gathered at once
+                dk = ops.take(ops.reshape(dk, (-1,)), side.within, axis=0)
             return dx, dk
 
         return forward(x, kernel), grad

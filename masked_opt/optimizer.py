@@ -53,11 +53,11 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         compact_capacity: with `compact_state`, the trainable elements each
             masked variable's state can hold: None (the count at build), an
             int, or a float in (0, 1] (a fraction of each variable).
-        side_path: with `compact_state`, kernels of stock `Dense`,
-            `EinsumDense`, `Conv`, `Embedding` and `ReversibleEmbedding`
-            layers whose masks train whole slices (rows, columns, heads,
-            channels) train through their layer's forward pass, never forming
-            the kernel's full weight gradient (docs/sparse-fine-tuning.md).
+        side_path: with `compact_state`, whole slices (rows, columns, heads,
+            channels) of stock `Dense`, `EinsumDense`, `Conv`, `Embedding`,
+            `ReversibleEmbedding` kernels train through their layer, never
+            forming the full weight gradient; `Dense`/`EinsumDense` element
+            masks gather it in the layer (docs/sparse-fine-tuning.md).
         name: the optimizer's name.
 
     After build, `set_mask`, `freeze`, `unfreeze`, `set_multiplier` change the

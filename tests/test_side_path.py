@@ -200,10 +200,10 @@ def test_a_large_kernel_keeps_its_frozen_elements_and_its_forward_pass_is_the_st
 @jax_only
 def test_the_compiled_step_never_forms_the_kernels_weight_gradient():
     # XLA's cost analysis of the trainer's step. Layer "a" (256 x 256, 8
-    # trained columns) sits on a frozen layer "b", so nothing but its own
-    # weights needs a gradient: the side path costs what `trainable=False`
-    # costs plus the slices' small matmuls; the gather path adds the full
-    # 128 x 256 x 256 weight gradient.
+    # trained columns, or random elements in them) sits on a frozen layer
+    # "b", so nothing but its own weights needs a gradient: the side path
+    # costs what `trainable=False` costs plus the slices' small matmuls; the
+    # gather path adds the full 128 x 256 x 256 weight gradient.
     import jax
 
     def flops(kind):
@@ -216,8 +216,11 @@ def test_the_compiled_step_never_forms_the_kernels_weight_gradient():
             model.get_layer("a").bias.trainable = True  # something to train
             optimizer = keras.optimizers.Adam(1e-3)
         else:
-            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks={"a/kernel": masks.columns(range(8))},
-                                        compact_state=True, side_path=kind == "side path")
+            mask = np.broadcast_to(masks.columns(range(8))(model.get_layer("a").kernel), (256, 256))
+            if kind == "side path, elements":
+                mask = mask & (np.random.default_rng(0).random((256, 256)) < 0.5)
+            optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks={"a/kernel": mask},
+                                        compact_state=True, side_path=kind != "gather path")
         model.compile(optimizer=optimizer, loss="mse")
         x = np.ones((128, 256), "float32")
         model.train_on_batch(x, x)
@@ -227,9 +230,11 @@ def test_the_compiled_step_never_forms_the_kernels_weight_gradient():
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
     side, gathered, frozen = flops("side path"), flops("gather path"), flops("trainable=False")
+    elements = flops("side path, elements")
     matmul = 2 * 128 * 256 * 256
     assert gathered - side > 0.8 * matmul, (side, gathered)
     assert side - frozen < 0.2 * matmul, (side, frozen)
+    assert elements - frozen < 0.2 * matmul, (elements, frozen)  # the 8 columns' block, then the elements
 
 
 def test_torch_autograd_never_reaches_the_kernel_in_fit():
@@ -280,16 +285,24 @@ def test_a_model_recompiled_with_another_optimizer_trains_its_layers_as_stock_la
     assert np.all(to_numpy(kernel) != before)  # every element moves: the stock layer's gradient
 
 
-ELEMENT_CASES = {  # kind -> (a CASES model whose kernel gets a random element mask)
-    "dense elements": "dense rows",
-    "einsum elements": "einsum heads",
+ELEMENT_CASES = {  # kind -> (a CASES model, the slices along an axis its random elements are in: all if None)
+    "dense elements": ("dense rows", None),
+    "einsum elements": ("einsum heads", None),
+    "dense elements in rows": ("dense rows", (0, [1, 4, 7])),  # the block x[:, rows]^T dy, then the elements
+    "einsum elements in heads": ("einsum heads", (1, [2])),
 }
 
 
 def _element_model(kind, seed=0):
-    model, layer, x, y, _, _, _ = _model(ELEMENT_CASES[kind], seed)
+    case, within = ELEMENT_CASES[kind]
+    model, layer, x, y, _, _, _ = _model(case, seed)
     shape = tuple(layer.kernel.shape)
     mask = np.random.default_rng(seed + 7).random(shape) < 0.3
+    if within is not None:
+        axis, idx = within
+        keep = np.zeros(shape[axis], bool)
+        keep[idx] = True
+        mask &= np.expand_dims(keep, [a for a in range(len(shape)) if a != axis])
     return model, layer, x, y, mask
 
 
@@ -306,7 +319,7 @@ def test_element_gradients_are_the_numpy_gradient_at_the_elements_and_the_kernel
     optimizer.build(model.trainable_variables)
     proxies = [v for v in model.trainable_variables if "masked_compact_" in v.path]
     assert [tuple(v.shape) for v in proxies] == [(int(mask.sum()),)]
-    oracle = _oracle_kernel_gradient(ELEMENT_CASES[kind], layer, x, y)[mask]  # row-major, as the proxy
+    oracle = _oracle_kernel_gradient(ELEMENT_CASES[kind][0], layer, x, y)[mask]  # row-major, as the proxy
     model.train_on_batch(x, y)
     (grads,) = spy.seen
     compact = [g for g in grads if g is not None and g.shape == proxies[0].shape]
