@@ -30,8 +30,11 @@ Variants, each in its own process (peak RSS is per process):
 
 Reported: time to the first step (the first `train_on_batch`: tracing,
 compiling and one step), median step time over the timed steps (wall and
-process CPU time), peak RSS of the process (``ru_maxrss``) and its RSS
-before the first step (model and data built), the ratio of each to LoRA,
+process CPU time), peak RSS of the process (``ru_maxrss``), the peak over
+the steps after the first alone (``VmHWM`` reset after step 1; with
+``--trim`` glibc first hands freed heap pages back, so it counts training,
+not what the build and the compiler used and freed) and its RSS before the first step (model
+and data built), the ratio of each to LoRA,
 and on JAX the temporary buffers XLA allocates for the compiled train step
 (`memory_analysis()`: activations, gradients, scratch), measured after the
 timings so they do not count in the peak. Run:
@@ -80,7 +83,7 @@ def slice_masks(model, chosen_ids: set, density: float, rng) -> dict:
     return out
 
 
-def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dict:
+def child(variant: str, steps: int, rank: int, jit_compile: str = "auto", trim: bool = False) -> dict:
     import keras
     import keras_hub
     import numpy as np
@@ -135,8 +138,11 @@ def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dic
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
+    peak_first = harness.peak_rss_mib()  # ru_maxrss: the lifetime peak, so far (build, compile, step 1)
+    reset = harness.reset_peak_rss(trim=trim)  # --trim: freed compiler memory back to the system first
     timed = harness.time_steps(lambda: model.train_on_batch(x, y), steps)
     peak = harness.peak_rss_mib()
+    steady = harness.peak_rss_since_reset_mib() if reset else float("nan")  # the later steps alone
     xla = {}
     if keras.backend.backend() == "jax":  # the compiled step's buffers, from XLA itself
         import jax
@@ -151,7 +157,8 @@ def child(variant: str, steps: int, rank: int, jit_compile: str = "auto") -> dic
         "variant": variant, "backend": keras.backend.backend(), "parameters": total,
         "trainable_variables_elements": trainable, "trained_elements": trainable_elements,
         "first_step_s": first, "step_s": float(np.median(timed.wall)), "step_cpu_s": float(np.median(timed.cpu)),
-        "rss_before_mb": rss_before, "peak_rss_mb": peak,
+        "rss_before_mb": rss_before, "peak_rss_mb": peak, "peak_first_step_mb": peak_first,
+        "peak_later_steps_mb": steady,
         "optimizer_variables_mb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                                       for v in model.optimizer.variables) / 2**20,
     }
@@ -165,10 +172,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--jit-compile", choices=("auto", "false"), default="auto",
                         help="MaskedOptimizer(jit_compile=...): TensorFlow's XLA update of the masked variants")
+    parser.add_argument("--trim", action="store_true",
+                        help="after step 1, hand freed heap pages back (malloc_trim) before the later steps' peak")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        harness.emit(child(args.child, args.steps, args.rank, args.jit_compile))
+        harness.emit(child(args.child, args.steps, args.rank, args.jit_compile, args.trim))
         return
     rows = []
     for backend in args.backends.split(","):
@@ -176,25 +185,27 @@ def main() -> None:
             try:
                 rows.append(harness.run_child(
                     [os.path.abspath(__file__), "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank),
-                     "--jit-compile", args.jit_compile],
+                     "--jit-compile", args.jit_compile] + (["--trim"] if args.trim else []),
                     {"KERAS_BACKEND": backend}))
             except harness.ChildFailed as e:
                 print(e.stdout[-2000:], e.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"{backend} {variant} failed (exit {e.returncode})") from None
             print(f"  {backend} {variant}: {rows[-1]}", flush=True)
     print(f"\n- command: `python benchmarks/bench_lora.py --backends {args.backends} --steps {args.steps} "
-          f"--rank {args.rank} --jit-compile {args.jit_compile}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
+          f"--rank {args.rank} --jit-compile {args.jit_compile}{' --trim' if args.trim else ''}`; {rows[0]['parameters']:,} parameters, batch {BATCH} x {SEQ}\n")
     print("\n".join(harness.table(
         ["backend", "variant", "trained elements", "first step (s)", "vs LoRA", "step wall (s)", "vs LoRA",
-         "step CPU (s)", "vs LoRA", "peak RSS (MB)", "vs LoRA", "RSS before step 1 (MB)", "optimizer variables (MB)",
-         "XLA temp buffers (MB, JAX)"], "llrrrrrrrrrrrr")))
+         "step CPU (s)", "vs LoRA", "peak RSS (MB)", "vs LoRA", "peak, steps 2+ (MB)", "vs LoRA",
+         "RSS before step 1 (MB)", "optimizer variables (MB)", "XLA temp buffers (MB, JAX)"], "llrrrrrrrrrrrrrr")))
     for r in rows:
         lora = next((q for q in rows if q["backend"] == r["backend"] and q["variant"] == "lora"), r)
         print(
             f"| {r['backend']} | {r['variant']} | {r['trained_elements']:,} | {r['first_step_s']:.1f} | "
             f"{r['first_step_s'] / lora['first_step_s']:.2f} | {r['step_s']:.2f} | {r['step_s'] / lora['step_s']:.2f} | "
             f"{r['step_cpu_s']:.2f} | {r['step_cpu_s'] / lora['step_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} | {r['rss_before_mb']:.0f} | {r['optimizer_variables_mb']:.1f} | "
+            f"{r['peak_rss_mb'] / lora['peak_rss_mb']:.2f} | {r['peak_later_steps_mb']:.0f} | "
+            f"{r['peak_later_steps_mb'] / lora['peak_later_steps_mb']:.2f} | "
+            f"{r['rss_before_mb']:.0f} | {r['optimizer_variables_mb']:.1f} | "
             f"{r.get('xla_temp_mb', float('nan')):.0f} |"
         )
 

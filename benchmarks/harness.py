@@ -320,9 +320,18 @@ def rss_mib() -> float:
     return _status_kib("VmRSS") / 1024
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss(trim: bool = False) -> bool:
     """Resets the kernel's peak-RSS counter (``VmHWM``; Linux only). Not
-    ``ru_maxrss``, which keeps the lifetime peak."""
+    ``ru_maxrss``, which keeps the lifetime peak. ``trim``: first hand the
+    heap's freed pages back to the system (glibc ``malloc_trim``), so the
+    counter starts from what is in use, not from what a compiler freed."""
+    if trim:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -9,7 +9,10 @@ JAX trainer compiles (`jax.jit(model.train_step)`), per variant:
 - `full`: every kernel trainable, the bare optimizer;
 - `elements`: LoRA r=8's parameter count (2 x 8 x 1024 per kernel) as random
   element masks on every kernel, dense state; `elements+compact`: compact state;
-- `rows+compact`: the same count as whole rows (16 of 1024 per kernel).
+- `rows+compact`: the same count as whole rows (16 of 1024 per kernel);
+- `elements+side`, `rows+side`: those masks with `side_path=True` (each
+  layer's backward step gathers its own elements; rows never form the
+  kernel's weight gradient).
 
 Where each kernel's dense gradient died at its gather, the element variants'
 temporaries would be LoRA's plus one kernel gradient (4 MiB); where they all
@@ -32,7 +35,7 @@ import harness  # noqa: E402
 from masked_opt import MaskedOptimizer  # noqa: E402
 
 LAYERS, WIDTH, TOKENS, RANK = 8, 1024, 512, 8
-VARIANTS = ("lora", "full", "elements", "elements+compact", "rows+compact")
+VARIANTS = ("lora", "full", "elements", "elements+compact", "rows+compact", "elements+side", "rows+side")
 
 
 def build(variant: str):
@@ -59,8 +62,10 @@ def build(variant: str):
                 mask = mask.reshape(WIDTH, WIDTH)
             masks[layer.kernel.path] = mask
         optimizer = MaskedOptimizer(keras.optimizers.Adam(1e-3), masks=masks,
-                                    compact_state=variant.endswith("compact"))
+                                    compact_state=not variant.endswith("elements"), side_path=variant.endswith("side"))
     model.compile(optimizer=optimizer, loss="mse")
+    if variant.endswith("side"):
+        optimizer.build(model.trainable_variables)  # before the first step: its trace has the side path
     return model
 
 

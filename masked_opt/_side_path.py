@@ -1,39 +1,27 @@
-"""The side path (`side_path=True`): slices that train without their kernel's weight gradient.
+"""The side path (`side_path=True`): kernels that train without their full weight gradient.
 
-A kernel whose mask trains whole slices along one axis (`masks.rows`,
-`masks.columns`, attention heads of an `EinsumDense` kernel, a convolution's
-input or output channels, rows of an embedding table) trains, with
-`side_path=True`, through its layer's forward pass (the S2FT rule: the full
-kernel is never what the backward pass differentiates):
+A kernel whose mask trains whole slices along one axis (rows, columns,
+attention heads, a convolution's channels, an embedding's rows) trains
+through its layer's forward pass (the S2FT rule: the full kernel is never
+what the backward pass differentiates):
 
-* `Dense`, `EinsumDense` (and a `ReversibleEmbedding`'s tied output
-  projection `h @ E^T`): the stock product `x @ W` under a custom gradient
-  that gives the inputs `dy @ W^T`, the slices `x[..., rows]^T @ dy` or
-  `x^T @ dy[..., columns]`, and the kernel nothing;
-* `Conv1D/2D/3D`, `Embedding` (and a `ReversibleEmbedding`'s lookup): a side term `conv(x[..., in], D - sg(D))`,
-  `conv(x, D - sg(D))` scattered to its channels, or `(D - sg(D))[rows]`,
-  whose value is exactly zero and whose gradient is the slices'.
+* `Dense`, `EinsumDense` (and a `ReversibleEmbedding`'s tied projection
+  `h @ E^T`): the stock product under a custom gradient that gives the
+  inputs `dy @ W^T`, the slices `x[..., rows]^T @ dy` or
+  `x^T @ dy[..., columns]`, and the kernel nothing. An element mask of such
+  a kernel gets the weight gradient of the smallest block of whole slices
+  that holds its elements, gathered at once in the layer's backward step.
+* `Conv1D/2D/3D`, `Embedding` (and a `ReversibleEmbedding`'s lookup): a side
+  term (`conv(x[..., in], D - sg(D))`, `conv(x, D - sg(D))` scattered to
+  its channels, `(D - sg(D))[rows]`), exactly zero, with the slices' gradient.
 
-An element mask of a stock `Dense` or `EinsumDense` kernel (not whole
-slices) trains the same way: the custom gradient forms the weight gradient
-of the smallest block of whole slices that holds the trainable elements
-(the whole kernel where they are spread over every row and column) and
-gathers them at once, so no dense weight gradient outlives its layer's
-backward step (the gather path hands every kernel's dense gradient to the
-optimizer, all alive together). Other layers' element masks keep compact
-state's gather path.
-
-`D` is the compact-state proxy of the kernel (its trainable elements, in
-row-major order), made a trainable variable of the model. The forward
-pass's values are the stock layer's, bit for bit. Each step the proxy is
-gathered from the kernel, the inner optimizer updates it with state of its
-own size, and it is written back: the kernel always holds the trained
-values, there is nothing to merge, and saved files are the compact state's.
-
-The layer keeps its class: its `call` is replaced on the instance, and `D`
-is held by a small layer in the layer's `_layers` list, which Keras's saving
-skips, so a saved `.keras` file has stock layers and stock weights. While
-the side path is on, `model.trainable_variables` also lists the `D`s.
+`D` is the kernel's compact-state proxy (its trainable elements,
+row-major), made a trainable model variable held by a small layer in the
+layer's `_layers` (which Keras's saving skips); the layer's `call` is
+replaced on the instance. The forward pass is the stock layer's bit for
+bit; each step the proxy is gathered from the kernel, updated with state of
+its own size and written back, so there is nothing to merge and saved
+files are stock layers with compact state (docs/sparse-fine-tuning.md).
 """
 
 from __future__ import annotations
@@ -376,13 +364,14 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
     @ops.custom_gradient
     def product(x: Any, d: Any) -> Any:
         kept = ops.take(x, side.indices, axis=_axis_in(x_spec, letter)) if contracted else x
+        wants_dx = _backend.requires_grad(x)  # torch: not below frozen layers (compilers drop it themselves)
 
         def grad(*args: Any, upstream: Any = None) -> Any:
             dy = args[0] if upstream is None else upstream
-            dx = ops.einsum(f"{o_spec},{k_spec}->{x_spec}", dy, kernel)
+            dx = _contract(dy, o_spec, kernel, k_spec, x_spec) if wants_dx else None
             g = dy if contracted is not False else ops.take(dy, side.indices, axis=_axis_in(o_spec, letter))
             (kept_, xs), (g_, os) = _collapse(kept, x_spec), _collapse(g, o_spec)
-            dk = ops.einsum(f"{xs},{os}->{k_spec}", kept_, g_)
+            dk = _contract(kept_, xs, g_, os, k_spec)
             if side.within is not None:  # elements: the block's weight gradient, gathered at once
                 dk = ops.take(ops.reshape(dk, (-1,)), side.within, axis=0)
             return dx, dk
@@ -390,6 +379,17 @@ def _sliced_product(forward: Any, specs: tuple[str, str, str], side: Side, input
         return forward(x, kernel), grad
 
     return product(inputs, d)
+
+
+def _contract(a: Any, a_spec: str, b: Any, b_spec: str, out: str) -> Any:
+    """`einsum(f"{a_spec},{b_spec}->{out}", a, b)`; a plain matrix product where
+    it is one (torch runs such an einsum as a slower batched product)."""
+    if len(a_spec) == len(b_spec) == len(out) == 2 and a_spec[0] == b_spec[0] and a_spec[0] not in out:
+        if out == a_spec[1] + b_spec[1]:  # Z?, Z? -> ??: the contraction over rows
+            return ops.matmul(ops.transpose(a), b)
+        if out == b_spec[1] + a_spec[1]:
+            return ops.matmul(ops.transpose(b), a)
+    return ops.einsum(f"{a_spec},{b_spec}->{out}", a, b)
 
 
 def _collapse(t: Any, spec: str) -> tuple[Any, str]:

@@ -58,6 +58,7 @@ INTERFACE = (
     "pack_bits",
     "packs_mask",
     "release_grad",
+    "requires_grad",
     "restore_frozen",
     "scatter_flat",
     "select",
@@ -106,6 +107,7 @@ no_snapshot = _pick("no_snapshot")
 pack_bits = _pick("pack_bits")
 packs_mask = _pick("packs_mask")
 release_grad = _pick("release_grad")
+requires_grad = _pick("requires_grad")
 restore_frozen = _pick("restore_frozen")
 scatter_flat = _pick("scatter_flat")
 select = _pick("select")

@@ -354,6 +354,12 @@ def squared_grad_sums(model: keras.Model, loss_fn: Callable, variables: list) ->
     )
 
 
+def requires_grad(x: Any) -> bool:
+    """Whether a backward pass wants `x`'s gradient (torch: `requires_grad`;
+    a compiled graph drops an unused gradient by itself)."""
+    return True
+
+
 def release_grad(variable: Any) -> None:
     """Drops a gradient the backend keeps on the variable (torch's `.grad`),
     for variables the trainer's `zero_grad` does not reach."""

@@ -332,6 +332,10 @@ class squared_grad_sums:  # noqa: N801  (the interface's name for a step factory
         return sums
 
 
+def requires_grad(x: Any) -> bool:
+    return bool(getattr(x, "requires_grad", True))
+
+
 def release_grad(variable: Any) -> None:
     value = getattr(variable, "value", None)
     if value is not None and getattr(value, "grad", None) is not None:
