@@ -273,6 +273,26 @@ def test_a_saved_model_has_stock_layers_and_weights_and_resumes_exactly(tmp_path
         assert np.array_equal(to_numpy(a), to_numpy(b)), a.path
 
 
+def test_a_saved_model_with_element_masks_resumes_exactly_through_the_side_path(tmp_path):
+    model, layer, x, y, mask = _element_model("einsum elements in heads")
+    optimizer = MaskedOptimizer(keras.optimizers.AdamW(1e-2), masks={"k/kernel": mask}, compact_state=True,
+                                side_path=True)
+    model.compile(optimizer=optimizer, loss="mse")
+    xs, ys = np.concatenate([x] * 4), np.concatenate([y] * 4)
+    before = to_numpy(layer.kernel)
+    model.fit(xs, ys, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "elements.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    held = lambda m: [v.path.split("masked_compact_")[1] for v in m.trainable_variables if "masked_compact_" in v.path]
+    assert held(restored) == held(model) == ["0/k/kernel"]  # the loaded model trains through the side path too
+    for m in (model, restored):
+        m.fit(xs, ys, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    after = to_numpy(restored.get_layer("k").kernel)
+    assert np.array_equal(after, to_numpy(layer.kernel))
+    assert np.array_equal(after[~mask], before[~mask]) and np.all(after[mask] != before[mask])
+
+
 def test_a_model_recompiled_with_another_optimizer_trains_its_layers_as_stock_layers():
     model, _, kernel, _, _, _, _ = _fit("dense rows", side_path=True, epochs=1)
     _, _, x, y, _, _, _ = _model("dense rows")
