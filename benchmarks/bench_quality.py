@@ -32,6 +32,9 @@ order, the LoRA initialisation and the random masks):
   this size overshoot LoRA's count by up to 3x. Everything else frozen.
 * ``elements``: `masks.lora_budget(8)` (random single elements, exactly
   LoRA's count per kernel), same keys.
+* ``rows-side``, ``elements-side``: ``rows`` and ``elements`` with
+  ``side_path=True`` (the same update; the weight gradients are formed in
+  each layer's backward step: slices only, or gathered at once).
 * ``spiel``: the ``elements`` masks to start with, moved by `SpIEL`
   callbacks (drop the active elements that moved least, back to their
   pretrained values; grow by gradient magnitude on a batch of B), one per
@@ -62,8 +65,9 @@ CONFIG = dict(vocabulary_size=VOCAB, num_layers=2, num_query_heads=4, num_key_va
               hidden_dim=128, intermediate_dim=256, head_dim=32)
 KERNELS = ["query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2", "ffw_linear"]
 ROW_AXIS = {"query": 1, "key": 1, "value": 1, "attention_output": 1}  # FFN kernels: 0
-VARIANTS = ("full", "lora", "lora-qv", "rows", "elements", "spiel")
-FAMILY = {"full": "full", "lora": "lora", "lora-qv": "lora", "rows": "sparse", "elements": "sparse", "spiel": "sparse"}
+VARIANTS = ("full", "lora", "lora-qv", "rows", "elements", "spiel", "rows-side", "elements-side")
+FAMILY = {"full": "full", "lora": "lora", "lora-qv": "lora", "rows": "sparse", "elements": "sparse", "spiel": "sparse",
+          "rows-side": "sparse", "elements-side": "sparse"}
 
 
 def parse() -> argparse.Namespace:
@@ -183,7 +187,7 @@ def sparse_masks(model, variant: str, rank: int, seed: int) -> dict:
         name = kernel_name(v.path)
         if name is None:
             out[v.path] = False
-        elif variant == "rows":
+        elif variant.startswith("rows"):
             out[v.path] = masks.lora_budget(rank, axis=ROW_AXIS.get(name, 0), seed=seed)
         else:
             out[v.path] = masks.lora_budget(rank, seed=seed)
@@ -229,10 +233,14 @@ def finetune(variant: str, seed: int, pretrained, data: dict, args) -> dict:
         model.backbone.enable_lora(args.rank)
     elif variant != "full":
         optimizer = MaskedOptimizer(optimizer, masks=sparse_masks(model, variant, args.rank, seed),
-                                    compact_state=True)
+                                    compact_state=True, side_path=variant.endswith("-side"))
         if variant == "spiel":
             callbacks = spiel_callbacks(model, args, seed, xy(data["b_train"][:64]))
     compile_model(model, optimizer)
+    if variant.endswith("-side"):
+        from masked_opt import masked_optimizer
+
+        masked_optimizer(model)  # built before the first step: its trace has the side path
     x, y = ordered(data["b_train"], args.steps, args.batch, seed)
     clock = harness.stopwatch()
     model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
@@ -241,7 +249,8 @@ def finetune(variant: str, seed: int, pretrained, data: dict, args) -> dict:
         trainable, changed = sum(int(np.prod(v.shape)) for v in model.trainable_variables), None
     else:  # the masks' count, and the elements that moved: never a frozen one
         trainable = changed = 0
-        for v, base in zip(model.weights, pretrained):
+        weights = [v for v in model.weights if "masked_compact_" not in v.path]  # not the side path's proxies
+        for v, base in zip(weights, pretrained):
             now = np.asarray(keras.ops.convert_to_numpy(v.value))
             moved = now.view(np.uint32) != np.asarray(base).view(np.uint32)
             mask = model.optimizer.get_mask(v) if v.trainable else np.zeros(v.shape, bool)
