@@ -461,21 +461,26 @@ def _two_layer(policy=None):
     return model, rng.random((64, 16)).astype("float32"), rng.random((64, 8)).astype("float32")
 
 
+@pytest.mark.parametrize("trained", ["slices", "elements"])
 @pytest.mark.parametrize("feature", ["mixed_float16", "ema"])
-def test_mixed_precision_and_ema_train_the_slices_as_compact_state_does(feature):
+def test_mixed_precision_and_ema_train_the_slices_as_compact_state_does(feature, trained):
     results = {}
+    rng = np.random.default_rng(3)
+    given = {"a/kernel": masks.columns([1, 5, 9]), "e/kernel": masks.rows([0, 3]), "a/bias": False}
+    if trained == "elements":  # the layers' backward steps gather their own elements
+        given.update({"a/kernel": rng.random((16, 32)) < 0.2, "e/kernel": rng.random((32, 8)) < 0.2})
     for side_path in (False, True):
         if feature == "mixed_float16":
             keras.mixed_precision.set_global_policy("mixed_float16")
         try:
             model, x, y = _two_layer()
             inner = keras.optimizers.AdamW(1e-2, use_ema=feature == "ema")
-            optimizer = MaskedOptimizer(inner, masks={"a/kernel": masks.columns([1, 5, 9]), "e/kernel": masks.rows([0, 3]),
-                                                      "a/bias": False}, compact_state=True, side_path=side_path)
+            optimizer = MaskedOptimizer(inner, masks=given, compact_state=True, side_path=side_path)
             model.compile(optimizer=optimizer, loss="mse")  # mixed_float16: a LossScaleOptimizer around it
             own = [v for v in model.weights]
             before = [to_numpy(v) for v in own]
             model.fit(x, y, batch_size=16, epochs=3, verbose=0, shuffle=False)
+            assert side_path == any("masked_compact_" in v.path for v in model.trainable_variables)
             for v, b in zip(own, before):
                 mask = optimizer.get_mask(v)
                 after = to_numpy(v)
