@@ -210,7 +210,7 @@ class DenseLayout(StateLayout):
             out = []
             for i, _, mask in frozen:  # a sparse gradient lets the snapshot keep only its rows
                 g = _backend.mask_gradient(grads[i], mask, tuple(variables[i].shape))
-                opt = _inner_optimizer.optimizer_for(self.inner, variables[i])
+                opt = _inner_optimizer.optimizer_for(self.inner, variables[i]) if _backend.is_sparse(g) else None
                 out.append((g, _backend.snapshot(variables[i], g, opt, mask)))
             return out
 

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 from keras import ops
 
-
 BACKEND = keras.backend.backend()
 
 
@@ -229,8 +228,8 @@ def scatter_flat(variable: Any, indices: Any, values: Any) -> None:
 
 
 def moves_only_gradient_rows(opt: Any, variable: Any) -> bool:
-    """Whether `opt`, the optimizer that updates `variable`, provably moves only the rows a sparse
-    gradient names (only TensorFlow has sparse gradients)."""
+    """Whether `opt`, the optimizer that updates `variable`, provably moves
+    only the rows a sparse gradient names (only TensorFlow has sparse gradients)."""
     return False
 
 

@@ -236,8 +236,8 @@ def check_strategy_support(inner_optimizer: Any, leaves: Sequence[Any]) -> None:
 
 def moves_only_gradient_rows(opt: Any, variable: Any) -> bool:
     """Whether `opt`, the optimizer that updates `variable` (None: not known
-    yet), provably changes no row of `variable` other
-    than those a sparse (`IndexedSlices`) gradient names.
+    yet), provably changes no row of `variable` other than those a sparse
+    (`IndexedSlices`) gradient names.
 
     True only for plain `keras.optimizers.SGD` without momentum (it applies an
     `IndexedSlices` gradient by scatter), no weight decay on the variable, no
@@ -266,8 +266,8 @@ def snapshot(variable: keras.Variable, grad: Any = None, opt: Any = None, mask: 
     """What `restore_frozen` needs to put frozen elements back after the step:
     the variable's whole current value (a copy), or, when `grad` is a
     `tf.IndexedSlices` and `opt` (the optimizer that updates the variable)
-    provably moves only the rows it names, a `RowSnapshot` of just those rows (no dense copy of a large
-    embedding)."""
+    provably moves only the rows it names, a `RowSnapshot` of just those
+    rows (no dense copy of a large embedding)."""
     if (
         grad is not None
         and opt is not None
